@@ -41,6 +41,10 @@ def _config(args) -> LiftConfig:
         cfg.qa.num_generated = cfg.qa.num_generated or 10
     if args.seed is not None:
         cfg.train.seed = args.seed
+    if getattr(args, "checkpoint_every", None) is not None:
+        if args.checkpoint_every <= 0:
+            raise InputError(f"--checkpoint-every must be positive, got {args.checkpoint_every}")
+        cfg.train.checkpoint_every = args.checkpoint_every
     if getattr(args, "window", None) is not None:
         if args.window <= 0:
             raise InputError(f"--window must be a positive number of tokens, got {args.window}")
@@ -55,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="tune an adapter on a long document", description="Tune an adapter on DOC (a .txt/.md file, or - for stdin) and write it to ADAPTER_DIR. Interrupted runs resume from their last checkpoint.")
     tune.add_argument("document", metavar="DOC")
     tune.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR")
+    tune.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                      help="optimizer steps between resumable checkpoints (default: the preset's)")
     _add_config(tune)
     _add_model(tune)
 

@@ -114,8 +114,15 @@ class LiftConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """Stable hash of every field: keys the adapter cache of `lift eval`."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        """Stable hash of every field that changes the tuned adapter (keys caches and resume).
+
+        Checkpoint frequency, window and answer length do not change it: left out.
+        """
+        data = self.to_dict()
+        data["train"].pop("checkpoint_every")
+        for key in ("window", "max_new_tokens"):
+            data["inference"].pop(key)
+        blob = json.dumps(data, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @classmethod
