@@ -1,0 +1,89 @@
+"""Multi-adapter LoRA layer (DESIGN.md §3–4).
+
+LoRABankLinear wraps a frozen nn.Linear W and a bank of N LoRA adapters:
+
+    y[t] = x[t] Wᵀ (+ bias) + scaling[n] · (x[t] A[n]ᵀ) B[n]ᵀ     n = idx[t], none if n == -1
+
+    lora_a  [N, r, in]   Parameter, PEFT init: kaiming_uniform(a=√5) per adapter
+    lora_b  [N, out, r]  Parameter, zeros (so a fresh adapter is the base model)
+    scaling [N]          buffer, α/r per adapter
+
+The adapter math goes through lift_engine.ops.lora_linear_delta; the per-token indices
+come from the shared AdapterContext.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lift_engine import ops
+from lift_engine.adapters.context import AdapterContext
+
+
+def kaiming_uniform_bound(fan_in: int) -> float:
+    """Bound of nn.init.kaiming_uniform_(a=√5): the default init of nn.Linear weights."""
+    gain = math.sqrt(2.0 / (1.0 + 5.0))
+    return math.sqrt(3.0) * gain / math.sqrt(fan_in)
+
+
+class LoRABankLinear(nn.Module):
+    """A frozen linear plus N LoRA adapters selected per token.
+
+    base_layer: the wrapped nn.Linear (kept frozen and reachable as `.base_layer`).
+    num_adapters: N; rank: r (the bank's rank; a slot may use fewer rows, zero-padded).
+    scaling: initial α/r for every slot. context: where per-token indices come from.
+    dtype: bank dtype (default: the base weight's dtype).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        num_adapters: int,
+        rank: int,
+        scaling: float,
+        context: AdapterContext,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if num_adapters < 1 or rank < 1:
+            raise ValueError(f"need num_adapters >= 1 and rank >= 1, got {num_adapters}, {rank}")
+        self.base_layer = base_layer
+        self.context = context
+        weight = base_layer.weight
+        dtype = dtype or weight.dtype
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.num_adapters, self.rank = num_adapters, rank
+        self.lora_a = nn.Parameter(torch.empty(num_adapters, rank, self.in_features, dtype=dtype, device=weight.device))
+        self.lora_b = nn.Parameter(torch.zeros(num_adapters, self.out_features, rank, dtype=dtype, device=weight.device))
+        self.register_buffer("scaling", torch.full((num_adapters,), float(scaling), dtype=torch.float32, device=weight.device))
+        self.default_scaling = float(scaling)
+        for n in range(num_adapters):
+            self.reset_slot(n)
+
+    @torch.no_grad()
+    def reset_slot(self, n: int, generator: torch.Generator | None = None) -> None:
+        """Re-initialise adapter n as PEFT does: A ~ kaiming_uniform(a=√5), B = 0, default scaling."""
+        bound = kaiming_uniform_bound(self.in_features)
+        fresh = torch.empty(self.lora_a.shape[1:], dtype=torch.float32)
+        fresh.uniform_(-bound, bound, generator=generator)
+        self.lora_a[n].copy_(fresh.to(self.lora_a.dtype))
+        self.lora_b[n].zero_()
+        self.scaling[n] = self.default_scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in] (leading dims [B, S] or [B]) → [..., out]."""
+        y = self.base_layer(x)
+        ctx = self.context
+        if not ctx.active:
+            return y
+        batch = x.shape[0] if x.dim() > 1 else 1
+        flat = x.reshape(-1, self.in_features)
+        seq = flat.shape[0] // batch
+        idx = ctx.token_indices(batch, seq, device=x.device)
+        delta = ops.lora_linear_delta(flat.to(self.lora_a.dtype), self.lora_a, self.lora_b, self.scaling, idx)
+        return y + delta.to(y.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, num_adapters={self.num_adapters}, rank={self.rank}"
