@@ -1,0 +1,34 @@
+"""Shared fixtures. Tiny models come from tests/helpers_models.py (importable as `helpers_models`)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers_models import make_loaded, make_tiny_model, save_tiny_model  # noqa: E402
+
+
+@pytest.fixture
+def tiny_llama():
+    """Factory: tiny_llama(arch="llama"|"mistral"|"qwen2", heads=4, kv_heads=2, hidden=64, layers=2, ...)."""
+    return make_tiny_model
+
+
+@pytest.fixture
+def tiny_loaded():
+    """Factory: tiny_loaded(arch=..., seed=..., **make_tiny_model kwargs) -> LoadedModel (frozen)."""
+    return make_loaded
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """Factory: tiny_model_dir(arch="llama", seed=0, **kwargs) -> Path of a saved model + tokenizer."""
+
+    def make(arch: str = "llama", seed: int = 0, name: str | None = None, **kwargs) -> Path:
+        return save_tiny_model(tmp_path / (name or f"{arch}-{seed}"), arch=arch, seed=seed, **kwargs)
+
+    return make
+

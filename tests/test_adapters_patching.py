@@ -1,0 +1,213 @@
+"""attach_adapters on llama / mistral / qwen2 tiny models (GQA), both kinds."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from helpers_models import make_tiny_model
+from lift_engine.adapters import AdapterContext, LoRABankLinear, attach_adapters
+from lift_engine.config import make_config
+from lift_engine.errors import AdapterError
+
+ARCHS = ["llama", "mistral", "qwen2"]
+KINDS = ["lora", "gated-memory"]
+
+
+def _cfg(kind: str):
+    cfg = make_config("cpu", kind)
+    cfg.lora.r, cfg.lora.alpha = 4, 8.0
+    return cfg
+
+
+def _perturb(handle, scale: float = 0.3, seed: int = 0) -> None:
+    """Random non-zero weights in every slot (different per slot)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in handle.named_banks().items():
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_at_init_is_exactly_the_base_model(arch):
+    model = make_tiny_model(arch, heads=4, kv_heads=2)
+    ids = torch.randint(0, 128, (2, 7))
+    base = _logits(model, ids)
+    handle = attach_adapters(model, "lora", _cfg("lora"), num_adapters=2)
+    assert len(handle.banks) == 2 * 7  # every target in both layers
+    with handle.use(torch.tensor([0, 1])):
+        assert torch.equal(_logits(model, ids), base)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_adapters_change_logits_and_minus_one_is_base(arch, kind):
+    model = make_tiny_model(arch, heads=4, kv_heads=2)
+    ids = torch.randint(0, 128, (2, 7))
+    base = _logits(model, ids)
+    handle = attach_adapters(model, kind, _cfg(kind), num_adapters=2)
+    _perturb(handle)
+    assert torch.equal(_logits(model, ids), base)  # nothing set → base model
+    with handle.use(torch.tensor([-1, -1])):
+        assert torch.equal(_logits(model, ids), base)
+    with handle.use(torch.tensor([0, -1])):
+        out = _logits(model, ids)
+    assert (out[0] - base[0]).abs().max() > 1e-2
+    assert torch.equal(out[1], base[1])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_two_adapters_in_one_batch_equal_each_alone(arch, kind):
+    model = make_tiny_model(arch, heads=4, kv_heads=2)
+    ids = torch.randint(0, 128, (2, 9))
+    handle = attach_adapters(model, kind, _cfg(kind), num_adapters=2)
+    _perturb(handle)
+    with handle.use(torch.tensor([0, 1])):
+        both = _logits(model, ids)
+    with handle.use(torch.tensor([0])):
+        first = _logits(model, ids[:1])
+    with handle.use(torch.tensor([1])):
+        second = _logits(model, ids[1:])
+    torch.testing.assert_close(both[0], first[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both[1], second[0], atol=1e-5, rtol=1e-5)
+    assert (first[0] - _logits_with(handle, model, ids[:1], 1)[0]).abs().max() > 1e-2  # slots really differ
+
+
+def _logits_with(handle, model, ids, slot):
+    with handle.use(torch.tensor([slot])):
+        return _logits(model, ids)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_per_token_indices(kind):
+    """[B, S] indices: a sequence whose tokens all use slot 1 equals per-sequence slot 1."""
+    model = make_tiny_model("llama")
+    ids = torch.randint(0, 128, (2, 6))
+    handle = attach_adapters(model, kind, _cfg(kind), num_adapters=2)
+    _perturb(handle)
+    per_token = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])
+    with handle.use(per_token):
+        out = _logits(model, ids)
+    torch.testing.assert_close(out[0], _logits_with(handle, model, ids[:1], 1)[0], atol=1e-5, rtol=1e-5)
+    # causal: the mixed row's first 3 positions only saw slot-0 tokens
+    torch.testing.assert_close(out[1, :3], _logits_with(handle, model, ids[1:], 0)[0, :3], atol=1e-5, rtol=1e-5)
+    assert (out[1, 3:] - _logits_with(handle, model, ids[1:], 0)[0, 3:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_remove_restores_the_original_model(kind):
+    model = make_tiny_model("qwen2")
+    ids = torch.randint(0, 128, (1, 5))
+    base = _logits(model, ids)
+    modules_before = {n: type(m) for n, m in model.named_modules()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    handle = attach_adapters(model, kind, _cfg(kind))
+    _perturb(handle)
+    handle.set_indices(torch.tensor([0]))
+    assert not torch.equal(_logits(model, ids), base)
+    handle.remove()
+    assert {n: type(m) for n, m in model.named_modules()} == modules_before
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert torch.equal(_logits(model, ids), base)
+
+
+def test_only_adapter_parameters_train():
+    model = make_tiny_model("llama")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    handle = attach_adapters(model, "lora", _cfg("lora"), num_adapters=3)
+    trainable = {id(p) for p in handle.trainable_parameters()}
+    assert trainable == {id(p) for p in model.parameters() if p.requires_grad}
+    assert all(p.shape[0] == 3 for p in handle.trainable_parameters())
+    groups = handle.parameter_groups()
+    assert {id(p) for g in groups for p in g["params"]} == trainable
+    torch.optim.AdamW(groups, lr=1e-3)  # usable as optimizer param groups
+
+
+def test_lora_targets_and_shapes():
+    model = make_tiny_model("llama", heads=4, kv_heads=2, hidden=64, intermediate=96)
+    cfg = _cfg("lora")
+    cfg.lora.targets = ("q_proj", "v_proj", "down_proj")
+    handle = attach_adapters(model, "lora", cfg, num_adapters=2)
+    assert sorted(handle.banks) == sorted(
+        f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
+    )
+    v = model.model.layers[0].self_attn.v_proj
+    assert isinstance(v, LoRABankLinear) and isinstance(v.base_layer, nn.Linear)
+    assert v.lora_a.shape == (2, 4, 64) and v.lora_b.shape == (2, 32, 4)
+    assert torch.equal(v.scaling, torch.full((2,), 2.0))
+    assert model.model.layers[0].mlp.down_proj.lora_a.shape == (2, 4, 96)
+    assert isinstance(model.model.layers[0].self_attn.k_proj, nn.Linear)
+    # PEFT init: A ~ kaiming_uniform(a=√5) → |A| ≤ 1/√in, B = 0
+    assert v.lora_a.abs().max() <= 1 / 8 and v.lora_a.abs().max() > 0.05
+    assert torch.count_nonzero(v.lora_b) == 0
+
+
+def test_slot_state_reset_and_load():
+    model = make_tiny_model("llama")
+    handle = attach_adapters(model, "lora", _cfg("lora"), num_adapters=2)
+    _perturb(handle)
+    state = handle.state_for_slot(1)
+    assert set(state) == set(handle.slot_shapes(1))
+    assert state["model.layers.0.self_attn.q_proj.lora_B.weight"].shape == (64, 4)
+    handle.reset_slot(1, seed=3)
+    a = model.model.layers[0].self_attn.q_proj.lora_a
+    assert torch.count_nonzero(model.model.layers[0].self_attn.q_proj.lora_b[1]) == 0
+    first = a[1].clone()
+    handle.reset_slot(1, seed=3)
+    assert torch.equal(a[1], first)
+    handle.load_slot(0, state)
+    assert all(torch.equal(v, handle.state_for_slot(0)[k]) for k, v in state.items())
+    bad = dict(state)
+    bad["model.layers.0.self_attn.q_proj.lora_B.weight"] = torch.full((64, 4), float("nan"))
+    with pytest.raises(AdapterError, match="NaN"):
+        handle.load_slot(1, bad)
+    assert torch.equal(a[1], first)  # validated before anything was written
+
+
+def test_shared_context_and_both_kinds_in_either_order():
+    ids = torch.randint(0, 128, (1, 6))
+    outs = []
+    for order in (("lora", "gated-memory"), ("gated-memory", "lora")):
+        model = make_tiny_model("llama")
+        ctx = AdapterContext(1)
+        handles = {kind: attach_adapters(model, kind, _cfg(kind), context=ctx) for kind in order}
+        for kind, h in handles.items():
+            _perturb(h, seed=0 if kind == "lora" else 1)
+        # LoRA sits directly on the Linear, inside the Gated Memory wrappers
+        attn = model.model.layers[0].self_attn
+        assert isinstance(attn.q_proj.base_layer, LoRABankLinear) and isinstance(attn.o_proj.base_layer, LoRABankLinear)
+        ctx.set_indices(torch.tensor([0]))
+        outs.append(_logits(model, ids))
+        for h in handles.values():
+            h.remove()
+    torch.testing.assert_close(outs[0], outs[1])
+
+
+def test_errors():
+    model = make_tiny_model("llama")
+    with pytest.raises(AdapterError, match="unknown adapter kind"):
+        attach_adapters(model, "prefix", _cfg("lora"))
+    cfg = _cfg("lora")
+    cfg.lora.targets = ("q_proj", "c_attn")
+    with pytest.raises(AdapterError, match="c_attn"):
+        attach_adapters(model, "lora", cfg)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)  # failed attach left nothing behind
+    handle = attach_adapters(model, "lora", _cfg("lora"), num_adapters=2)
+    with pytest.raises(AdapterError, match="already has LoRA"):
+        attach_adapters(model, "lora", _cfg("lora"))
+    with pytest.raises(IndexError):
+        handle.set_indices(torch.tensor([2]))
+    handle.set_indices(torch.tensor([0, 1, 0]))
+    with pytest.raises(ValueError, match="batch of 2"):
+        model(torch.randint(0, 128, (2, 4)))
+    gm = _cfg("gated-memory")
+    gm.gated_memory.gate_scale = 2.0
+    with pytest.raises(AdapterError, match="gate_scale"):
+        attach_adapters(model, "gated-memory", gm)
