@@ -1,0 +1,117 @@
+"""Answer-quality metrics for long-document QA (LongBench conventions).
+
+All metrics compare a prediction with one reference after `normalize_answer` (lower
+case, punctuation and the articles a/an/the removed, whitespace collapsed) and return a
+float in [0, 1]. `score` takes the best over several references, `aggregate` averages.
+"""
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+
+_PUNCT = set(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(s: str) -> str:
+    """LongBench/SQuAD normalisation: lower, drop punctuation, drop articles, squash spaces."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in _PUNCT)
+    s = _ARTICLES.sub(" ", s)
+    return " ".join(s.split())
+
+
+def qa_f1_score(prediction: str, ground_truth: str) -> float:
+    """Token-level F1 between normalised prediction and reference (LongBench's qa_f1_score).
+
+    precision = |common| / |pred tokens|, recall = |common| / |ref tokens|, with common
+    the multiset intersection; 0 when nothing is shared.
+    """
+    pred = normalize_answer(prediction).split()
+    ref = normalize_answer(ground_truth).split()
+    common = Counter(pred) & Counter(ref)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision = same / len(pred)
+    recall = same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _lcs_length(a: list[str], b: list[str]) -> int:
+    if len(a) < len(b):
+        a, b = b, a
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0] * (len(b) + 1)
+        for j, y in enumerate(b, 1):
+            cur[j] = prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1])
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(prediction: str, ground_truth: str) -> float:
+    """ROUGE-L F1 over normalised tokens: LCS / len as precision and recall, harmonic mean.
+
+    (The `rouge` package LongBench uses weights recall slightly differently; this is the
+    plain F1 of LCS precision and recall.)
+    """
+    pred = normalize_answer(prediction).split()
+    ref = normalize_answer(ground_truth).split()
+    if not pred or not ref:
+        return 0.0
+    lcs = _lcs_length(pred, ref)
+    if lcs == 0:
+        return 0.0
+    precision = lcs / len(pred)
+    recall = lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(prediction: str, ground_truth: str) -> float:
+    """1.0 when the normalised strings are equal, else 0.0."""
+    return float(normalize_answer(prediction) == normalize_answer(ground_truth))
+
+
+def contains_answer(prediction: str, ground_truth: str) -> float:
+    """1.0 when the normalised reference occurs in the normalised prediction (on word
+    boundaries), else 0.0. A reference that normalises to nothing counts only as an
+    exact match."""
+    ref = normalize_answer(ground_truth)
+    pred = normalize_answer(prediction)
+    if not ref:
+        return float(not pred)
+    return float(f" {ref} " in f" {pred} ")
+
+
+METRICS = {
+    "qa_f1": qa_f1_score,
+    "rouge_l": rouge_l,
+    "exact_match": exact_match,
+    "contains_answer": contains_answer,
+}
+
+
+def score(prediction: str, answers: list[str]) -> dict[str, float]:
+    """Every metric in METRICS, each the max over `answers`.
+
+    Returns {"qa_f1", "rouge_l", "exact_match", "contains_answer"} -> float in [0, 1].
+    Raises ValueError when `answers` is empty.
+    """
+    if isinstance(answers, str):
+        answers = [answers]
+    if not answers:
+        raise ValueError("score() needs at least one reference answer")
+    return {name: max(fn(prediction, ref) for ref in answers) for name, fn in METRICS.items()}
+
+
+def aggregate(scores: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each key over the dicts that have it ({} for an empty list)."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for row in scores:
+        for key, value in row.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+            counts[key] = counts.get(key, 0) + 1
+    return {key: sums[key] / counts[key] for key in sums}
