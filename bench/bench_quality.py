@@ -74,7 +74,7 @@ def main() -> int:
     print("| method | contains answer | qa-F1 | ROUGE-L | EM |")
     print("|---|---|---|---|---|")
     for name, s in table.items():
-        print(f"| {name} | {s.get('contains', 0):.3f} | {s.get('qa_f1', 0):.3f} | {s.get('rouge_l', 0):.3f} | "
+        print(f"| {name} | {s.get('contains_answer', 0):.3f} | {s.get('qa_f1', 0):.3f} | {s.get('rouge_l', 0):.3f} | "
               f"{s.get('exact_match', 0):.3f} |")
     return 0
 

@@ -86,13 +86,13 @@ def _print_table(questions, table, results, log) -> None:
     log("")
     log("  #  expected                      " + "  ".join(f"{n:>22}" for n in names))
     for i, q in enumerate(questions):
-        marks = "  ".join(f"{('✓' if results[n][i]['contains'] else '✗') + ' ' + _clip(table[n][i], 18):>22}"
+        marks = "  ".join(f"{('✓' if results[n][i]['contains_answer'] else '✗') + ' ' + _clip(table[n][i], 18):>22}"
                           for n in names)
         log(f"{i + 1:>3}  {_clip(q['answers'][0], 28):<28}  {marks}")
     log("")
     for n in names:
         agg = metrics.aggregate(results[n])
-        correct = sum(1 for r in results[n] if r["contains"])
+        correct = sum(1 for r in results[n] if r["contains_answer"])
         log(f"{n:>22}: {correct}/{len(questions)} answers contain the expected one; "
             f"qa-F1 {agg['qa_f1']:.3f}, ROUGE-L {agg['rouge_l']:.3f}")
 
