@@ -205,3 +205,23 @@ def test_peft_loads_our_lora_with_the_same_logits(tmp_path):
     theirs = _logits(peft_model, ids)
     assert (ours - plain).abs().max() > 1e-2  # the adapter matters
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_fsutil_directory_publish(tmp_path, monkeypatch, exchange):
+    from lift_engine import fsutil
+
+    if not exchange:
+        monkeypatch.setattr(fsutil, "exchange_paths", lambda a, b: False)
+    dst = tmp_path / "d"
+    for content in ("one", "two"):
+        with fsutil.atomic_dir(dst) as tmp:
+            (tmp / "f.txt").write_text(content)
+            assert not (dst / "f.txt").exists() or (dst / "f.txt").read_text() != content
+        assert (dst / "f.txt").read_text() == content
+    with fsutil.atomic_dir(dst, replace=False) as tmp:  # first writer wins
+        (tmp / "f.txt").write_text("three")
+    assert (dst / "f.txt").read_text() == "two"
+    fsutil.atomic_write_json(tmp_path / "x.json", {"a": 1})
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "x.json"]

@@ -211,3 +211,16 @@ def test_errors():
     gm.gated_memory.gate_scale = 2.0
     with pytest.raises(AdapterError, match="gate_scale"):
         attach_adapters(model, "gated-memory", gm)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_seeded_attach_is_reproducible(kind):
+    states = []
+    for _ in range(2):
+        torch.manual_seed(len(states))  # different global RNG state each time
+        handle = attach_adapters(make_tiny_model("llama"), kind, _cfg(kind), num_adapters=2, seed=5)
+        states.append(handle.state_for_slot(1))
+        assert all(torch.equal(v, handle.state_for_slot(0)[k]) for k, v in states[-1].items())
+    assert all(torch.equal(v, states[1][k]) for k, v in states[0].items())
+    unseeded = attach_adapters(make_tiny_model("llama"), kind, _cfg(kind), num_adapters=1)
+    assert any(not torch.equal(v, unseeded.state_for_slot(0)[k]) for k, v in states[0].items())

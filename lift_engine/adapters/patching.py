@@ -357,6 +357,7 @@ def attach_adapters(
     *,
     context: AdapterContext | None = None,
     dtype: torch.dtype | None = None,
+    seed: int | None = None,
 ) -> AdapterHandle:
     """Patch `model` in place with a bank of `num_adapters` adapters of `kind`.
 
@@ -364,6 +365,9 @@ def attach_adapters(
     decoder layer; rank cfg.lora.r, scaling α/r) or "gated-memory" (every decoder layer).
     context: share one AdapterContext between handles (default: a new one).
     dtype: bank dtype (default: the base weights' dtype).
+    seed: if given, every slot starts from the same initialisation, reset_slot(n, seed=seed)
+    — reproducible, and what a one-adapter run with this seed starts from. Without it the
+    initialisation draws from torch's global RNG.
     Every non-adapter parameter of the model is frozen; indices default to -1 (base model).
     """
     if kind not in ADAPTER_KINDS:
@@ -385,6 +389,9 @@ def attach_adapters(
     except BaseException:
         handle.remove()
         raise
+    if seed is not None:
+        for n in range(num_adapters):
+            handle.reset_slot(n, seed=seed)
     adapter_ids = _adapter_param_ids(model)
     for param in model.parameters():
         if id(param) not in adapter_ids:
