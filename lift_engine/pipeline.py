@@ -102,7 +102,7 @@ def tune_document(
         f"{plan['samples']} samples (~{plan['train_tokens']} tokens); "
         f"expected time ~{format_duration(plan['estimated_seconds'])} (rough estimate)"
     )
-    handle = attach_adapters(base.model, cfg.adapter, cfg, num_adapters=1)
+    handle = attach_adapters(base.model, cfg.adapter, cfg, num_adapters=1, seed=cfg.train.seed)
     try:
         tuner = DocumentTuner(base.model, handle, cfg, pad_id=_pad_id(base.tokenizer))
         report = tuner.tune(samples, out_dir, key, progress=progress)

@@ -30,6 +30,7 @@ def make_tiny_model_dir(path: Path, seed: int = 0, kv_heads: int = 2) -> Path:
         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        initializer_range=0.15,  # the default 0.02 caps logits near ±1 at hidden 64: nothing could be learned
     )
     model = LlamaForCausalLM(config)
     path.mkdir(parents=True, exist_ok=True)

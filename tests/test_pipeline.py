@@ -70,7 +70,9 @@ def test_loss_masks_cover_exactly_the_response(base):
     assert labelled == prompts.answer_ids("Professor Ilsa Marrow")
     assert base.tokenizer.decode(labelled).startswith("Professor Ilsa Marrow")
     # The context before the instruction is at most C tokens plus the "..." separator.
-    assert len(qa.input_ids) - len(labelled) <= cfg.context.length + len(prompts.separator_ids) + 40
+    template_len = len(prompts.question_prompt([0], "Who founded Quenwick Labs?")) - 1
+    context_len = len(qa.input_ids) - len(labelled) - template_len
+    assert 0 < context_len <= cfg.context.length + len(prompts.separator_ids)
 
 
 def test_plan_is_deterministic_and_context_split_varies(base):
