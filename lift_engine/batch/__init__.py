@@ -1,0 +1,28 @@
+"""Batched multi-document LIFT (issue 4): one adapter bank, mixed batches, continuous admission.
+
+    BatchTuneJob    lift_engine.batch.job      submit / progress / collect, resumable
+    SlotAdamW       lift_engine.batch.optim    AdamW stepping only the active slots
+    MemoryPlanner   lift_engine.batch.planner  micro-batches and checkpointing within a budget
+    QueueService    lift_engine.batch.queue    a watched queue directory around a job
+"""
+from __future__ import annotations
+
+
+def __getattr__(name):
+    if name == "BatchTuneJob":
+        from lift_engine.batch.job import BatchTuneJob
+
+        return BatchTuneJob
+    if name == "SlotAdamW":
+        from lift_engine.batch.optim import SlotAdamW
+
+        return SlotAdamW
+    if name == "MemoryPlanner":
+        from lift_engine.batch.planner import MemoryPlanner
+
+        return MemoryPlanner
+    if name == "QueueService":
+        from lift_engine.batch.queue import QueueService
+
+        return QueueService
+    raise AttributeError(name)

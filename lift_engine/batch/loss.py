@@ -1,0 +1,72 @@
+"""Next-token loss at the loss positions only, with the vocabulary projection chunked.
+
+The output projection of a 135M model is [49152, 576]; materialising logits for every
+loss token of a 16-document step (~16k tokens) would take ~3 GB in fp32, plus as much
+again for their gradient. `chunked_token_loss` computes them `chunk` rows at a time, in
+forward and again (recomputed) in backward, so the live size is chunk × vocab:
+
+    loss[t] = logsumexp(h[t] Wᵀ + b) − (h[t] Wᵀ + b)[y[t]]          (float32)
+    ∂loss/∂h[t] = g[t] · (softmax(h[t] Wᵀ + b) − onehot(y[t])) W
+
+Exact: the same numbers as F.cross_entropy on the full logits (to float rounding).
+"""
+from __future__ import annotations
+
+import torch
+
+DEFAULT_CHUNK = 1024
+
+
+class _ChunkedTokenLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk):
+            logits = _logits(hidden[s : s + chunk], weight, bias)
+            out[s : s + chunk] = torch.logsumexp(logits, dim=-1) - logits.gather(1, targets[s : s + chunk, None]).squeeze(1)
+        ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets)
+        ctx.has_bias, ctx.chunk = bias is not None, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        bias = bias if ctx.has_bias else None
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        dh = torch.empty_like(hidden) if need_h else None
+        dw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        chunk = ctx.chunk
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s : s + chunk]
+            probs = torch.softmax(_logits(h, weight, bias), dim=-1)
+            probs[torch.arange(h.shape[0], device=h.device), targets[s : s + chunk]] -= 1.0
+            probs.mul_(grad[s : s + chunk, None].float())
+            if need_h:
+                dh[s : s + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_w:
+                dw += probs.t() @ h.float()
+            if need_b:
+                db += probs.sum(0)
+        return (dh, dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None, None, None)
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    logits = h @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    return logits.float()
+
+
+def chunked_token_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Per-token cross entropy [T] (float32) of hidden [T, H] through `head` (an nn.Linear) against targets [T]."""
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32) + 0.0 * hidden.sum()
+    return _ChunkedTokenLoss.apply(hidden, head.weight, getattr(head, "bias", None), targets, max(1, int(chunk)))
+
+
+def loss_positions(labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, cols, targets) of every position whose NEXT token carries a label; labels [B, S]."""
+    nxt = labels[:, 1:]
+    rows, cols = (nxt != ignore_index).nonzero(as_tuple=True)
+    return rows, cols, nxt[rows, cols]

@@ -1,0 +1,100 @@
+"""AdamW over adapter banks that steps only the slots whose document is in the step.
+
+torch.optim.AdamW over a bank [N, …] would update every slot at every step: a slot whose
+document is not in the batch (zero gradient) would still get weight decay, a moment
+update and an advanced step count, so a document trained in a mixed job would not match
+the same document trained alone. SlotAdamW keeps per-slot step counts and updates only
+the slots marked active, with torch.optim.AdamW's exact (single-tensor) formula:
+
+    p      ← p · (1 − lr·wd)
+    m      ← lerp(m, g, 1 − β1)
+    v      ← β2·v + (1 − β2)·g²
+    p      ← p − lr/(1 − β1^t) · m / (√v / √(1 − β2^t) + eps)       t: the slot's own step count
+
+State of one slot (`slot_state(n)`) is what a per-document checkpoint stores.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class SlotAdamW:
+    """params: bank parameters, each with the adapter axis first ([N, …])."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
+        self.params = [p for p in params]
+        if not self.params:
+            raise ValueError("SlotAdamW needs at least one parameter")
+        self.num_slots = int(self.params[0].shape[0])
+        if any(int(p.shape[0]) != self.num_slots for p in self.params):
+            raise ValueError("every bank parameter must have the same leading adapter axis")
+        self.lr, self.betas, self.eps, self.weight_decay = float(lr), tuple(betas), float(eps), float(weight_decay)
+        self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.steps = [0] * self.num_slots
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, slots: list[int]) -> None:
+        """One AdamW update of exactly the slots listed (each at most once)."""
+        slots = sorted(set(int(s) for s in slots))
+        if not slots:
+            return
+        beta1, beta2 = self.betas
+        for s in slots:
+            self.steps[s] += 1
+        idx = torch.tensor(slots, dtype=torch.long)
+        # Bias corrections in float64 Python arithmetic, as torch computes them.
+        bc1 = [1 - beta1 ** self.steps[s] for s in slots]
+        bc2_sqrt = [(1 - beta2 ** self.steps[s]) ** 0.5 for s in slots]
+        for p, m_all, v_all in zip(self.params, self.exp_avg, self.exp_avg_sq):
+            if p.grad is None:
+                grad = torch.zeros((len(slots),) + tuple(p.shape[1:]), dtype=p.dtype)
+            else:
+                grad = p.grad.index_select(0, idx)
+            shape = (len(slots),) + (1,) * (p.dim() - 1)
+            step_size = torch.tensor([self.lr / b for b in bc1], dtype=p.dtype).view(shape)
+            bc2 = torch.tensor(bc2_sqrt, dtype=p.dtype).view(shape)
+            param = p.data.index_select(0, idx)
+            m = m_all.index_select(0, idx)
+            v = v_all.index_select(0, idx)
+            if self.weight_decay:
+                param.mul_(1 - self.lr * self.weight_decay)
+            m.lerp_(grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (v.sqrt() / bc2).add_(self.eps)
+            param.sub_(step_size * m / denom)
+            p.data.index_copy_(0, idx, param)
+            m_all.index_copy_(0, idx, m)
+            v_all.index_copy_(0, idx, v)
+
+    # ------------------------------------------------------------ per-slot state
+    @torch.no_grad()
+    def reset_slot(self, n: int) -> None:
+        for m, v in zip(self.exp_avg, self.exp_avg_sq):
+            m[n].zero_()
+            v[n].zero_()
+        self.steps[n] = 0
+
+    def slot_state(self, n: int) -> dict:
+        return {
+            "step": self.steps[n],
+            "exp_avg": [m[n].detach().clone() for m in self.exp_avg],
+            "exp_avg_sq": [v[n].detach().clone() for v in self.exp_avg_sq],
+        }
+
+    @torch.no_grad()
+    def load_slot_state(self, n: int, state: dict) -> None:
+        m_list, v_list = state["exp_avg"], state["exp_avg_sq"]
+        if len(m_list) != len(self.exp_avg) or len(v_list) != len(self.exp_avg_sq):
+            raise ValueError("optimizer state does not match the adapter banks")
+        for m_all, v_all, m, v in zip(self.exp_avg, self.exp_avg_sq, m_list, v_list):
+            if tuple(m.shape) != tuple(m_all.shape[1:]) or tuple(v.shape) != tuple(v_all.shape[1:]):
+                raise ValueError("optimizer state has the wrong shape for this bank")
+        for m_all, v_all, m, v in zip(self.exp_avg, self.exp_avg_sq, m_list, v_list):
+            m_all[n].copy_(m)
+            v_all[n].copy_(v)
+        self.steps[n] = int(state["step"])

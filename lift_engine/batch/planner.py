@@ -1,0 +1,183 @@
+"""Memory planning for a batched tuning step (issue 4, "memory planning").
+
+The step's samples (every active document's next `batch_size` samples) are packed into
+micro-batches whose estimated peak memory fits the budget; gradients accumulate over
+the micro-batches and the optimizer steps once, so the result is the same as one big
+batch (each document's loss is normalised by its loss tokens over the whole step). A
+document whose samples do not fit in one pass therefore trains over more passes, never
+out of memory. Gradient checkpointing is switched on only when a single sample does not
+fit without it; a sample that does not fit even then is refused up front with a clear
+message (raised at admission), never by the allocator.
+
+Memory model of one micro-batch of `rows` sequences padded to `seq` tokens:
+
+    fixed        base weights + adapter banks × 4 (value, grad, two AdamW moments)
+    activations  rows · (a · seq + b · seq²)              without checkpointing
+                 rows · seq · hidden · bytes · (layers + 2) + activations / layers   with it
+    loss         chunk · vocab · 4 · 3                    (chunked logits, softmax, grad)
+
+a and b (bytes per token and per attention cell) are measured on the model itself by a
+probe: a forward pass on two small shapes under `saved_tensors_hooks`, counting the
+bytes autograd keeps for backward (parameters excluded); the estimate then takes
+`safety` × that for the transient gradients of backward.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from lift_engine.batch.loss import DEFAULT_CHUNK
+from lift_engine.errors import InputError
+
+
+def default_budget_bytes(device: torch.device | str = "cpu") -> int:
+    """80% of the free device memory (CUDA) or of MemAvailable (CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.8)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(int(line.split()[1]) * 1024 * 0.8)
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.5)
+
+
+def measure_saved_bytes(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> int:
+    """Bytes autograd saves for backward in one decoder forward (unique storages, parameters excluded)."""
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    param_ptrs |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor):
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr not in param_ptrs and ptr != 0:
+                seen[ptr] = max(seen.get(ptr, 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    del hidden
+    return sum(seen.values())
+
+
+@dataclass
+class MicroBatchPlan:
+    gradient_checkpointing: bool
+    batches: list[list[int]]  # indices into the step's samples, one list per forward/backward pass
+    estimated_peak_bytes: int
+
+
+class MemoryPlanner:
+    """Packs a step's samples into passes that fit `budget_bytes`.
+
+    model: the patched causal LM (adapters attached); handle: its AdapterHandle (active
+    indices are needed for the probe to include the adapters' activations).
+    """
+
+    def __init__(self, model: torch.nn.Module, handle, budget_bytes: int | None = None, *, logits_chunk: int = DEFAULT_CHUNK,
+                 safety: float = 1.5, probe: bool = True):
+        self.model, self.handle = model, handle
+        self.budget = int(budget_bytes if budget_bytes is not None else default_budget_bytes(_device(model)))
+        self.logits_chunk, self.safety = logits_chunk, safety
+        config = model.config
+        self.layers = int(config.num_hidden_layers)
+        self.hidden = int(config.hidden_size)
+        self.vocab = int(config.vocab_size)
+        self.act_bytes = next(model.parameters()).element_size()
+        base = sum(p.numel() * p.element_size() for p in model.parameters() if not _is_bank(p, handle))
+        bank = sum(p.numel() * p.element_size() for p in handle.trainable_parameters())
+        self.fixed_bytes = base + 4 * bank
+        self.loss_bytes = logits_chunk * self.vocab * 4 * 3
+        self.per_token, self.per_cell = self._probe() if probe else self._analytic()
+
+    # ------------------------------------------------------------ the model
+    def _analytic(self) -> tuple[float, float]:
+        config = self.model.config
+        inter = int(getattr(config, "intermediate_size", 4 * self.hidden))
+        heads = int(config.num_attention_heads)
+        per_token = self.layers * (10 * self.hidden + 5 * inter) * self.act_bytes
+        per_cell = self.layers * heads * 3 * self.act_bytes
+        return float(per_token), float(per_cell)
+
+    def _probe(self) -> tuple[float, float]:
+        """Fit saved = rows·(a·S + b·S²) from two probe shapes, never below the analytic guess."""
+        device = _device(self.model)
+        was_training = self.model.training
+        self.model.train()
+        try:
+            with self.handle.use(torch.zeros(2, dtype=torch.long)):
+                m1 = measure_saved_bytes(self.model, torch.ones(2, 32, dtype=torch.long, device=device)) / 2
+                m2 = measure_saved_bytes(self.model, torch.ones(2, 64, dtype=torch.long, device=device)) / 2
+        finally:
+            self.model.train(was_training)
+        # m(S) = a S + b S²  →  b = (m2/64 − m1/32) / 32
+        b = max(0.0, (m2 / 64 - m1 / 32) / 32)
+        a = max(1.0, m1 / 32 - b * 32)
+        return a, b
+
+    def activation_bytes(self, rows: int, seq: int, checkpointing: bool) -> float:
+        full = rows * (self.per_token * seq + self.per_cell * seq * seq)
+        if not checkpointing:
+            return full
+        return rows * seq * self.hidden * self.act_bytes * (self.layers + 2) + full / self.layers
+
+    def peak_bytes(self, rows: int, seq: int, checkpointing: bool) -> int:
+        return int(self.fixed_bytes + self.loss_bytes + self.safety * self.activation_bytes(rows, seq, checkpointing))
+
+    def fits(self, rows: int, seq: int, checkpointing: bool) -> bool:
+        return self.peak_bytes(rows, seq, checkpointing) <= self.budget
+
+    def check_sample(self, length: int) -> None:
+        """Raise InputError if a sample of `length` tokens cannot be trained within the budget at all."""
+        if not self.fits(1, length, checkpointing=True):
+            need = self.peak_bytes(1, length, checkpointing=True)
+            raise InputError(
+                f"a training sample of {length} tokens needs about {need / 2**20:.0f} MiB even with gradient "
+                f"checkpointing; the memory budget is {self.budget / 2**20:.0f} MiB (raise it, or use shorter "
+                f"segments/context)"
+            )
+
+    # ------------------------------------------------------------ packing
+    def plan(self, lengths: list[int]) -> MicroBatchPlan:
+        """Micro-batches for samples of these lengths (first-fit decreasing by length)."""
+        if not lengths:
+            return MicroBatchPlan(False, [], self.fixed_bytes)
+        longest = max(lengths)
+        self.check_sample(longest)
+        checkpointing = not self.fits(1, longest, checkpointing=False)
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        batches: list[list[int]] = []
+        current: list[int] = []
+        for i in order:
+            rows, seq = len(current) + 1, max([lengths[j] for j in current] + [lengths[i]])
+            if current and not self.fits(rows, seq, checkpointing):
+                batches.append(current)
+                current = []
+            current.append(i)
+        if current:
+            batches.append(current)
+        peak = max(self.peak_bytes(len(b), max(lengths[i] for i in b), checkpointing) for b in batches)
+        return MicroBatchPlan(checkpointing, batches, peak)
+
+    def describe(self) -> dict:
+        return {
+            "budget_bytes": self.budget, "fixed_bytes": self.fixed_bytes, "loss_bytes": self.loss_bytes,
+            "activation_bytes_per_token": self.per_token, "activation_bytes_per_attention_cell": self.per_cell,
+            "safety": self.safety,
+        }
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _is_bank(param: torch.Tensor, handle) -> bool:
+    return any(param is p for p in handle.trainable_parameters())
