@@ -513,21 +513,30 @@ class GatedMemoryBlend(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         attn, q, w1, w2, w3, w4, adapter_idx = ctx.saved_tensors
-        num_tokens, heads, dim = q.shape
-        _, _, (w1, w2, w3, w4) = check_banks(q.dtype, heads, dim, w1, w2, w3, w4)
-        dattn = torch.empty(attn.shape, device=q.device, dtype=attn.dtype)
-        dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-        strides = {name: _strides4(t, True) for name, t in
-                   (("dout", dout), ("attn", attn), ("q", q), ("dattn", dattn), ("dq", dq))}
-        seq = max(1, num_tokens)
-        g, dlogit = blend_bwd_launch(dout, attn, q, w1, w2, w3, w4, adapter_idx, seq=seq, num_tokens=num_tokens,
-                                     heads=heads, dim=dim, strides=strides, dattn=dattn, dq=dq)
-        dws = [None] * 4
-        if any(ctx.needs_input_grad[2:6]):
-            meta = build_segments(adapter_idx, w1.shape[0])
-            dws = blend_wgrad_launch(dout, q, g, dlogit, w1, w2, w3, w4, meta, seq=seq, heads=heads, dim=dim,
-                                     strides=strides)
-        return (dattn, dq, *dws, None)
+        return (*blend_backward(dout, attn, q, w1, w2, w3, w4, adapter_idx, ctx.needs_input_grad[:6]), None)
+
+
+def blend_backward(dout, attn, q, w1, w2, w3, w4, adapter_idx, needs=(True,) * 6):
+    """(d_attn, dq, dW1, dW2, dW3, dw4) of the epilogue; weight grads not in `needs` are None
+    (d_attn and dq come out of one kernel and are always computed)."""
+    num_tokens, heads, dim = q.shape
+    _, _, (w1, w2, w3, w4) = check_banks(q.dtype, heads, dim, w1, w2, w3, w4)
+    dattn = torch.empty(attn.shape, device=q.device, dtype=attn.dtype)
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    strides = {name: _strides4(t, True) for name, t in
+               (("dout", dout), ("attn", attn), ("q", q), ("dattn", dattn), ("dq", dq))}
+    seq = max(1, num_tokens)
+    if num_tokens == 0:
+        return dattn, dq, *[torch.zeros_like(w) if need else None for w, need in zip((w1, w2, w3, w4), needs[2:])]
+    g, dlogit = blend_bwd_launch(dout, attn, q, w1, w2, w3, w4, adapter_idx, seq=seq, num_tokens=num_tokens,
+                                 heads=heads, dim=dim, strides=strides, dattn=dattn, dq=dq)
+    dws = [None] * 4
+    if any(needs[2:6]):
+        meta = build_segments(adapter_idx, w1.shape[0])
+        dws = blend_wgrad_launch(dout, q, g, dlogit, w1, w2, w3, w4, meta, seq=seq, heads=heads, dim=dim,
+                                 strides=strides)
+        dws = [dw if need else None for dw, need in zip(dws, needs[2:6])]
+    return dattn, dq, *dws
 
 
 # ------------------------------------------------------------------------ public function

@@ -57,19 +57,27 @@ class LoRALinearDelta(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, h, lora_a, lora_b, scaling, adapter_idx, ranks = ctx.saved_tensors
-        need_dx, need_da, need_db, need_ds = ctx.needs_input_grad[:4]
-        meta, r = ctx.meta, ctx.r
-        dh, db, ds = expand_backward(dy.contiguous(), h, lora_b, scaling, adapter_idx, meta, ctx.slices, ranks, r,
-                                     need_dx or need_da, need_db, need_ds)
-        dx = da = None
-        if need_dx:
-            dx = expand_launch(dh, lora_a.transpose(1, 2), adapter_idx, ranks=ranks, slice_rank=r, meta=meta)
-        if need_da:
-            da = segment_outer_launch(dh, x, adapter_idx, lora_a.shape[0], meta=meta, ranks=ranks, rank_axis=1,
-                                      slice_rank=r, out_dtype=lora_a.dtype)
-        if ds is not None:
-            ds = ds.to(scaling.dtype)
-        return dx, da, db, ds, None, None, None, None, None
+        return (*delta_backward(dy, x, h, lora_a, lora_b, scaling, adapter_idx, ctx.meta, ctx.slices, ranks,
+                                ctx.needs_input_grad[:4]), None, None, None, None, None)
+
+
+def delta_backward(dy, x, h, lora_a, lora_b, scaling, adapter_idx, meta, slices, ranks, needs):
+    """(dx, dA, dB, dscaling) given the saved h = shrink(x); entries not in `needs` are None."""
+    need_dx, need_da, need_db, need_ds = needs
+    r = lora_b.shape[2]
+    if meta is None:
+        meta = build_segments(adapter_idx, lora_a.shape[0])
+    dh, db, ds = expand_backward(dy.contiguous(), h, lora_b, scaling, adapter_idx, meta, slices, ranks, r,
+                                 need_dx or need_da, need_db, need_ds)
+    dx = da = None
+    if need_dx:
+        dx = expand_launch(dh, lora_a.transpose(1, 2), adapter_idx, ranks=ranks, slice_rank=r, meta=meta)
+    if need_da:
+        da = segment_outer_launch(dh, x, adapter_idx, lora_a.shape[0], meta=meta, ranks=ranks, rank_axis=1,
+                                  slice_rank=r, out_dtype=lora_a.dtype)
+    if ds is not None:
+        ds = ds.to(scaling.dtype)
+    return dx, da, db, ds
 
 
 # ------------------------------------------------------------------------ public function

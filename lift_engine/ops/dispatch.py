@@ -6,7 +6,14 @@ BackendUnavailable. Without it the choice is automatic by device, falling back t
 reference and saying so once (a warning per op and backend).
 
 A backend is a module exposing some of the op names in OPS with the reference's
-signature; ops it lacks fall back to the reference.
+signature; ops it lacks fall back to the reference. A backend may also define
+`supports(device) -> None | str`: a reason string means its kernels cannot run on that
+device (e.g. Triton on CPU without TRITON_INTERPRET=1) — a forced backend then raises
+BackendUnavailable with that reason, the automatic choice falls back with a warning.
+
+Under torch.compile the public functions below call the `torch.ops.lift.*` custom ops
+(custom_ops.py: fake implementations for tracing, explicit backward formulas), which
+resolve their backend here with the same rules; eager calls go straight to the backend.
 """
 from __future__ import annotations
 
@@ -67,6 +74,9 @@ def resolve(op: str, device: torch.device | str = "cpu") -> tuple[str, Callable]
         module = _load(forced)
         if isinstance(module, Exception):
             raise BackendUnavailable(f"LIFT_BACKEND={forced} cannot load: {module}") from module
+        reason = _unsupported(module, device_type)
+        if reason is not None:
+            raise BackendUnavailable(f"LIFT_BACKEND={forced} cannot run on {device_type} tensors: {reason}")
         fn = getattr(module, op, None)
         if fn is None:
             fn = getattr(_load("reference"), op)
@@ -79,10 +89,19 @@ def resolve(op: str, device: torch.device | str = "cpu") -> tuple[str, Callable]
             if name != "reference":
                 _warn_once(op, name, f"{name} backend unavailable ({module}); falling back")
             continue
+        reason = _unsupported(module, device_type)
+        if reason is not None:
+            _warn_once(op, name, f"{name} backend cannot run on {device_type} ({reason}); falling back")
+            continue
         fn = getattr(module, op, None)
         if fn is not None:
             return name, fn
     raise BackendUnavailable(f"no backend implements {op}")  # unreachable: reference has all
+
+
+def _unsupported(module: ModuleType, device_type: str) -> str | None:
+    supports = getattr(module, "supports", None)
+    return None if supports is None else supports(device_type)
 
 
 def _warn_once(op: str, backend: str, message: str) -> None:
@@ -94,6 +113,10 @@ def _warn_once(op: str, backend: str, message: str) -> None:
 
 def _dispatching(op: str) -> Callable:
     def call(*args, **kwargs):
+        if torch.compiler.is_compiling():  # one opaque node with a fake impl and a backward
+            from lift_engine.ops import custom_ops
+
+            return custom_ops.call(op, *args, **kwargs)
         tensor = next(a for a in args if isinstance(a, torch.Tensor))
         _, fn = resolve(op, tensor.device)
         return fn(*args, **kwargs)
@@ -108,3 +131,7 @@ lora_expand = _dispatching("lora_expand")
 lora_linear_delta = _dispatching("lora_linear_delta")
 gated_memory_blend = _dispatching("gated_memory_blend")
 gated_memory_attention = _dispatching("gated_memory_attention")
+
+
+# Register torch.ops.lift.* now (vLLM and compiled graphs look them up by name).
+from lift_engine.ops import custom_ops as _custom_ops  # noqa: E402,F401

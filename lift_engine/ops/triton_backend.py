@@ -1,0 +1,174 @@
+"""Triton backend (kernels/, installed as lift_engine.kernels): every op of dispatch.OPS with
+the reference's signature, differentiable through the kernels' autograd.Functions.
+
+When it loads (DESIGN.md §5):
+  * triton must import;
+  * on a machine without a CUDA device it loads only under TRITON_INTERPRET=1 (the
+    numpy interpreter: correct, slow, meant for tests) — otherwise importing raises
+    ImportError, so LIFT_BACKEND=triton fails with BackendUnavailable and says why;
+  * `supports(device)` tells dispatch, per call, whether tensors on that device can run:
+    CUDA tensors when compiled, CPU tensors only when interpreted. The automatic choice
+    (dispatch.AUTO_ORDER) tries Triton only for CUDA tensors.
+
+Inputs the kernels do not take (float64, mixed dtypes, non-CUDA/CPU devices) go to the
+reference op, like the other native backends do.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401
+except Exception as exc:  # pragma: no cover - triton ships with torch here
+    raise ImportError(f"triton does not import: {exc}") from exc
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+if not _INTERPRET and not torch.cuda.is_available():
+    raise ImportError(
+        "the Triton backend needs a CUDA device; on CPU it runs only under the Triton "
+        "interpreter (set TRITON_INTERPRET=1 before anything imports triton; slow, for tests)"
+    )
+
+if _INTERPRET:
+    # TRITON_INTERPRET=1 asks for the interpreter; make it hold even if triton was imported
+    # before the variable was set (see lift_engine.kernels.ensure_interpreter).
+    from lift_engine.kernels import ensure_interpreter
+
+    ensure_interpreter()
+
+from lift_engine.kernels import _common as _kc  # noqa: E402
+from lift_engine.kernels.gated_memory_attention import gated_memory_attention as _k_attention  # noqa: E402
+from lift_engine.kernels.gated_memory_blend import gated_memory_blend as _k_blend  # noqa: E402
+from lift_engine.kernels.lora_expand import lora_expand as _k_expand  # noqa: E402
+from lift_engine.kernels.lora_linear_delta import lora_linear_delta as _k_delta  # noqa: E402
+from lift_engine.kernels.lora_shrink import lora_shrink as _k_shrink  # noqa: E402
+from lift_engine.ops import reference  # noqa: E402
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def supports(device: torch.device | str) -> str | None:
+    """None if tensors on `device` can run here, else the reason they cannot."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        if _kc.INTERPRETED:
+            return None  # the interpreter copies through host memory: correct, slow
+        return None if torch.cuda.is_available() else "no CUDA device"
+    if kind == "cpu":
+        if _kc.INTERPRETED:
+            return None
+        return ("Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is imported "
+                "(the interpreter is for tests; use LIFT_BACKEND=cpu or reference for CPU work)")
+    return f"Triton kernels do not run on {kind} tensors"
+
+
+def _kernel_ok(*tensors: torch.Tensor) -> bool:
+    dtype = tensors[0].dtype
+    return (dtype in _KERNEL_DTYPES and all(t.dtype == dtype for t in tensors)
+            and tensors[0].device.type in ("cuda", "cpu"))
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, adapter_idx: torch.Tensor) -> torch.Tensor:
+    if not _kernel_ok(x, lora_a):
+        return reference.lora_shrink(x, lora_a, adapter_idx)
+    return _k_shrink(x, lora_a, adapter_idx)
+
+
+def lora_expand(h: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor, adapter_idx: torch.Tensor) -> torch.Tensor:
+    if not _kernel_ok(h, lora_b):
+        return reference.lora_expand(h, lora_b, scaling, adapter_idx)
+    return _k_expand(h, lora_b, scaling, adapter_idx)
+
+
+def lora_linear_delta(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor, adapter_idx: torch.Tensor
+) -> torch.Tensor:
+    if not _kernel_ok(x, lora_a, lora_b):
+        return reference.lora_linear_delta(x, lora_a, lora_b, scaling, adapter_idx)
+    return _k_delta(x, lora_a, lora_b, scaling, adapter_idx)
+
+
+def gated_memory_blend(attn_out, q, w1, w2, w3, w4, adapter_idx):
+    if not _kernel_ok(attn_out, q, w1, w2, w3, w4):
+        return reference.gated_memory_blend(attn_out, q, w1, w2, w3, w4, adapter_idx)
+    return _k_blend(attn_out, q, w1, w2, w3, w4, adapter_idx)
+
+
+def gated_memory_attention(q, k, v, cos, sin, w1, w2, w3, w4, adapter_idx, scale=None):
+    if not _kernel_ok(q, k, v, w1, w2, w3, w4):
+        return reference.gated_memory_attention(q, k, v, cos, sin, w1, w2, w3, w4, adapter_idx, scale)
+    return _k_attention(q, k, v, cos, sin, w1, w2, w3, w4, adapter_idx, scale)
+
+
+# ----------------------------------------------------------- backward entry points
+# Used by the custom ops (custom_ops.py) under torch.compile, where a backward must be an
+# explicit function. Each takes the op's inputs plus `needs` (which gradients to return).
+def _ref_backward(name: str):
+    from lift_engine.ops import custom_ops
+
+    return getattr(custom_ops, "ref_" + name)
+
+
+def lora_shrink_backward(dh, x, lora_a, adapter_idx, needs=(True, True)):
+    if not _kernel_ok(x, lora_a, dh):
+        return _ref_backward("lora_shrink_backward")(dh, x, lora_a, adapter_idx, needs)
+    from lift_engine.kernels.lora_expand import expand_launch
+    from lift_engine.kernels.lora_segment_outer import segment_outer_launch
+
+    meta = _kc.build_segments(adapter_idx, lora_a.shape[0])
+    dh = dh.contiguous()
+    dx = expand_launch(dh, lora_a.transpose(1, 2), adapter_idx, meta=meta) if needs[0] else None
+    da = (segment_outer_launch(dh, x, adapter_idx, lora_a.shape[0], meta=meta, out_dtype=lora_a.dtype)
+          if needs[1] else None)
+    return dx, da
+
+
+def lora_expand_backward(dy, h, lora_b, scaling, adapter_idx, needs=(True, True, True)):
+    if not _kernel_ok(h, lora_b, dy):
+        return _ref_backward("lora_expand_backward")(dy, h, lora_b, scaling, adapter_idx, needs)
+    from lift_engine.kernels.lora_expand import expand_backward
+
+    meta = _kc.build_segments(adapter_idx, lora_b.shape[0])
+    dh, db, ds = expand_backward(dy.contiguous(), h, lora_b, scaling, adapter_idx, meta, (lora_b.shape[1],), None,
+                                 None, *needs)
+    return dh, db, (ds.to(scaling.dtype) if ds is not None else None)
+
+
+def lora_linear_delta_backward(dy, x, lora_a, lora_b, scaling, adapter_idx, needs=(True,) * 4):
+    if not _kernel_ok(x, lora_a, lora_b, dy):
+        return _ref_backward("lora_linear_delta_backward")(dy, x, lora_a, lora_b, scaling, adapter_idx, needs)
+    from lift_engine.kernels.lora_linear_delta import delta_backward
+    from lift_engine.kernels.lora_shrink import shrink_launch
+
+    meta = _kc.build_segments(adapter_idx, lora_a.shape[0])
+    h = shrink_launch(x, lora_a, adapter_idx, meta=meta)  # recomputed: [T, R], cheap
+    return delta_backward(dy, x, h, lora_a, lora_b, scaling, adapter_idx, meta, (lora_b.shape[1],), None, needs)
+
+
+def gated_memory_blend_backward(dout, attn_out, q, w1, w2, w3, w4, adapter_idx, needs=(True,) * 6):
+    if not _kernel_ok(attn_out, q, w1, w2, w3, w4, dout):
+        return _ref_backward("gated_memory_blend_backward")(dout, attn_out, q, w1, w2, w3, w4, adapter_idx, needs)
+    from lift_engine.kernels.gated_memory_blend import blend_backward
+
+    return blend_backward(dout, attn_out, q, w1, w2, w3, w4, adapter_idx, needs)
+
+
+def gated_memory_attention_forward(q, k, v, cos, sin, w1, w2, w3, w4, adapter_idx, scale=None):
+    """→ (out [B,S,H,d], attn [B,S,H,d], lse2 [B,S,H] fp32, base-2 logsumexp)."""
+    if not _kernel_ok(q, k, v, w1, w2, w3, w4):
+        return _ref_backward("gated_memory_attention_forward")(q, k, v, cos, sin, w1, w2, w3, w4, adapter_idx, scale)
+    from lift_engine.kernels.gated_memory_attention import attention_fwd_launch
+
+    return attention_fwd_launch(q, k, v, cos, sin, w1, w2, w3, w4, adapter_idx, scale)
+
+
+def gated_memory_attention_backward(dout, q, k, v, cos, sin, w1, w2, w3, w4, adapter_idx, attn, lse2, scale=None,
+                                    needs=(True,) * 7):
+    if not _kernel_ok(q, k, v, w1, w2, w3, w4, dout):
+        return _ref_backward("gated_memory_attention_backward")(dout, q, k, v, cos, sin, w1, w2, w3, w4, adapter_idx,
+                                                                attn, lse2, scale, needs)
+    from lift_engine.kernels.gated_memory_attention import attention_bwd_launch
+
+    return attention_bwd_launch(dout, q, k, v, cos, sin, w1, w2, w3, w4, adapter_idx, attn, lse2, scale, needs)
