@@ -1,0 +1,332 @@
+"""Multi-adapter LoRA: kernels vs the reference vs a loop over adapters, side by side (issue 3, item 6).
+
+Contenders (one run, same inputs, interleaved round after round):
+
+  loop       the obvious baseline: for each of the N adapters, gather its tokens, two
+             matmuls, scatter back (one set of launches per adapter, like N separate
+             PEFT adapters);
+  reference  lift_engine.ops.reference (the same algorithm over the adapters present;
+             what runs when no kernel backend loads);
+  <backend>  every backend of lift_engine.ops.dispatch.BACKENDS that loads and can run on
+             the device (triton and cuda on a GPU; the C++ `cpu` backend on CPU when it is
+             built) — so other backends join this table without changes here;
+  base       context only: the frozen base linear x @ Wᵀ of the same layer.
+
+Workloads: N = 16 adapters; "segments" = each adapter's tokens contiguous (training
+batches of whole samples), "random" = adapters interleaved per token (decode batches);
+"decode" = one token per sequence. Modes: fwd (no grad) and fwd+bwd (training: dx, dA,
+dB). Shapes on a GPU: T = 4096 tokens, 4096 → 4096, rank 16 and 64; on CPU the default
+model's 576 → 576 at T = 2048, rank 16 (the kernels there are C++, if built).
+
+A ratio is the median over rounds of (other time / contender time) from the same round,
+which cancels most of the noise of a shared machine. TFLOP/s and GB/s are per contender
+from the median time. No absolute CPU time is a result on a shared machine (DESIGN.md §9).
+
+    python bench/bench_lora.py            # GPU if present, else CPU (Triton rows skipped)
+    python bench/bench_lora.py --quick
+
+Writes bench/results/bench_lora.json and, with matplotlib, bench/results/bench_lora.png.
+Target (issue 3): multi-adapter LoRA ≥ 3× the per-adapter loop at 16 adapters on GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lift_engine.ops import dispatch, reference  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+# ============================================================ shared bench helpers
+def hardware(device: str) -> dict:
+    info = {"device": device, "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001
+        info["triton"] = None
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    else:
+        info["processor"] = platform.processor() or platform.machine()
+    return info
+
+
+def kernel_contenders(op: str, device: str) -> tuple[dict[str, Callable], dict[str, str]]:
+    """Backends (besides the reference) that implement `op` and can run on `device`."""
+    found, skipped = {}, {}
+    for name in dispatch.BACKENDS:
+        if name == "reference":
+            continue
+        module = dispatch._load(name)
+        if isinstance(module, Exception):
+            skipped[name] = f"does not load: {module}"
+            continue
+        supports = getattr(module, "supports", None)
+        reason = supports(device) if supports is not None else None
+        if reason is None and name == "triton" and device == "cpu":
+            reason = "interpreted Triton on CPU is a correctness tool, not timed"
+        fn = getattr(module, op, None)
+        if reason is not None:
+            skipped[name] = reason
+        elif fn is None:
+            skipped[name] = f"has no {op}"
+        else:
+            found[name] = fn
+    return found, skipped
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_once(fn: Callable, device: str, inner: int) -> float:
+    """Seconds per call, `inner` calls back to back."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / inner
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def measure(fns: dict[str, Callable], device: str, rounds: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Interleaved timing: every round times each contender once (same conditions)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    probe = {name: time_once(fn, device, 1) for name, fn in fns.items()}
+    inner = {name: max(1, min(50, int(0.02 / max(t, 1e-6)))) for name, t in probe.items()}  # ≥ ~20 ms/sample
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(time_once(fn, device, inner[name]))
+    return times
+
+
+def summarize(times: dict[str, list[float]], flops: float, bytes_moved: float, baselines: tuple[str, ...]) -> dict:
+    out = {"median_ms": {}, "min_ms": {}, "tflops": {}, "gbps": {}, "ratios": {}}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        out["median_ms"][name] = med * 1e3
+        out["min_ms"][name] = min(ts) * 1e3
+        out["tflops"][name] = flops / med / 1e12 if flops else None
+        out["gbps"][name] = bytes_moved / med / 1e9 if bytes_moved else None
+    for base in baselines:
+        if base not in times:
+            continue
+        out["ratios"][f"vs_{base}"] = {
+            name: statistics.median(b / t for b, t in zip(times[base], ts)) for name, ts in times.items() if name != base
+        }
+    return out
+
+
+def print_table(title: str, summary: dict, baseline: str) -> None:
+    ratios = summary["ratios"].get(f"vs_{baseline}", {})
+    print(f"\n{title}")
+    print(f"  {'contender':<12}{'median ms':>12}{'TFLOP/s':>10}{'GB/s':>9}{'× ' + baseline:>12}")
+    for name, ms in summary["median_ms"].items():
+        tf = summary["tflops"][name]
+        gb = summary["gbps"][name]
+        r = "1.00" if name == baseline else (f"{ratios[name]:.2f}" if name in ratios else "-")
+        print(f"  {name:<12}{ms:>12.3f}{(f'{tf:.3f}' if tf is not None else '-'):>10}"
+              f"{(f'{gb:.1f}' if gb is not None else '-'):>9}{r:>12}")
+
+
+def write_results(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def plot_ratios(name: str, cases: list[dict], baseline: str, title: str) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: plot skipped (results are in the JSON)")
+        return None
+    labels = [c["label"] for c in cases]
+    names = sorted({n for c in cases for n in c["ratios"].get(f"vs_{baseline}", {})})
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels)), 4))
+    width = 0.8 / max(1, len(names))
+    for i, contender in enumerate(names):
+        vals = [c["ratios"].get(f"vs_{baseline}", {}).get(contender, 0.0) for c in cases]
+        ax.bar([x + i * width for x in range(len(labels))], vals, width, label=contender)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(labels))])
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"speed-up vs {baseline}")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = RESULTS / f"{name}.png"
+    fig.savefig(path, dpi=120)
+    return path
+
+
+# ===================================================================== LoRA bench
+def loop_lora_delta(x, lora_a, lora_b, scaling, adapter_idx):
+    """The obvious per-adapter loop over all N adapters (one gather/matmul/scatter each)."""
+    y = x.new_zeros(x.shape[0], lora_b.shape[1])
+    for n in range(lora_a.shape[0]):
+        rows = (adapter_idx == n).nonzero(as_tuple=True)[0]
+        if rows.numel():
+            y = y.index_add(0, rows, (x.index_select(0, rows) @ lora_a[n].t() @ lora_b[n].t()) * scaling[n].to(x.dtype))
+    return y
+
+
+@dataclass
+class Case:
+    label: str
+    tokens: int
+    d_in: int
+    d_out: int
+    rank: int
+    adapters: int
+    mix: str  # segments | random
+    mode: str  # fwd | fwd+bwd
+    meta: dict = field(default_factory=dict)
+
+
+def make_idx(case: Case, device: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    if case.mix == "segments":
+        bounds = torch.sort(torch.randint(0, case.tokens, (case.adapters - 1,), generator=g)).values
+        idx = torch.zeros(case.tokens, dtype=torch.long)
+        for b in bounds.tolist():
+            idx[b:] += 1
+    else:
+        idx = torch.randint(0, case.adapters, (case.tokens,), generator=g)
+    return idx.to(device)
+
+
+def run_case(case: Case, device: str, dtype: torch.dtype, rounds: int) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(case.tokens, case.d_in, device=device, dtype=dtype)
+    a = torch.randn(case.adapters, case.rank, case.d_in, device=device, dtype=dtype) / case.d_in ** 0.5
+    b = torch.randn(case.adapters, case.d_out, case.rank, device=device, dtype=dtype) / case.rank ** 0.5
+    s = torch.full((case.adapters,), 2.0, device=device)
+    w = torch.randn(case.d_out, case.d_in, device=device, dtype=dtype) / case.d_in ** 0.5
+    idx = make_idx(case, device)
+    dy = torch.randn(case.tokens, case.d_out, device=device, dtype=dtype)
+    kernels, skipped = kernel_contenders("lora_linear_delta", device)
+    impls = {"loop": loop_lora_delta, "reference": reference.lora_linear_delta, **kernels}
+    fns: dict[str, Callable] = {}
+    for name, impl in impls.items():
+        if case.mode == "fwd":
+            def fn(impl=impl):
+                with torch.no_grad():
+                    return impl(x, a, b, s, idx)
+        else:
+            xs, As, Bs = (t.detach().requires_grad_(True) for t in (x, a, b))
+
+            def fn(impl=impl, xs=xs, As=As, Bs=Bs):
+                return torch.autograd.grad(impl(xs, As, Bs, s, idx), (xs, As, Bs), dy)
+        fns[name] = fn
+    if case.mode == "fwd":
+        def base():
+            with torch.no_grad():
+                return x @ w.t()
+    else:
+        xs_b, ws_b = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+
+        def base():
+            return torch.autograd.grad(xs_b @ ws_b.t(), (xs_b, ws_b), dy)
+    fns["base"] = base
+    times = measure(fns, device, rounds)
+    factor = 1 if case.mode == "fwd" else 3  # backward: dx, dA (shrink side), dh, dB (expand side)
+    flops = factor * 2.0 * case.tokens * case.rank * (case.d_in + case.d_out)
+    elem = torch.finfo(dtype).bits // 8
+    bytes_moved = factor * elem * (case.tokens * (case.d_in + case.d_out)
+                                   + case.adapters * case.rank * (case.d_in + case.d_out))
+    summary = summarize(times, flops, bytes_moved, ("loop", "reference"))
+    summary["tflops"]["base"] = factor * 2.0 * case.tokens * case.d_in * case.d_out / (summary["median_ms"]["base"] / 1e3) / 1e12
+    summary["gbps"]["base"] = None
+    return {"label": case.label, "case": case.__dict__, "skipped": skipped, **summary}
+
+
+def cases_for(device: str, quick: bool) -> list[Case]:
+    out = []
+    if device == "cuda":
+        for rank in ((16,) if quick else (16, 64)):
+            for mix in ("segments", "random"):
+                for mode in ("fwd", "fwd+bwd"):
+                    out.append(Case(f"T4096 r{rank} {mix} {mode}", 4096, 4096, 4096, rank, 16, mix, mode))
+        out.append(Case("decode T64 r16 random fwd", 64, 4096, 4096, 16, 16, "random", "fwd"))
+        out.append(Case("decode T256 r16 random fwd", 256, 4096, 4096, 16, 16, "random", "fwd"))
+    else:
+        modes = ("fwd",) if quick else ("fwd", "fwd+bwd")
+        for mix in ("segments", "random"):
+            for mode in modes:
+                out.append(Case(f"T2048 r16 {mix} {mode}", 2048, 576, 576, 16, 16, mix, mode))
+        out.append(Case("decode T16 r16 random fwd", 16, 576, 576, 16, 16, "random", "fwd"))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer cases and rounds")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    args = parser.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    rounds = args.rounds or (5 if args.quick else (20 if device == "cuda" else 7))
+    hw = hardware(device)
+    print(f"bench_lora on {hw.get('gpu') or hw.get('processor')} ({device}, {dtype}), torch {hw['torch']}, "
+          f"triton {hw['triton']}, {hw['cpu_threads']} CPU threads")
+    if device != "cuda":
+        print("GPU timing pending: no CUDA device in this run — Triton/CUDA rows are skipped; "
+              "CPU rows compare the loop, the reference and the C++ backend when it is built.")
+    cases = []
+    for case in cases_for(device, args.quick):
+        result = run_case(case, device, dtype, rounds)
+        cases.append(result)
+        print_table(f"{case.label}  (T={case.tokens}, {case.d_in}→{case.d_out}, N={case.adapters})", result, "loop")
+    skipped = cases[0]["skipped"] if cases else {}
+    for name, why in skipped.items():
+        print(f"  [{name} skipped: {why}]")
+    payload = {"bench": "lora_linear_delta", "hardware": hw, "dtype": str(dtype), "rounds": rounds,
+               "gpu_timing": "measured" if device == "cuda" else "pending (no CUDA device in this run)",
+               "target": "≥ 3× the per-adapter loop at 16 adapters (GPU)", "cases": cases}
+    path = write_results("bench_lora" if device == "cuda" else "bench_lora_cpu", payload)
+    print(f"\nresults: {path}")
+    plot = plot_ratios(path.stem, cases, "loop", f"multi-adapter LoRA vs per-adapter loop ({device})")
+    if plot:
+        print(f"plot: {plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
