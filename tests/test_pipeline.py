@@ -187,3 +187,32 @@ def test_expected_time_is_printed_before_training(base, tmp_path):
     with pytest.raises(_Stop):
         tune_document(base, DOCUMENT, tmp_path / "a", tiny_config(), progress=False, log=log)
     assert "expected time" in lines[0] and "tokens" in lines[0]
+
+
+def test_million_token_document_is_planned_with_bounded_memory(base, tmp_path):
+    """A 1M-token document: tokenised in chunks, planned lazily, the expected time shown
+    before any training step, with Python-side memory a small multiple of the text."""
+    import random
+    import tracemalloc
+
+    words = DOCUMENT.split()
+    rng = random.Random(0)
+    text = " ".join(rng.choice(words) for _ in range(230_000))
+    lines = []
+
+    def log(msg):
+        lines.append(msg)
+        raise _Stop()
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(_Stop):
+            tune_document(base, text, tmp_path / "big", make_config("cpu"), progress=False, log=log)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    tokens = int(lines[0].split(" tokens")[0].split()[-1])
+    assert tokens >= 1_000_000, lines[0]
+    assert "expected time" in lines[0]
+    assert peak < 40 * len(text), (peak, len(text))  # token ids as Python ints dominate
+    assert not (tmp_path / "big").exists()
