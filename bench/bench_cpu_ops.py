@@ -1,0 +1,314 @@
+"""C++ CPU kernels vs PyTorch eager, side by side in one run (issue 3, item 6).
+
+For every op the C++ path (lift_engine.ops.cpu_backend, extension lift_engine._C_cpu)
+runs against two baselines on the same inputs:
+
+  reference  the reference op in PyTorch eager (lift_engine.ops.reference): a loop over the
+             adapters present, index_select / index_put per adapter — what runs without
+             the extension;
+  naive      the obvious loop over all N adapters with boolean masks.
+
+Shapes are the default model's (SmolLM2-135M: hidden 576, 9 query heads, head dim 64) at
+T = 2048 tokens, LoRA rank 16, N = 1 / 4 / 16 adapters, and two token mixes:
+  segments   each adapter's tokens contiguous (a training batch of whole samples);
+  random     adapters interleaved token by token (decode batches, shuffled packing).
+Modes: "fwd" under no_grad (serving), "fwd+bwd" (training: forward, then backward of a
+fixed random cotangent into every input that has a gradient in training).
+
+Timing: the contenders run interleaved, round after round; a ratio is the median over
+rounds of (baseline time / C++ time) from the same round, which cancels most of the noise
+of a shared machine. Min and median times are recorded too. No absolute time is a result
+on a shared CPU (DESIGN.md §9): read the ratios.
+
+    python bench/bench_cpu_ops.py                 # full run, ~5 min on 2 cores
+    python bench/bench_cpu_ops.py --quick         # fewer rounds and cases
+    python bench/bench_cpu_ops.py --ops lora_shrink gated_memory_blend --rounds 30
+
+Writes bench/results/bench_cpu_ops.json and, when matplotlib is installed, a plot
+bench/results/bench_cpu_ops.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lift_engine.ops import reference  # noqa: E402
+from lift_engine.ops._native import status as native_status  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+T, HIDDEN, RANK, OUT = 2048, 576, 16, 576
+HEADS, HEAD_DIM, GATE_DIM = 9, 64, 8
+LORA_OPS = ("lora_shrink", "lora_expand", "lora_linear_delta")
+ALL_OPS = (*LORA_OPS, "gated_memory_blend")
+
+
+# ------------------------------------------------------------------ naive baselines
+
+
+def naive_shrink(x, lora_a, idx):
+    out = x.new_zeros(x.shape[0], lora_a.shape[1])
+    for n in range(lora_a.shape[0]):
+        mask = idx == n
+        out[mask] = x[mask] @ lora_a[n].t()
+    return out
+
+
+def naive_expand(h, lora_b, scaling, idx):
+    out = h.new_zeros(h.shape[0], lora_b.shape[1])
+    for n in range(lora_b.shape[0]):
+        mask = idx == n
+        out[mask] = (h[mask] @ lora_b[n].t()) * scaling[n]
+    return out
+
+
+def naive_delta(x, lora_a, lora_b, scaling, idx):
+    return naive_expand(naive_shrink(x, lora_a, idx), lora_b, scaling, idx)
+
+
+def naive_blend(attn, q, w1, w2, w3, w4, idx):
+    from lift_engine.ops.reference.gated_memory_blend import memory_and_gate
+
+    out = attn.clone()
+    for n in range(w1.shape[0]):
+        mask = idx == n
+        memory, gate = memory_and_gate(q[mask], w1[n], w2[n], w3[n], w4[n])
+        out[mask] = (1.0 - gate) * attn[mask] + gate * memory
+    return out
+
+
+NAIVE = {
+    "lora_shrink": naive_shrink,
+    "lora_expand": naive_expand,
+    "lora_linear_delta": naive_delta,
+    "gated_memory_blend": naive_blend,
+}
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def adapter_idx(n: int, mix: str, gen: torch.Generator) -> torch.Tensor:
+    if mix == "segments":
+        return torch.arange(T) * n // T
+    return torch.randint(0, n, (T,), generator=gen)
+
+
+def make_inputs(op: str, n: int, mix: str, seed: int = 0):
+    """(args, names of the args that train) for `op`; float32."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen) * scale
+
+    idx = adapter_idx(n, mix, gen)
+    scaling = torch.full((n,), 2.0)
+    if op == "lora_shrink":
+        return (rnd(T, HIDDEN), rnd(n, RANK, HIDDEN, scale=0.05), idx), (0, 1)
+    if op == "lora_expand":
+        return (rnd(T, RANK), rnd(n, OUT, RANK, scale=0.05), scaling, idx), (0, 1)
+    if op == "lora_linear_delta":
+        return (rnd(T, HIDDEN), rnd(n, RANK, HIDDEN, scale=0.05), rnd(n, OUT, RANK, scale=0.05), scaling, idx), (0, 1, 2)
+    if op == "gated_memory_blend":
+        d, s = HEAD_DIM, GATE_DIM
+        return (
+            rnd(T, HEADS, d), rnd(T, HEADS, d),
+            rnd(n, HEADS, 2 * d, d, scale=d ** -0.5), rnd(n, HEADS, d, 2 * d, scale=(2 * d) ** -0.5),
+            rnd(n, HEADS, s, d, scale=d ** -0.5), rnd(n, HEADS, 1, s, scale=s ** -0.5), idx,
+        ), (0, 1, 2, 3, 4, 5)
+    raise KeyError(op)
+
+
+def make_runner(fn, args, trained, mode: str):
+    """A zero-argument callable running one forward (and backward) of fn."""
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                fn(*args)
+        return run
+    leaves = [a.clone().requires_grad_(i in trained) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+              for i, a in enumerate(args)]
+    with torch.no_grad():
+        cot = torch.randn_like(fn(*args))
+
+    def run():
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                leaf.grad = None
+        fn(*leaves).backward(cot)
+    return run
+
+
+# ------------------------------------------------------------------ timing
+
+
+def time_interleaved(runners: dict, rounds: int, warmup: int = 2) -> dict[str, list[float]]:
+    for _ in range(warmup):
+        for run in runners.values():
+            run()
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def summarise(times: dict[str, list[float]]) -> dict:
+    out = {name: {"min_ms": min(v) * 1e3, "median_ms": statistics.median(v) * 1e3} for name, v in times.items()}
+    for base in ("reference", "naive"):
+        if base in times and "cpp" in times:
+            paired = [b / c for b, c in zip(times[base], times["cpp"])]
+            out[f"cpp_vs_{base}"] = statistics.median(paired)
+            out[f"cpp_vs_{base}_min"] = min(times[base]) / min(times["cpp"])
+    return out
+
+
+# ------------------------------------------------------------------ hardware
+
+
+def hardware() -> dict:
+    info = {"machine": platform.machine(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "logical_cpus": os.cpu_count()}
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        info["model_name"] = fields.get("Model name", "?")
+        info["cores_per_socket"] = fields.get("Core(s) per socket", "?")
+        info["sockets"] = fields.get("Socket(s)", "?")
+        info["l2"] = fields.get("L2 cache", "?")
+        flags = fields.get("Flags", "").split()
+        info["isa"] = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    except Exception as exc:  # no lscpu
+        info["model_name"] = f"unknown ({exc})"
+    try:
+        load = os.getloadavg()
+        info["load_average_at_start"] = [round(x, 2) for x in load]
+    except OSError:
+        pass
+    return info
+
+
+def hardware_line(hw: dict) -> str:
+    return (f"{hw.get('model_name')} ({hw.get('machine')}), {hw.get('logical_cpus')} logical CPUs, "
+            f"torch {hw['torch']} with {hw['torch_threads']} threads, ISA {','.join(hw.get('isa', []))}")
+
+
+# ------------------------------------------------------------------ main
+
+
+def run(ops, adapters, mixes, modes, rounds, dtype) -> list[dict]:
+    from lift_engine.ops import cpu_backend
+
+    rows = []
+    for op in ops:
+        for n in adapters:
+            for mix in mixes:
+                args, trained = make_inputs(op, n, mix)
+                if dtype != torch.float32:
+                    args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() > 1 else a
+                                 for a in args)
+                for mode in modes:
+                    contenders = {"cpp": cpu_backend.IMPLEMENTED[op], "reference": getattr(reference, op), "naive": NAIVE[op]}
+                    runners = {name: make_runner(fn, args, trained, mode) for name, fn in contenders.items()}
+                    r = rounds if op != "gated_memory_blend" else max(3, rounds // 2)
+                    summary = summarise(time_interleaved(runners, r))
+                    row = {"op": op, "n_adapters": n, "mix": mix, "mode": mode, "dtype": str(dtype).split(".")[-1],
+                           "rounds": r, **summary}
+                    rows.append(row)
+                    print(f"{op:20s} N={n:<2d} {mix:8s} {mode:7s} "
+                          f"cpp {summary['cpp']['median_ms']:8.2f} ms  ref {summary['reference']['median_ms']:8.2f} ms  "
+                          f"naive {summary['naive']['median_ms']:8.2f} ms   "
+                          f"cpp vs ref {summary['cpp_vs_reference']:5.2f}x  vs naive {summary['cpp_vs_naive']:5.2f}x",
+                          flush=True)
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: skipping the plot (results are in the JSON)")
+        return
+    labels = [f"{r['op'].replace('gated_memory_', 'gm_')}\nN={r['n_adapters']} {r['mix'][:3]} {r['mode']}" for r in rows]
+    xs = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.45), 4.5))
+    ax.bar([x - 0.2 for x in xs], [r["cpp_vs_reference"] for r in rows], width=0.4, label="C++ vs reference (eager)")
+    ax.bar([x + 0.2 for x in xs], [r["cpp_vs_naive"] for r in rows], width=0.4, label="C++ vs naive adapter loop")
+    ax.axhline(1.5, color="k", linestyle="--", linewidth=0.8, label="target 1.5x")
+    ax.set_yscale("log")
+    ax.set_ylabel("speed-up (x)")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, rotation=90, fontsize=6)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ops", nargs="+", default=list(ALL_OPS), choices=ALL_OPS)
+    parser.add_argument("--adapters", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--mixes", nargs="+", default=["segments", "random"], choices=["segments", "random"])
+    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--quick", action="store_true", help="8 rounds, N = 1 and 16")
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_cpu_ops.json")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.adapters = 8, [1, 16]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    native = native_status()
+    if native["cpu"] != "loaded":
+        print(f"the C++ CPU extension is not available: {native['cpu']}")
+        return 1
+    from lift_engine.ops import _native
+
+    hw = hardware()
+    hw["gemm_backend"] = _native.load("cpu").gemm_backend
+    print("hardware:", hardware_line(hw), "| GEMM:", hw["gemm_backend"])
+    started = time.time()
+    rows = run(args.ops, args.adapters, args.mixes, args.modes, args.rounds, getattr(torch, args.dtype))
+    result = {
+        "bench": "bench_cpu_ops",
+        "hardware": hw,
+        "hardware_line": hardware_line(hw),
+        "shapes": {"T": T, "in": HIDDEN, "rank": RANK, "out": OUT, "heads": HEADS, "head_dim": HEAD_DIM,
+                   "gate_dim": GATE_DIM},
+        "timing": "interleaved rounds; ratio = median over rounds of baseline/C++ in the same round",
+        "seconds": round(time.time() - started, 1),
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, args.out)
+    print(f"results: {args.out}")
+    plot(rows, args.out.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

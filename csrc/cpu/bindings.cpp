@@ -1,0 +1,237 @@
+// Python bindings of the C++ CPU kernels: module lift_engine._C_cpu.
+// Shape/dtype checks and allocation live here; the kernels take raw fp32 pointers.
+// Autograd is wired in lift_engine/ops/cpu_backend.py.
+#include <torch/csrc/utils/pybind.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <string>
+#include <tuple>
+
+#include "common.h"
+
+namespace py = pybind11;
+using at::Tensor;
+
+namespace {
+
+Tensor f32(const Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dims, got shape ", t.sizes());
+  return t.detach().contiguous();
+}
+
+struct PlanT {
+  Tensor order, blocks;
+  lift_cpu::Plan view() const {
+    return {order.data_ptr<int64_t>(), blocks.data_ptr<int64_t>(), blocks.size(0)};
+  }
+};
+PlanT plan_of(const Tensor& order, const Tensor& blocks) {
+  TORCH_CHECK(order.scalar_type() == at::kLong && blocks.scalar_type() == at::kLong &&
+                  blocks.dim() == 2 && blocks.size(1) == 3,
+              "bad plan tensors");
+  return {order.contiguous(), blocks.contiguous()};
+}
+int threads() { return at::get_num_threads(); }
+at::TensorOptions fopts() { return at::TensorOptions().dtype(at::kFloat); }
+float* ptr_or_null(Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+// plan(adapter_idx [T] int64, n_adapters, block) -> (order [n_valid], blocks [n_blocks, 3])
+std::tuple<Tensor, Tensor> plan(const Tensor& idx_in, int64_t n_adapters, int64_t block) {
+  TORCH_CHECK(idx_in.device().is_cpu() && idx_in.dim() == 1, "adapter_idx must be a 1-d CPU tensor");
+  TORCH_CHECK(block > 0, "block must be positive");
+  const Tensor idx = idx_in.to(at::kLong).contiguous();
+  const int64_t T = idx.size(0);
+  Tensor order = at::empty({T}, at::kLong), blocks = at::empty({std::max<int64_t>(T, 1), 3}, at::kLong);
+  int64_t n_blocks = 0, bad = 0;
+  const int64_t n_valid = lift_cpu::build_plan(idx.data_ptr<int64_t>(), T, n_adapters, block,
+                                               order.data_ptr<int64_t>(), blocks.data_ptr<int64_t>(),
+                                               &n_blocks, &bad);
+  if (n_valid < 0)
+    throw py::index_error("adapter index " + std::to_string(bad) + " out of range for a bank of " +
+                          std::to_string(n_adapters));
+  return {order.narrow(0, 0, n_valid), blocks.narrow(0, 0, n_blocks)};
+}
+
+Tensor new_out(int64_t rows, int64_t cols, bool zero) {
+  return zero ? at::zeros({rows, cols}, fopts()) : at::empty({rows, cols}, fopts());
+}
+bool has_none(const Tensor& order, int64_t T) { return order.size(0) < T; }
+
+Tensor shrink_fwd(const Tensor& x_, const Tensor& A_, const Tensor& order, const Tensor& blocks) {
+  const Tensor x = f32(x_, "x", 2), A = f32(A_, "lora_a", 3);
+  TORCH_CHECK(A.size(2) == x.size(1), "lora_a [N, r, in] does not match x [T, in]");
+  const auto P = plan_of(order, blocks);
+  Tensor h = new_out(x.size(0), A.size(1), has_none(order, x.size(0)));
+  lift_cpu::lora_shrink_fwd(x.data_ptr<float>(), x.size(1), A.data_ptr<float>(), A.size(1),
+                            P.view(), h.data_ptr<float>(), threads());
+  return h;
+}
+
+std::tuple<Tensor, Tensor> shrink_bwd(const Tensor& dh_, const Tensor& x_, const Tensor& A_,
+                                      const Tensor& order, const Tensor& blocks, bool need_dx,
+                                      bool need_dA) {
+  const Tensor dh = f32(dh_, "grad", 2), x = f32(x_, "x", 2), A = f32(A_, "lora_a", 3);
+  const auto P = plan_of(order, blocks);
+  Tensor dx, dA;
+  if (need_dx) dx = new_out(x.size(0), x.size(1), has_none(order, x.size(0)));
+  if (need_dA) dA = at::empty(A.sizes(), fopts());
+  lift_cpu::lora_shrink_bwd(dh.data_ptr<float>(), x.data_ptr<float>(), x.size(1),
+                            A.data_ptr<float>(), A.size(1), A.size(0), P.view(), ptr_or_null(dx),
+                            ptr_or_null(dA), threads());
+  return {dx, dA};
+}
+
+Tensor expand_fwd(const Tensor& h_, const Tensor& B_, const Tensor& s_, const Tensor& order,
+                  const Tensor& blocks) {
+  const Tensor h = f32(h_, "h", 2), B = f32(B_, "lora_b", 3), s = f32(s_, "scaling", 1);
+  TORCH_CHECK(B.size(2) == h.size(1), "lora_b [N, out, r] does not match h [T, r]");
+  TORCH_CHECK(s.size(0) == B.size(0), "scaling must be [N]");
+  const auto P = plan_of(order, blocks);
+  Tensor y = new_out(h.size(0), B.size(1), has_none(order, h.size(0)));
+  lift_cpu::lora_expand_fwd(h.data_ptr<float>(), h.size(1), B.data_ptr<float>(), B.size(1),
+                            s.data_ptr<float>(), P.view(), y.data_ptr<float>(), threads());
+  return y;
+}
+
+// Returns (dh, dB_raw) with dB_raw[a] = Σ dy[t]ᵀ h[t] (unscaled).
+std::tuple<Tensor, Tensor> expand_bwd(const Tensor& dy_, const Tensor& h_, const Tensor& B_,
+                                      const Tensor& s_, const Tensor& order, const Tensor& blocks,
+                                      bool need_dh, bool need_dB) {
+  const Tensor dy = f32(dy_, "grad", 2), h = f32(h_, "h", 2), B = f32(B_, "lora_b", 3),
+               s = f32(s_, "scaling", 1);
+  const auto P = plan_of(order, blocks);
+  Tensor dh, dB;
+  if (need_dh) dh = new_out(h.size(0), h.size(1), has_none(order, h.size(0)));
+  if (need_dB) dB = at::empty(B.sizes(), fopts());
+  lift_cpu::lora_expand_bwd(dy.data_ptr<float>(), h.data_ptr<float>(), h.size(1),
+                            B.data_ptr<float>(), B.size(1), s.data_ptr<float>(), B.size(0),
+                            P.view(), ptr_or_null(dh), ptr_or_null(dB), threads());
+  return {dh, dB};
+}
+
+// Returns (y, h).
+std::tuple<Tensor, Tensor> delta_fwd(const Tensor& x_, const Tensor& A_, const Tensor& B_,
+                                     const Tensor& s_, const Tensor& order, const Tensor& blocks) {
+  const Tensor x = f32(x_, "x", 2), A = f32(A_, "lora_a", 3), B = f32(B_, "lora_b", 3),
+               s = f32(s_, "scaling", 1);
+  TORCH_CHECK(A.size(2) == x.size(1) && B.size(2) == A.size(1) && B.size(0) == A.size(0) &&
+                  s.size(0) == A.size(0),
+              "lora_a [N, r, in], lora_b [N, out, r], scaling [N] do not match x [T, in]");
+  const auto P = plan_of(order, blocks);
+  const bool zero = has_none(order, x.size(0));
+  Tensor h = new_out(x.size(0), A.size(1), zero), y = new_out(x.size(0), B.size(1), zero);
+  lift_cpu::lora_delta_fwd(x.data_ptr<float>(), x.size(1), A.data_ptr<float>(), A.size(1),
+                           B.data_ptr<float>(), B.size(1), s.data_ptr<float>(), P.view(),
+                           h.data_ptr<float>(), y.data_ptr<float>(), threads());
+  return {y, h};
+}
+
+// Returns (dx, dA, dB_raw).
+std::tuple<Tensor, Tensor, Tensor> delta_bwd(const Tensor& dy_, const Tensor& x_,
+                                             const Tensor& h_, const Tensor& A_, const Tensor& B_,
+                                             const Tensor& s_, const Tensor& order,
+                                             const Tensor& blocks, bool need_dx, bool need_dA,
+                                             bool need_dB) {
+  const Tensor dy = f32(dy_, "grad", 2), x = f32(x_, "x", 2), h = f32(h_, "h", 2),
+               A = f32(A_, "lora_a", 3), B = f32(B_, "lora_b", 3), s = f32(s_, "scaling", 1);
+  const auto P = plan_of(order, blocks);
+  Tensor dx, dA, dB;
+  if (need_dx) dx = new_out(x.size(0), x.size(1), has_none(order, x.size(0)));
+  if (need_dA) dA = at::empty(A.sizes(), fopts());
+  if (need_dB) dB = at::empty(B.sizes(), fopts());
+  lift_cpu::lora_delta_bwd(dy.data_ptr<float>(), x.data_ptr<float>(), h.data_ptr<float>(),
+                           x.size(1), A.data_ptr<float>(), A.size(1), B.data_ptr<float>(),
+                           B.size(1), s.data_ptr<float>(), A.size(0), P.view(), ptr_or_null(dx),
+                           ptr_or_null(dA), ptr_or_null(dB), threads());
+  return {dx, dA, dB};
+}
+
+lift_cpu::GMShape gm_shape(const Tensor& q, const Tensor& w1, const Tensor& w2, const Tensor& w3,
+                           const Tensor& w4) {
+  const int64_t N = w1.size(0), H = q.size(1), d = q.size(2), s = w3.size(2);
+  TORCH_CHECK(w1.sizes() == at::IntArrayRef({N, H, 2 * d, d}), "w1 must be [N, H, 2d, d]");
+  TORCH_CHECK(w2.sizes() == at::IntArrayRef({N, H, d, 2 * d}), "w2 must be [N, H, d, 2d]");
+  TORCH_CHECK(w3.sizes() == at::IntArrayRef({N, H, s, d}), "w3 must be [N, H, s, d]");
+  TORCH_CHECK(w4.sizes() == at::IntArrayRef({N, H, 1, s}), "w4 must be [N, H, 1, s]");
+  return {H, d, s};
+}
+
+// Returns (out, pre1, mem, p3, gate); the last four are undefined unless `save`.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gm_fwd(
+    const Tensor& attn_, const Tensor& q_, const Tensor& w1_, const Tensor& w2_,
+    const Tensor& w3_, const Tensor& w4_, const Tensor& order, const Tensor& blocks, bool save) {
+  const Tensor attn = f32(attn_, "attn_out", 3), q = f32(q_, "q", 3), w1 = f32(w1_, "w1", 4),
+               w2 = f32(w2_, "w2", 4), w3 = f32(w3_, "w3", 4), w4 = f32(w4_, "w4", 4);
+  TORCH_CHECK(attn.sizes() == q.sizes(), "attn_out and q must both be [T, H, d]");
+  const auto S = gm_shape(q, w1, w2, w3, w4);
+  const auto P = plan_of(order, blocks);
+  const int64_t T = q.size(0);
+  Tensor out = has_none(order, T) ? attn.clone() : at::empty(attn.sizes(), fopts());
+  Tensor pre1, mem, p3, gate;
+  if (save) {  // block layout, see gated_memory_cpu.cpp
+    const int64_t n = lift_cpu::gm_saved_tokens(P.view());
+    pre1 = at::empty({S.heads, n, 2 * S.dim}, fopts());
+    mem = at::empty({S.heads, n, S.dim}, fopts());
+    p3 = at::empty({S.heads, n, S.gate_dim}, fopts());
+    gate = at::empty({S.heads, n}, fopts());
+  }
+  lift_cpu::gated_memory_fwd(attn.data_ptr<float>(), q.data_ptr<float>(), w1.data_ptr<float>(),
+                             w2.data_ptr<float>(), w3.data_ptr<float>(), w4.data_ptr<float>(), S,
+                             P.view(), out.data_ptr<float>(), ptr_or_null(pre1),
+                             ptr_or_null(mem), ptr_or_null(p3), ptr_or_null(gate), threads());
+  return {out, pre1, mem, p3, gate};
+}
+
+// Returns (d attn_out, dq, dw1, dw2, dw3, dw4); dq / weight grads undefined unless asked.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gm_bwd(
+    const Tensor& dout_, const Tensor& attn_, const Tensor& q_, const Tensor& w1_,
+    const Tensor& w2_, const Tensor& w3_, const Tensor& w4_, const Tensor& pre1_,
+    const Tensor& mem_, const Tensor& p3_, const Tensor& gate_, const Tensor& order,
+    const Tensor& blocks, bool need_dq, bool need_w) {
+  const Tensor dout = f32(dout_, "grad", 3), attn = f32(attn_, "attn_out", 3), q = f32(q_, "q", 3),
+               w1 = f32(w1_, "w1", 4), w2 = f32(w2_, "w2", 4), w3 = f32(w3_, "w3", 4),
+               w4 = f32(w4_, "w4", 4), pre1 = f32(pre1_, "pre1", 3), mem = f32(mem_, "mem", 3),
+               p3 = f32(p3_, "p3", 3), gate = f32(gate_, "gate", 2);
+  const auto S = gm_shape(q, w1, w2, w3, w4);
+  const auto P = plan_of(order, blocks);
+  const int64_t T = q.size(0);
+  const bool none = has_none(order, T);
+  Tensor dattn = none ? dout.clone() : at::empty(dout.sizes(), fopts());
+  Tensor dq, dw1, dw2, dw3, dw4;
+  if (need_dq) dq = none ? at::zeros(q.sizes(), fopts()) : at::empty(q.sizes(), fopts());
+  if (need_w) {
+    dw1 = at::empty(w1.sizes(), fopts());
+    dw2 = at::empty(w2.sizes(), fopts());
+    dw3 = at::empty(w3.sizes(), fopts());
+    dw4 = at::empty(w4.sizes(), fopts());
+  }
+  lift_cpu::gated_memory_bwd(
+      dout.data_ptr<float>(), attn.data_ptr<float>(), q.data_ptr<float>(), w1.data_ptr<float>(),
+      w2.data_ptr<float>(), w3.data_ptr<float>(), w4.data_ptr<float>(), pre1.data_ptr<float>(),
+      mem.data_ptr<float>(), p3.data_ptr<float>(), gate.data_ptr<float>(), S, w1.size(0),
+      P.view(), dattn.data_ptr<float>(), ptr_or_null(dq), ptr_or_null(dw1), ptr_or_null(dw2),
+      ptr_or_null(dw3), ptr_or_null(dw4), threads());
+  return {dattn, dq, dw1, dw2, dw3, dw4};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C_cpu, m) {
+  m.doc() = "lift_engine C++ CPU kernels (multi-adapter LoRA, Gated-Memory epilogue), fp32";
+  m.attr("gemm_backend") = lift_cpu::gemm_backend();
+  m.def("plan", &plan, py::arg("adapter_idx"), py::arg("n_adapters"), py::arg("block"));
+  m.def("shrink_fwd", &shrink_fwd);
+  m.def("shrink_bwd", &shrink_bwd);
+  m.def("expand_fwd", &expand_fwd);
+  m.def("expand_bwd", &expand_bwd);
+  m.def("delta_fwd", &delta_fwd);
+  m.def("delta_bwd", &delta_bwd);
+  m.def("gm_fwd", &gm_fwd);
+  m.def("gm_bwd", &gm_bwd);
+}

@@ -1,0 +1,291 @@
+"""C++ CPU backend (csrc/cpu, extension lift_engine._C_cpu): multi-adapter LoRA and the
+Gated-Memory epilogue, forward and backward, grouped by adapter (DESIGN.md §4–5).
+
+Importing this module raises ImportError when the extension is not built; dispatch.py
+then falls back to the reference and says so once.
+
+How the kernels work (csrc/cpu/*.cpp): the adapter index is turned once per call into a
+plan — tokens sorted by adapter (stable counting sort, -1 dropped) and cut into blocks of
+at most BLOCK tokens of one adapter. Each block runs as one task on an OpenMP thread: a
+block of consecutive rows is used in place, any other is gathered into a cache-resident
+buffer; the per-adapter GEMMs are single-threaded BLAS calls on the block (torch's MKL
+`sgemm_`), the elementwise parts (SiLU, gate, blend) vectorised loops in the same task.
+Weight gradients go to one private slot per range of blocks and are reduced per adapter,
+so no two threads write the same memory. The Gated-Memory backward reuses the forward's
+pre-activations (saved only when a gradient is needed).
+
+Kernels are fp32. float16/bfloat16 inputs are cast to fp32 around the kernel (autograd
+casts the gradients back); float64 and non-CPU tensors go to the reference op.
+
+Which ops are exposed (the names dispatch.py looks up) is decided by measurement: an op
+is exposed only where the C++ path beats PyTorch eager on this machine (issue 3 target
+≥ 1.5×; see bench/README.md and bench/bench_cpu_ops.py). `IMPLEMENTED` holds every
+kernel-backed function, exposed or not, so tests cover all of them.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lift_engine.ops import reference
+from lift_engine.ops._native import load
+
+_C = load("cpu")  # ImportError with the reason when not built
+
+#: Tokens per block (one task): fits the gathered rows of a block in L2 at these widths.
+BLOCK = int(os.environ.get("LIFT_CPU_BLOCK", "128"))
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def supports(device_type: str) -> str | None:
+    """dispatch.py hook: None when the kernels can run on `device_type`, else the reason."""
+    return None if device_type == "cpu" else "the C++ CPU kernels run on CPU tensors only"
+
+
+def _use_kernel(*tensors: torch.Tensor) -> bool:
+    dtype = tensors[0].dtype
+    return dtype in _KERNEL_DTYPES and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+
+
+def _check_tokens(x: torch.Tensor, idx: torch.Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"expected tokens flattened to [T, features], got shape {tuple(x.shape)}")
+    if idx.shape != (x.shape[0],):
+        raise ValueError(f"adapter_idx must be [T]={x.shape[0]}, got {tuple(idx.shape)}")
+
+
+def _plan(adapter_idx: torch.Tensor, n_adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order [n_valid], blocks [n_blocks, 3]); IndexError for an index >= n_adapters."""
+    return _C.plan(adapter_idx.detach().cpu(), n_adapters, BLOCK)
+
+
+def _scaling_grads(d_b_raw: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor, need_ds: bool):
+    """dB = s · Σ dyᵀh and d s = Σ (Σ dyᵀh) ⊙ B, from the kernel's unscaled sum."""
+    d_b = d_b_raw * scaling.view(-1, 1, 1)
+    d_s = (d_b_raw * lora_b).sum(dim=(1, 2)) if need_ds else None
+    return d_b, d_s
+
+
+# ---------------------------------------------------------------- autograd functions
+
+
+class _LoraShrink(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lora_a, adapter_idx):
+        order, blocks = _plan(adapter_idx, lora_a.shape[0])
+        ctx.save_for_backward(x, lora_a, order, blocks)
+        return _C.shrink_fwd(x, lora_a, order, blocks)
+
+    @staticmethod
+    def backward(ctx, dh):
+        x, lora_a, order, blocks = ctx.saved_tensors
+        need_dx, need_da = ctx.needs_input_grad[:2]
+        dx, da = _C.shrink_bwd(dh, x, lora_a, order, blocks, need_dx, need_da)
+        return dx, da, None
+
+
+class _LoraExpand(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, lora_b, scaling, adapter_idx):
+        order, blocks = _plan(adapter_idx, lora_b.shape[0])
+        ctx.save_for_backward(h, lora_b, scaling, order, blocks)
+        return _C.expand_fwd(h, lora_b, scaling, order, blocks)
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, lora_b, scaling, order, blocks = ctx.saved_tensors
+        need_dh, need_db, need_ds = ctx.needs_input_grad[:3]
+        dh, d_b_raw = _C.expand_bwd(dy, h, lora_b, scaling, order, blocks, need_dh, need_db or need_ds)
+        d_b = d_s = None
+        if d_b_raw is not None:
+            d_b, d_s = _scaling_grads(d_b_raw, lora_b, scaling, need_ds)
+        return dh, (d_b if need_db else None), d_s, None
+
+
+class _LoraDelta(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, scaling, adapter_idx):
+        order, blocks = _plan(adapter_idx, lora_a.shape[0])
+        y, h = _C.delta_fwd(x, lora_a, lora_b, scaling, order, blocks)
+        ctx.save_for_backward(x, h, lora_a, lora_b, scaling, order, blocks)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, h, lora_a, lora_b, scaling, order, blocks = ctx.saved_tensors
+        need_dx, need_da, need_db, need_ds = ctx.needs_input_grad[:4]
+        dx, da, d_b_raw = _C.delta_bwd(dy, x, h, lora_a, lora_b, scaling, order, blocks,
+                                       need_dx, need_da, need_db or need_ds)
+        d_b = d_s = None
+        if d_b_raw is not None:
+            d_b, d_s = _scaling_grads(d_b_raw, lora_b, scaling, need_ds)
+        return dx, da, (d_b if need_db else None), d_s, None
+
+
+class _GatedMemoryBlend(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, attn_out, q, w1, w2, w3, w4, adapter_idx):
+        order, blocks = _plan(adapter_idx, w1.shape[0])
+        save = any(ctx.needs_input_grad[:6])
+        out, pre1, mem, p3, gate = _C.gm_fwd(attn_out, q, w1, w2, w3, w4, order, blocks, save)
+        if save:
+            ctx.save_for_backward(attn_out, q, w1, w2, w3, w4, pre1, mem, p3, gate, order, blocks)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        attn_out, q, w1, w2, w3, w4, pre1, mem, p3, gate, order, blocks = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        d_attn, dq, dw1, dw2, dw3, dw4 = _C.gm_bwd(dout, attn_out, q, w1, w2, w3, w4, pre1, mem, p3, gate,
+                                                   order, blocks, needs[1], any(needs[2:6]))
+        grads = [d_attn, dq, dw1, dw2, dw3, dw4]
+        return (*[g if need else None for g, need in zip(grads, needs[:6])], None)
+
+
+# ---------------------------------------------------------------- public functions
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, adapter_idx: torch.Tensor) -> torch.Tensor:
+    """x: [T, in], lora_a: [N, r, in], adapter_idx: [T] int64 → [T, r].
+
+    h[t] = x[t] @ lora_a[adapter_idx[t]].T, 0 where adapter_idx[t] < 0.
+    """
+    if not _use_kernel(x, lora_a):
+        return reference.lora_shrink(x, lora_a, adapter_idx)
+    _check_tokens(x, adapter_idx)
+    return _LoraShrink.apply(_f32(x), _f32(lora_a), adapter_idx).to(x.dtype)
+
+
+def lora_expand(h: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor, adapter_idx: torch.Tensor) -> torch.Tensor:
+    """h: [T, r], lora_b: [N, out, r], scaling: [N] float, adapter_idx: [T] → [T, out].
+
+    y[t] = scaling[a] · h[t] @ lora_b[a].T with a = adapter_idx[t]; 0 where a < 0.
+    """
+    if not _use_kernel(h, lora_b) or scaling.device.type != "cpu":
+        return reference.lora_expand(h, lora_b, scaling, adapter_idx)
+    _check_tokens(h, adapter_idx)
+    return _LoraExpand.apply(_f32(h), _f32(lora_b), _f32(scaling), adapter_idx).to(h.dtype)
+
+
+def lora_linear_delta(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: torch.Tensor,
+    adapter_idx: torch.Tensor,
+) -> torch.Tensor:
+    """expand(shrink(x)) in one pass over the blocks (h never leaves the block's cache).
+
+    x: [T, in], lora_a: [N, r, in], lora_b: [N, out, r], scaling: [N], adapter_idx: [T] → [T, out].
+    """
+    if not _use_kernel(x, lora_a, lora_b) or scaling.device.type != "cpu":
+        return reference.lora_linear_delta(x, lora_a, lora_b, scaling, adapter_idx)
+    _check_tokens(x, adapter_idx)
+    return _LoraDelta.apply(_f32(x), _f32(lora_a), _f32(lora_b), _f32(scaling), adapter_idx).to(x.dtype)
+
+
+def gated_memory_blend(
+    attn_out: torch.Tensor,
+    q: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    w3: torch.Tensor,
+    w4: torch.Tensor,
+    adapter_idx: torch.Tensor,
+) -> torch.Tensor:
+    """attn_out, q: [T, H, d]; w1 [N,H,2d,d], w2 [N,H,d,2d], w3 [N,H,s,d], w4 [N,H,1,s]; adapter_idx [T] → [T, H, d].
+
+    out = (1 − g) · attn + g · W2 silu(W1 q), g = σ(3 (w4 · silu(W3 q) − 1)), per token's adapter;
+    tokens with adapter_idx < 0 pass attn_out through.
+    """
+    if not _use_kernel(attn_out, q, w1, w2, w3, w4):
+        return reference.gated_memory_blend(attn_out, q, w1, w2, w3, w4, adapter_idx)
+    if attn_out.shape != q.shape or attn_out.dim() != 3:
+        raise ValueError(f"attn_out {tuple(attn_out.shape)} and q {tuple(q.shape)} must both be [T, H, d]")
+    if adapter_idx.shape != (q.shape[0],):
+        raise ValueError(f"adapter_idx must be [T]={q.shape[0]}, got {tuple(adapter_idx.shape)}")
+    out = _GatedMemoryBlend.apply(_f32(attn_out), _f32(q), _f32(w1), _f32(w2), _f32(w3), _f32(w4), adapter_idx)
+    return out.to(attn_out.dtype)
+
+
+# ------------------------------------------- backward entry points for custom_ops.py
+# Under torch.compile, lift_engine.ops.custom_ops calls `<op>_backward(..., needs)` of the
+# backend that ran the forward (no autograd inside a custom op). They recompute the plan
+# (and what the forward saved) and return the gradients in the reference formulas' order.
+
+
+def _needs(needs, n):
+    return tuple(bool(x) for x in needs)[:n]
+
+
+def lora_shrink_backward(dh, x, lora_a, adapter_idx, needs=(True, True)):
+    if not _use_kernel(x, lora_a):
+        from lift_engine.ops.custom_ops import ref_lora_shrink_backward
+        return ref_lora_shrink_backward(dh, x, lora_a, adapter_idx, needs)
+    need_dx, need_da = _needs(needs, 2)
+    order, blocks = _plan(adapter_idx, lora_a.shape[0])
+    dx, da = _C.shrink_bwd(_f32(dh), _f32(x), _f32(lora_a), order, blocks, need_dx, need_da)
+    return dx, da
+
+
+def lora_expand_backward(dy, h, lora_b, scaling, adapter_idx, needs=(True, True, True)):
+    if not _use_kernel(h, lora_b) or scaling.device.type != "cpu":
+        from lift_engine.ops.custom_ops import ref_lora_expand_backward
+        return ref_lora_expand_backward(dy, h, lora_b, scaling, adapter_idx, needs)
+    need_dh, need_db, need_ds = _needs(needs, 3)
+    order, blocks = _plan(adapter_idx, lora_b.shape[0])
+    b32, s32 = _f32(lora_b), _f32(scaling)
+    dh, d_b_raw = _C.expand_bwd(_f32(dy), _f32(h), b32, s32, order, blocks, need_dh, need_db or need_ds)
+    d_b = d_s = None
+    if d_b_raw is not None:
+        d_b, d_s = _scaling_grads(d_b_raw, b32, s32, need_ds)
+    return dh, (d_b if need_db else None), d_s
+
+
+def lora_linear_delta_backward(dy, x, lora_a, lora_b, scaling, adapter_idx, needs=(True,) * 4):
+    if not _use_kernel(x, lora_a, lora_b) or scaling.device.type != "cpu":
+        from lift_engine.ops.custom_ops import ref_lora_linear_delta_backward
+        return ref_lora_linear_delta_backward(dy, x, lora_a, lora_b, scaling, adapter_idx, needs)
+    need_dx, need_da, need_db, need_ds = _needs(needs, 4)
+    order, blocks = _plan(adapter_idx, lora_a.shape[0])
+    x32, a32, b32, s32 = _f32(x), _f32(lora_a), _f32(lora_b), _f32(scaling)
+    h = _C.shrink_fwd(x32, a32, order, blocks)
+    dx, da, d_b_raw = _C.delta_bwd(_f32(dy), x32, h, a32, b32, s32, order, blocks, need_dx, need_da,
+                                   need_db or need_ds)
+    d_b = d_s = None
+    if d_b_raw is not None:
+        d_b, d_s = _scaling_grads(d_b_raw, b32, s32, need_ds)
+    return dx, da, (d_b if need_db else None), d_s
+
+
+def gated_memory_blend_backward(dout, attn_out, q, w1, w2, w3, w4, adapter_idx, needs=(True,) * 6):
+    if not _use_kernel(attn_out, q, w1, w2, w3, w4):
+        from lift_engine.ops.custom_ops import ref_gated_memory_blend_backward
+        return ref_gated_memory_blend_backward(dout, attn_out, q, w1, w2, w3, w4, adapter_idx, needs)
+    needs = _needs(needs, 6)
+    order, blocks = _plan(adapter_idx, w1.shape[0])
+    args = [_f32(t) for t in (attn_out, q, w1, w2, w3, w4)]
+    _, pre1, mem, p3, gate = _C.gm_fwd(*args, order, blocks, True)  # recompute what forward saved
+    grads = _C.gm_bwd(_f32(dout), *args, pre1, mem, p3, gate, order, blocks, needs[1], any(needs[2:6]))
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+#: Every kernel-backed op, exposed or not (tests and the benchmark use this).
+IMPLEMENTED = {
+    "lora_shrink": lora_shrink,
+    "lora_expand": lora_expand,
+    "lora_linear_delta": lora_linear_delta,
+    "gated_memory_blend": gated_memory_blend,
+}
+BACKWARD = {
+    "lora_shrink": lora_shrink_backward,
+    "lora_expand": lora_expand_backward,
+    "lora_linear_delta": lora_linear_delta_backward,
+    "gated_memory_blend": gated_memory_blend_backward,
+}
