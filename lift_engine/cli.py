@@ -34,6 +34,15 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="training seed")
 
 
+def _add_batch_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-active", type=int, default=16, metavar="N",
+                   help="batched jobs: documents trained at once (adapter bank size; default 16)")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
+                   help="batched jobs: memory for a training step (default: 80%% of what is free)")
+    p.add_argument("--prefix-sharing", action="store_true",
+                   help="batched jobs: one context split per document per step, computed once and shared by its samples")
+
+
 def _config(args) -> LiftConfig:
     cfg = make_config(args.preset, args.adapter)
     if args.qa_endpoint:
@@ -56,13 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lift", description="Long Input Fine-Tuning: absorb a long document into an adapter, then answer from it.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    tune = sub.add_parser("tune", help="tune an adapter on a long document", description="Tune an adapter on DOC (a .txt/.md file, or - for stdin) and write it to ADAPTER_DIR. Interrupted runs resume from their last checkpoint.")
-    tune.add_argument("document", metavar="DOC")
+    tune = sub.add_parser("tune", help="tune an adapter on a long document (or many at once)", description="Tune an adapter on DOC (a .txt/.md file, or - for stdin) and write it to ADAPTER_DIR. Given several files, a directory (its .txt/.md files) or a .jsonl file (one {\"name\", \"text\"} object per line; LongBench's \"_id\"/\"context\" also work), the documents are tuned together in one batched job, and each adapter is written to ADAPTER_DIR/<name>/ as soon as that document is done. Interrupted runs resume from their last checkpoint.")
+    tune.add_argument("document", metavar="DOC", nargs="+")
     tune.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR")
     tune.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
-                      help="optimizer steps between resumable checkpoints (default: the preset's)")
+                      help="optimizer steps between resumable checkpoints (default: the preset's; batched jobs: 1)")
+    _add_batch_options(tune)
     _add_config(tune)
     _add_model(tune)
+
+    service = sub.add_parser("tune-service", help="tune documents dropped into a queue directory",
+                             description="Watch QUEUE/incoming for .txt/.md documents and tune them in one running batched job; adapters appear in QUEUE/adapters/<name>/, progress in QUEUE/status.json.")
+    service.add_argument("--queue", required=True, metavar="DIR")
+    service.add_argument("--poll", type=float, default=1.0, metavar="SECONDS", help="seconds between scans when idle")
+    service.add_argument("--exit-when-idle", action="store_true", help="stop once the queue is empty and every document is done")
+    _add_batch_options(service)
+    _add_config(service)
+    _add_model(service)
 
     ask = sub.add_parser("ask", help="answer a question with a tuned adapter", description="Answer QUESTION with the adapter in ADAPTER_DIR, optionally with the document truncated to the window in the prompt.")
     ask.add_argument("adapter_dir", metavar="ADAPTER_DIR")
@@ -94,10 +113,20 @@ def _load_base(spec):
     return load_base_model(spec)
 
 
+def _is_batched(documents: list[str]) -> bool:
+    if len(documents) > 1:
+        return True
+    only = documents[0]
+    return only != "-" and (os.path.isdir(only) or only.lower().endswith(".jsonl"))
+
+
 def cmd_tune(args) -> int:
     from lift_engine.data.documents import read_document
     from lift_engine.pipeline import tune_document
 
+    if _is_batched(args.document):
+        return _cmd_tune_batched(args)
+    args.document = args.document[0]
     cfg = _config(args)
     text = read_document(args.document)
     base = _load_base(args.model)
@@ -107,6 +136,60 @@ def cmd_tune(args) -> int:
     print(f"adapter written to {outcome.adapter_dir}: {report.steps} steps{note}, "
           f"loss {report.first_loss if report.first_loss is not None else float('nan'):.3f} → "
           f"{report.last_loss if report.last_loss is not None else float('nan'):.3f}")
+    return 0
+
+
+def _batch_kwargs(args) -> dict:
+    if args.max_active < 1:
+        raise InputError(f"--max-active must be at least 1, got {args.max_active}")
+    if args.memory_budget is not None and args.memory_budget <= 0:
+        raise InputError(f"--memory-budget must be positive, got {args.memory_budget}")
+    return {"max_active": args.max_active, "prefix_sharing": args.prefix_sharing,
+            "memory_budget": None if args.memory_budget is None else int(args.memory_budget * 2**30)}
+
+
+def _cmd_tune_batched(args) -> int:
+    from lift_engine.batch.inputs import collect_documents
+    from lift_engine.batch.job import BatchTuneJob
+
+    cfg = _config(args)
+    docs = collect_documents(args.document)
+    kwargs = _batch_kwargs(args)
+    kwargs["max_active"] = min(kwargs["max_active"], len(docs))
+    base = _load_base(args.model)
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    job = BatchTuneJob(base, cfg, Path(args.output), checkpoint_every=args.checkpoint_every or 1, log=log, **kwargs)
+    try:
+        for name, text, source in docs:
+            job.submit(text, name, source=source)
+        job.run()
+    finally:
+        job.close()
+    failed = 0
+    for name, info in job.progress().items():
+        if info["status"] == "done":
+            note = f" (resumed at step {info['resumed_from']})" if info["resumed_from"] else ""
+            first, last = info["first_loss"], info["last_loss"]
+            print(f"adapter written to {info['adapter_dir']}: {info['steps']} steps{note}, loss "
+                  f"{first if first is not None else float('nan'):.3f} → {last if last is not None else float('nan'):.3f}")
+        else:
+            failed += 1
+            print(f"lift: error: {name}: {info['error']}", file=sys.stderr)
+    return EXIT_ERROR if failed else 0
+
+
+def cmd_tune_service(args) -> int:
+    from lift_engine.batch.queue import QueueService
+
+    cfg = _config(args)
+    base = _load_base(args.model)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    service = QueueService.for_queue(base, cfg, args.queue, log=log, **_batch_kwargs(args))
+    log(f"lift: watching {Path(args.queue) / 'incoming'}; adapters go to {QueueService.adapters_dir(args.queue)}")
+    try:
+        service.run(poll_seconds=args.poll, exit_when_idle=args.exit_when_idle)
+    finally:
+        service.job.close()
     return 0
 
 
@@ -165,7 +248,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"tune": cmd_tune, "ask": cmd_ask, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"tune": cmd_tune, "tune-service": cmd_tune_service, "ask": cmd_ask, "eval": cmd_eval, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,78 @@
+"""The documents of a batched `lift tune`: files, directories and .jsonl files.
+
+    collect_documents(["a.md", "docs/", "set.jsonl"]) -> [(name, text, source), …]
+
+A file's name is its stem; a directory contributes its .txt/.md/… files (sorted, not
+recursive, hidden files skipped); a .jsonl line is an object with the text under "text",
+"document" or "context" (LongBench) and an optional name under "name", "id" or "_id"
+(default <stem>-<line number>). Names must be unique and usable as directory names.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from lift_engine.batch.job import validate_name
+from lift_engine.batch.queue import DOC_SUFFIXES
+from lift_engine.errors import InputError
+
+_TEXT_KEYS = ("text", "document", "context")
+_NAME_KEYS = ("name", "id", "_id")
+
+
+def _safe(name: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)).strip("-.")
+    return cleaned[:128] or "doc"
+
+
+def collect_documents(sources: list[str]) -> list[tuple[str, str, str]]:
+    from lift_engine.data.documents import read_document
+
+    out: list[tuple[str, str, str]] = []
+    for source in sources:
+        if source == "-":
+            raise InputError("stdin (-) can only be tuned alone; give files, a directory or a .jsonl for a batched job")
+        path = Path(source)
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
+                           and p.suffix.lower() in DOC_SUFFIXES)
+            if not files:
+                raise InputError(f"{source}: no documents ({', '.join(DOC_SUFFIXES)}) in this directory")
+            out += [(validate_name(_safe(p.stem)), read_document(p), str(p)) for p in files]
+        elif path.suffix.lower() == ".jsonl":
+            out += _read_jsonl(path)
+        else:
+            out.append((validate_name(_safe(path.stem)), read_document(path), str(path)))
+    seen: dict[str, str] = {}
+    for name, _, source in out:
+        if name in seen:
+            raise InputError(f"two documents would both be written to {name!r}: {seen[name]} and {source}")
+        seen[name] = source
+    return out
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, str, str]]:
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path}:{number}: expected a JSON object")
+            text = next((row[k] for k in _TEXT_KEYS if isinstance(row.get(k), str)), None)
+            if text is None or not text.strip():
+                raise InputError(f"{path}:{number}: no document text (keys {', '.join(_TEXT_KEYS)})")
+            raw = next((row[k] for k in _NAME_KEYS if row.get(k) not in (None, "")), None)
+            name = _safe(raw) if raw is not None else f"{_safe(path.stem)}-{number}"
+            out.append((validate_name(name), text.replace("\r\n", "\n"), f"{os.fspath(path)}:{number}"))
+    if not out:
+        raise InputError(f"{path}: no documents")
+    return out
