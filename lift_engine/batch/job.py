@@ -101,6 +101,7 @@ class StepReport:
     gradient_checkpointing: bool
     seconds: float
     finished: list[str]
+    max_len: int = 0  # longest sample of the step
 
 
 class BatchTuneJob:
@@ -332,7 +333,8 @@ class BatchTuneJob:
                 save_checkpoint(partial_dir_for(doc.out_dir), doc.key, doc.next_step, self.handle.state_for_slot(doc.slot),
                                 self.optimizer.slot_state(doc.slot))
         report = StepReport(self.global_step, [d.name for d in active], len(samples), stats["tokens"], stats["loss_tokens"],
-                            stats["passes"], stats["checkpointing"], time.monotonic() - began, finished)
+                            stats["passes"], stats["checkpointing"], time.monotonic() - began, finished,
+                            max(len(s.input_ids) for s in samples))
         self.history.append(report)
         self._write_status()
         return report
