@@ -28,6 +28,16 @@ def _rel(paths):
     return sorted(str(p.relative_to(ROOT)) for p in paths)
 
 
+def _cuda_include(nvcc):
+    """The CUDA toolkit's include dir (the binding .cpp needs cuda_runtime.h; nvcc may be a wrapper)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                  str(Path(os.path.realpath(nvcc)).parents[1]), "/usr/local/cuda"]
+    for base in filter(None, candidates):
+        if (Path(base) / "include" / "cuda_runtime.h").is_file():
+            return str(Path(base) / "include")
+    return None
+
+
 def _native_build():
     """(ext_modules, cmdclass) for the native kernels, or ([], {}) when nothing can be built."""
     if os.environ.get("LIFT_NO_NATIVE", "") not in ("", "0"):
@@ -67,7 +77,7 @@ def _native_build():
                 name="lift_engine._C_cuda",
                 sources=_rel(list((ROOT / "csrc" / "cuda").glob("*.cu"))
                              + list((ROOT / "csrc" / "cuda").glob("*.cpp"))),
-                include_dirs=[str(ROOT / "csrc" / "cuda")],
+                include_dirs=[str(ROOT / "csrc" / "cuda"), *filter(None, [_cuda_include(nvcc)])],
                 extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": ["-O3", *arch_flags]},
             )
         )
