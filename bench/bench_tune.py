@@ -1,0 +1,280 @@
+"""Tuning throughput: lift_engine batched vs lift_engine one-by-one vs HF Trainer + PEFT.
+
+Side by side in one run, on the same N documents (N = 1, 4, 16 by default), the same
+samples (segments + auxiliary tasks, LIFT plan), the same epochs and hyperparameters:
+
+    hf-trainer+peft      the paper's baseline: one document at a time, HF Trainer over a
+                         PeftModel (LoRA), full-vocabulary logits at every position
+    lift one-by-one      lift_engine.pipeline.tune_document per document (bank of 1,
+                         logits only at loss positions)
+    lift batched         lift_engine.batch.BatchTuneJob: all N documents in one job,
+                         one forward/backward per step over every document's samples
+    lift batched+prefix  the same with prefix sharing (one context split per document
+                         per step, computed once)
+
+Reported per method and N: seconds, documents/hour, training tokens/s (tokens of the
+planned samples, counted the same way for every method), achieved GFLOP/s
+(4·P_linear·tokens + 4·V·H·loss tokens: forward + input-gradient backward of the frozen
+model's linear layers, plus the output head at loss positions; attention's quadratic
+term not counted) against this machine's measured fp32 matmul peak, and every method's
+ratio to the HF baseline. The run prints a markdown table and writes
+bench/results/bench_tune.json and bench/results/bench_tune.svg.
+
+A shared CPU makes absolute times noisy; the ratios from one run are the result.
+
+Usage: .venv/bin/python bench/bench_tune.py [--model DIR] [--ns 1,4,16] [--doc-tokens 256]
+       [--methods hf,solo,batched,prefix]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lift_engine.batch.job import BatchTuneJob
+from lift_engine.config import make_config
+from lift_engine.data.extractive import extract_tasks
+from lift_engine.data.synthetic import make_dataset
+from lift_engine.fsutil import atomic_write_json, atomic_write_text
+from lift_engine.models.loading import load_base_model
+from lift_engine.pipeline import build_qa_items, tune_document
+from lift_engine.prompts import PromptBuilder
+from lift_engine.samples import IGNORE_INDEX, DocumentSamples
+
+RESULTS = Path(__file__).parent / "results"
+METHODS = {"hf": "hf-trainer+peft", "solo": "lift one-by-one", "batched": "lift batched", "prefix": "lift batched+prefix"}
+
+
+def hardware() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def matmul_peak_gflops(n: int = 1024, seconds: float = 2.0) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    reps, began = 0, time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - began) / 1e9
+
+
+def bench_config(args):
+    cfg = make_config("cpu", "lora")
+    cfg.segment.length = args.segment
+    cfg.context.length = args.context
+    cfg.qa.num_extractive = args.qa
+    cfg.train.stage1_epochs, cfg.train.stage2_epochs = args.epochs1, args.epochs2
+    cfg.train.batch_size = args.batch_size
+    cfg.train.checkpoint_every = 10**9  # the one-by-one path: no checkpoints in the timing
+    return cfg
+
+
+def make_documents(tokenizer, n: int, doc_tokens: int, seed: int) -> list[str]:
+    docs = []
+    for i, row in enumerate(make_dataset(n, seed=seed)):
+        ids = tokenizer(row["context"], add_special_tokens=False)["input_ids"]
+        # documents of different lengths: 60%..140% of doc_tokens
+        length = int(doc_tokens * (0.6 + 0.8 * ((i * 7919) % 11) / 10))
+        docs.append(tokenizer.decode(ids[:length]))
+    return docs
+
+
+def plan_tokens(base, cfg, texts) -> tuple[int, int, list[list]]:
+    """(sample tokens, loss tokens, per-document built samples) of the LIFT plan."""
+    prompts = PromptBuilder(base.tokenizer, cfg.inference.use_chat_template)
+    total = loss = 0
+    built = []
+    for text in texts:
+        ids = base.tokenizer(text, add_special_tokens=False)["input_ids"]
+        samples = DocumentSamples(ids, build_qa_items(text, cfg, base, False), cfg, prompts)
+        doc = [samples.build(r) for r in samples.full_plan()]
+        built.append(doc)
+        total += sum(len(s.input_ids) for s in doc)
+        loss += sum(sum(1 for lab in s.labels[1:] if lab != IGNORE_INDEX) for s in doc)
+    return total, loss, built
+
+
+def run_hf(base, cfg, built, workdir: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    pad = base.tokenizer.pad_token_id
+
+    def collate(rows):
+        n = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), n), pad, dtype=torch.long)
+        labels = torch.full((len(rows), n), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), n), dtype=torch.long)
+        for i, r in enumerate(rows):
+            k = len(r["input_ids"])
+            ids[i, :k], labels[i, :k], mask[i, :k] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    class InOrder(Trainer):  # the LIFT plan's order (stage 1 then stage 2), as the engine uses
+        def _get_train_sampler(self, *a, **k):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    for i, doc in enumerate(built):
+        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, target_modules=list(cfg.lora.targets), lora_dropout=0.0,
+                          task_type="CAUSAL_LM")
+        model = get_peft_model(base.model, lora)
+        targs = TrainingArguments(
+            output_dir=str(workdir / f"hf-{i}"), per_device_train_batch_size=cfg.train.batch_size, num_train_epochs=1,
+            learning_rate=cfg.train.lr_lora, adam_beta1=cfg.train.betas[0], adam_beta2=cfg.train.betas[1],
+            weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.grad_clip, lr_scheduler_type="constant",
+            warmup_steps=0, logging_strategy="no", save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0, seed=cfg.train.seed,
+        )
+        data = [{"input_ids": s.input_ids, "labels": s.labels} for s in doc]
+        InOrder(model=model, args=targs, train_dataset=data, data_collator=collate).train()
+        model.save_pretrained(str(workdir / f"hf-{i}" / "adapter"))
+        model.unload()
+        base.model.eval()
+
+
+def run_solo(base, cfg, texts, workdir: Path) -> None:
+    for i, text in enumerate(texts):
+        tune_document(base, text, workdir / f"solo-{i}", cfg, progress=False, log=lambda *a: None)
+
+
+def run_batched(base, cfg, texts, workdir: Path, prefix: bool) -> dict:
+    job = BatchTuneJob(base, cfg, workdir / ("prefix" if prefix else "batched"), max_active=len(texts),
+                       prefix_sharing=prefix, checkpoint_every=10**9)
+    try:
+        for i, text in enumerate(texts):
+            job.submit(text, f"doc{i}")
+        job.run()
+    finally:
+        job.close()
+    bad = {k: v["error"] for k, v in job.progress().items() if v["status"] != "done"}
+    if bad:
+        raise RuntimeError(f"batched job failed: {bad}")
+    return {"steps": job.global_step, "passes": sum(r.passes for r in job.history),
+            "model_tokens": sum(r.tokens for r in job.history)}
+
+
+def model_flops(model, tokens: int, loss_tokens: int) -> float:
+    linear = sum(m.weight.numel() for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and "lm_head" not in name)
+    head = model.get_output_embeddings().weight.numel()
+    return 4.0 * linear * tokens + 4.0 * head * loss_tokens
+
+
+def svg_chart(results: list[dict], path: Path) -> None:
+    """Grouped bars: documents/hour per method for each N (no plotting library needed)."""
+    ns = sorted({r["n"] for r in results})
+    methods = [m for m in METHODS.values() if any(r["method"] == m for r in results)]
+    colors = ["#9e9e9e", "#64b5f6", "#1565c0", "#2e7d32"]
+    top = max(r["docs_per_hour"] for r in results) or 1.0
+    width, height, pad = 640, 360, 50
+    group = (width - 2 * pad) / len(ns)
+    bar = group / (len(methods) + 1)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 60}" font-family="sans-serif" font-size="11">',
+             f'<text x="{pad}" y="20" font-size="13">documents/hour by N (higher is better)</text>']
+    for gi, n in enumerate(ns):
+        x0 = pad + gi * group
+        parts.append(f'<text x="{x0 + group / 2 - 10}" y="{height + 15}">N={n}</text>')
+        for mi, m in enumerate(methods):
+            r = next((r for r in results if r["n"] == n and r["method"] == m), None)
+            if r is None:
+                continue
+            h = (height - 2 * pad) * r["docs_per_hour"] / top
+            x = x0 + mi * bar + bar / 2
+            parts.append(f'<rect x="{x:.1f}" y="{height - h:.1f}" width="{bar * 0.9:.1f}" height="{h:.1f}" fill="{colors[mi % 4]}"/>')
+            parts.append(f'<text x="{x:.1f}" y="{height - h - 3:.1f}" font-size="9">{r["docs_per_hour"]:.0f}</text>')
+    for mi, m in enumerate(methods):
+        parts.append(f'<rect x="{pad + mi * 150}" y="{height + 30}" width="10" height="10" fill="{colors[mi % 4]}"/>'
+                     f'<text x="{pad + mi * 150 + 14}" y="{height + 39}">{m}</text>')
+    parts.append("</svg>")
+    atomic_write_text(path, "\n".join(parts))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model dir (default: the default SmolLM2-135M)")
+    parser.add_argument("--ns", default="1,4,16")
+    parser.add_argument("--methods", default="hf,solo,batched,prefix")
+    parser.add_argument("--doc-tokens", type=int, default=256)
+    parser.add_argument("--segment", type=int, default=96)
+    parser.add_argument("--context", type=int, default=64)
+    parser.add_argument("--qa", type=int, default=3)
+    parser.add_argument("--epochs1", type=int, default=1)
+    parser.add_argument("--epochs2", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--out", default=str(RESULTS / "bench_tune.json"))
+    args = parser.parse_args()
+
+    base = load_base_model(args.model)
+    cfg = bench_config(args)
+    ns = [int(x) for x in args.ns.split(",")]
+    methods = [m for m in args.methods.split(",") if m]
+    peak = matmul_peak_gflops()
+    print(f"hardware: {hardware()}; fp32 matmul peak {peak:.1f} GFLOP/s", file=sys.stderr)
+    all_texts = make_documents(base.tokenizer, max(ns), args.doc_tokens, args.seed)
+    results = []
+    for n in ns:
+        texts = all_texts[:n]
+        tokens, loss_tokens, built = plan_tokens(base, cfg, texts)
+        flops = model_flops(base.model, tokens, loss_tokens)
+        for m in methods:
+            with tempfile.TemporaryDirectory() as tmp:
+                began = time.perf_counter()
+                extra = {}
+                if m == "hf":
+                    run_hf(base, cfg, built, Path(tmp))
+                elif m == "solo":
+                    run_solo(base, cfg, texts, Path(tmp))
+                else:
+                    extra = run_batched(base, cfg, texts, Path(tmp), prefix=(m == "prefix"))
+                seconds = time.perf_counter() - began
+            row = {"n": n, "method": METHODS[m], "seconds": seconds, "docs_per_hour": n * 3600 / seconds,
+                   "tokens_per_s": tokens / seconds, "train_tokens": tokens, "loss_tokens": loss_tokens,
+                   "gflops": flops / seconds / 1e9, "fraction_of_peak": flops / seconds / 1e9 / peak, **extra}
+            results.append(row)
+            print(f"N={n:<3} {row['method']:<20} {seconds:8.1f}s {row['docs_per_hour']:9.1f} docs/h "
+                  f"{row['tokens_per_s']:8.1f} tok/s {row['gflops']:6.2f} GFLOP/s", file=sys.stderr, flush=True)
+    base_name = METHODS["hf"] if "hf" in methods else METHODS[methods[0]]
+    for row in results:
+        ref = next(r for r in results if r["n"] == row["n"] and r["method"] == base_name)
+        row["speedup_vs_" + base_name.replace(" ", "_")] = row["docs_per_hour"] / ref["docs_per_hour"]
+    model_desc = {"id": base.model_id, "params": sum(p.numel() for p in base.model.parameters())}
+    report = {"hardware": hardware(), "matmul_peak_gflops": peak, "model": model_desc, "config": cfg.to_dict(),
+              "doc_tokens": args.doc_tokens, "results": results}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, report)
+    svg_chart(results, out.with_suffix(".svg"))
+    key = "speedup_vs_" + base_name.replace(" ", "_")
+    print(f"\nmodel {base.model_id} ({model_desc['params'] / 1e6:.1f}M params); {report['hardware']['cpu']}, "
+          f"{report['hardware']['torch_threads']} threads; fp32 matmul peak {peak:.1f} GFLOP/s\n")
+    print(f"| N | method | s | docs/h | tokens/s | GFLOP/s | % of peak | × {base_name} |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['n']} | {r['method']} | {r['seconds']:.1f} | {r['docs_per_hour']:.0f} | {r['tokens_per_s']:.0f} | "
+              f"{r['gflops']:.2f} | {100 * r['fraction_of_peak']:.1f} | {r[key]:.2f} |")
+    print(f"\nwrote {out} and {out.with_suffix('.svg')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
