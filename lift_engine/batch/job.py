@@ -248,6 +248,7 @@ class BatchTuneJob:
         doc.key = {"document": doc.doc_hash, "config": cfg.fingerprint(), "model": self.base.fingerprint,
                    "kind": cfg.adapter, "trainer": TRAINER_ID, "prefix_sharing": self.prefix_sharing}
         if self._already_done(doc):
+            remove_work_dir(partial_dir_for(doc.out_dir))  # killed between publish and cleanup
             with self._lock:
                 doc.status, doc.finished_at = "done", time.time()
                 self._free_slots.insert(0, slot)
@@ -263,7 +264,9 @@ class BatchTuneJob:
         plan = doc.samples.full_plan()
         batch = max(1, cfg.train.batch_size)
         doc.steps = [plan[i : i + batch] for i in range(0, len(plan), batch)]
-        longest = max(doc.samples.approx_length(r) for r in plan) if plan else 0
+        # approx_length estimates the template at 48 tokens: keep a margin, so that a
+        # document that cannot fit fails here, alone, and never inside a shared step.
+        longest = max(doc.samples.approx_length(r) for r in plan) + 64 if plan else 0
         self.planner.check_sample(longest)
         self.handle.reset_slot(slot, seed=cfg.train.seed)
         self.optimizer.reset_slot(slot)
