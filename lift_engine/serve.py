@@ -51,7 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-lora-rank", type=int, default=None,
                    help="largest LoRA rank accepted (default: the store's largest, at least 16)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    p.add_argument("--dtype", default="auto", help="model dtype (default: auto)")
+    p.add_argument("--dtype", default="float32",
+                   help="model dtype (default: float32, as `lift ask`, so answers are the same; "
+                        "bfloat16 is faster where the CPU/GPU supports it; auto: vLLM's choice)")
     p.add_argument("--no-gated-memory", action="store_true", help="stock vLLM architecture: LoRA adapters only")
     p.add_argument("--enforce-eager", action="store_true", help="no torch.compile (faster start, slower steps)")
     p.add_argument("--cache-dir", default=None, help="where served adapter snapshots are kept (default: a temp dir)")

@@ -7,7 +7,11 @@ it is idempotent and cheap (nothing heavy is imported until vLLM uses it):
   Llama + per-request Gated Memory after paged attention; model.py) with
   `ModelRegistry.register_model`, lazily by "module:Class";
 - registers a `LoRAResolver` over the adapter store (resolver.py), used by vLLM's API
-  server when runtime LoRA resolution is on (VLLM_ALLOW_RUNTIME_LORA_UPDATING=1).
+  server when runtime LoRA resolution is on (VLLM_ALLOW_RUNTIME_LORA_UPDATING=1);
+- on CPU, makes vLLM's platform choose `LiftPunicaWrapperCPU` (punica.py) for its
+  multi-LoRA path: base-model tokens batched with LoRA tokens stay base-model (vLLM
+  0.32's CPU ops give them the last slot's LoRA), and adapter-grouped matmuls through
+  lift_engine.ops instead of one weight copy per token. LIFT_VLLM_PUNICA=stock: off.
 
 The tenant middleware (auth.py) is passed to the server with `--middleware`;
 `lift serve` (lift_engine.serve) sets all of it up.
@@ -19,6 +23,7 @@ import threading
 ARCHITECTURE = "LiftGatedMemoryLlamaForCausalLM"
 MODEL_CLASS = "lift_engine.vllm_plugin.model:LiftGatedMemoryLlamaForCausalLM"
 RESOLVER_NAME = "lift_engine_store"
+PUNICA_CPU = "lift_engine.vllm_plugin.punica.LiftPunicaWrapperCPU"
 
 _lock = threading.Lock()
 _registered = False
@@ -40,4 +45,22 @@ def register() -> None:
             from lift_engine.vllm_plugin.resolver import make_resolver
 
             LoRAResolverRegistry.register_resolver(RESOLVER_NAME, make_resolver())
+        install_punica_wrapper()
         _registered = True
+
+
+def install_punica_wrapper() -> bool:
+    """On CPU platforms, have vLLM build LiftPunicaWrapperCPU (by qualified name). True if done."""
+    import os
+
+    if os.environ.get("LIFT_VLLM_PUNICA", "").strip().lower() == "stock":
+        return False
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return False
+    cls = type(current_platform)
+    if not getattr(cls, "_lift_punica_installed", False):
+        cls.get_punica_wrapper = classmethod(lambda _cls: PUNICA_CPU)
+        cls._lift_punica_installed = True
+    return True

@@ -76,8 +76,13 @@ def make_adapter(base, kind: str, out_dir: Path, seed: int, rank: int = 8, stren
     return out_dir
 
 
-def hf_greedy_ids(base, adapter_dir: Path | None, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """lift_engine's own HF path (load_adapter + greedy generate): the ids it generates."""
+def hf_greedy(base, adapter_dir: Path | None, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:
+    """lift_engine's own HF path (load_adapter + greedy generate, no early stop).
+
+    Returns the generated ids and the smallest gap between the best and the second-best
+    logit over the steps: a tiny gap is a near-tie that float reordering may flip, so a
+    test compares greedy ids only where the gaps are clear.
+    """
     from lift_engine.adapters.io import load_adapter
 
     handle = load_adapter(adapter_dir, base) if adapter_dir is not None else None
@@ -87,12 +92,17 @@ def hf_greedy_ids(base, adapter_dir: Path | None, prompt_ids: list[int], max_new
         ids = torch.tensor([prompt_ids])
         with torch.no_grad():
             out = base.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                      min_new_tokens=max_new_tokens, do_sample=False,
-                                      pad_token_id=base.tokenizer.pad_token_id)
-        return out[0, len(prompt_ids):].tolist()
+                                      min_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
+                                      return_dict_in_generate=True, pad_token_id=base.tokenizer.pad_token_id)
+        gaps = [float(torch.topk(step[0].float(), 2).values.diff().abs()) for step in out.logits]
+        return out.sequences[0, len(prompt_ids):].tolist(), min(gaps)
     finally:
         if handle is not None:
             handle.remove()
+
+
+def hf_greedy_ids(base, adapter_dir: Path | None, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    return hf_greedy(base, adapter_dir, prompt_ids, max_new_tokens)[0]
 
 
 def free_port() -> int:

@@ -1,0 +1,102 @@
+"""vLLM's CPU multi-LoRA path, through lift_engine's LoRA ops (a PunicaWrapper subclass).
+
+vLLM picks its Punica wrapper class by name from `current_platform.get_punica_wrapper()`
+(vllm/lora/punica_wrapper/punica_selector.py); on CPU that is `PunicaWrapperCPU`, whose
+ops (vllm/lora/ops/torch_ops) have two problems this class fixes:
+
+1. Correctness. A token without an adapter has index -1; the torch ops gather
+   `lora_weights[idx]`, so -1 silently selects the *last* slot's adapter: a base-model
+   request batched next to LoRA requests gets someone's LoRA added (vLLM 0.32; upstream
+   PRs vllm-project/vllm#48421 and #49656 are open). Here -1 rows get exactly nothing.
+2. Speed. The torch ops materialise one weight copy per token ([T, out, in]). Here the
+   tokens are grouped by adapter (SGMV style) and each group is one matmul, through
+   `lift_engine.ops.lora_shrink` / `lora_expand` — the dispatch point, so the project's
+   C++ CPU kernels are used when they are built (reference PyTorch otherwise).
+
+Semantics are those of PunicaWrapperCPU (per slice: shrink writes `scale · x Aᵀ` into the
+buffer, expand adds `h Bᵀ` into its column slice), with -1 rows contributing zero.
+The plugin's register() makes vLLM's CPU platform choose this class (by name, so this
+module is imported only when vLLM builds its LoRA manager); set LIFT_VLLM_PUNICA=stock
+to keep vLLM's own.
+"""
+from __future__ import annotations
+
+import torch
+
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+QUALNAME = "lift_engine.vllm_plugin.punica.LiftPunicaWrapperCPU"
+
+
+def _pad_idx(idx: torch.Tensor, rows: int) -> torch.Tensor:
+    if idx.shape[0] == rows:
+        return idx
+    if idx.shape[0] > rows:
+        return idx[:rows]
+    return torch.cat([idx, idx.new_full((rows - idx.shape[0],), -1)])
+
+
+class LiftPunicaWrapperCPU(PunicaWrapperCPU):
+    """PunicaWrapperCPU with -1 = no adapter honoured and adapter-grouped matmuls."""
+
+    def _token_idx(self, rows: int) -> torch.Tensor:
+        return _pad_idx(self.token_lora_indices, rows)
+
+    def _sampler_idx(self, rows: int) -> torch.Tensor:
+        return _pad_idx(self.sampler_indices, rows)
+
+    @staticmethod
+    def _shrink(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, scale: float) -> None:
+        """y[t, :r] = scale · x[t] @ w[idx[t]]ᵀ (0 where idx[t] == -1); w: [N, 1, r, in] or [N, r, in]."""
+        from lift_engine import ops
+
+        w = w.squeeze(1) if w.dim() == 4 else w
+        h = ops.lora_shrink(x.to(w.dtype), w, idx)
+        y[:, : h.shape[1]] = (h * scale).to(y.dtype)
+
+    @staticmethod
+    def _expand(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, offset: int, size: int,
+                add_inputs: bool) -> None:
+        """y[t, offset:offset+size] (+)= x[t] @ w[idx[t]]ᵀ (nothing where idx[t] == -1); w: [N, 1, out, r]."""
+        from lift_engine import ops
+
+        w = w.squeeze(1) if w.dim() == 4 else w
+        ones = torch.ones(w.shape[0], dtype=torch.float32, device=w.device)
+        delta = ops.lora_expand(x.to(w.dtype), w, ones, idx).to(y.dtype)
+        cols = min(size, delta.shape[1])
+        if add_inputs:
+            y[:, offset: offset + cols] += delta[:, :cols]
+        else:
+            y[:, offset: offset + cols] = delta[:, :cols]
+
+    # ------------------------------------------------------------ PunicaWrapperCPU API
+    def add_shrink(self, y, x, lora_a_stacked, scale, **kwargs) -> None:
+        x = x.view(-1, x.shape[-1])
+        idx = self._token_idx(x.shape[0])
+        for slice_idx, w in enumerate(lora_a_stacked):
+            out = y[slice_idx]
+            self._shrink(out.view(-1, out.shape[-1]), x, w, idx, scale)
+
+    def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start: int = 0, add_inputs=True, **kwargs) -> None:
+        y2 = y.view(-1, y.shape[-1])
+        offset = offset_start
+        for slice_idx, w in enumerate(lora_b_stacked):
+            h = x[slice_idx]
+            h = h.view(-1, h.shape[-1])
+            self._expand(y2, h, w, self._token_idx(h.shape[0]), offset, output_slices[slice_idx], add_inputs)
+            offset += output_slices[slice_idx]
+
+    def add_lora_embedding(self, y, x, lora_b_stacked, add_inputs: bool = True, **kwargs) -> None:
+        y2 = y.view(-1, y.shape[-1])
+        x2 = x.view(-1, x.shape[-1])
+        self._expand(y2, x2, lora_b_stacked, self._token_idx(x2.shape[0]), 0, y2.shape[1], add_inputs)
+
+    def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs) -> None:
+        y2 = y.view(-1, y.shape[-1])
+        x2 = x.view(-1, x.shape[-1])
+        idx = self._sampler_idx(x2.shape[0])
+        r = lora_b_stacked.size(-1)
+        if buffer is None:
+            buffer = torch.zeros((x2.size(0), r), dtype=torch.float32, device=x2.device)
+        self._shrink(buffer, x2, lora_a_stacked, idx, scale)
+        self._expand(y2, buffer, lora_b_stacked, idx, 0, y2.shape[1], True)
