@@ -214,6 +214,8 @@ def hardware_line(hw: dict) -> str:
 def run(ops, adapters, mixes, modes, rounds, dtype) -> list[dict]:
     from lift_engine.ops import cpu_backend
 
+    if dtype != torch.float32:  # measure the cast-to-fp32 kernel path (off by default)
+        cpu_backend.LOW_PRECISION = True
     rows = []
     for op in ops:
         for n in adapters:

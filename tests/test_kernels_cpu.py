@@ -36,6 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.bfloat16]
 
 
+@pytest.fixture(autouse=True)
+def low_precision_via_kernels(monkeypatch):
+    """bf16/fp16 run the fp32 kernels in these tests (by default they go to the reference)."""
+    if cpu_backend is not None:
+        monkeypatch.setattr(cpu_backend, "LOW_PRECISION", True)
+
+
 # ------------------------------------------------------------------ inputs
 
 
@@ -265,6 +272,12 @@ def test_bad_shapes_raise_value_error():
     attn, q, *w, idx = gm_inputs(5, 2, 4, 2, "random")
     with pytest.raises(ValueError):
         cpu_backend.gated_memory_blend(attn, q[:, :1], *w, idx)
+
+
+def test_low_precision_goes_to_reference_by_default(monkeypatch):
+    monkeypatch.setattr(cpu_backend, "LOW_PRECISION", False)
+    args = [t.bfloat16() if t.is_floating_point() else t for t in lora_inputs("lora_shrink", 17, 9, 3, 5, 2, "none")]
+    torch.testing.assert_close(cpu_backend.lora_shrink(*args), reference.lora_shrink(*args), rtol=0, atol=0)
 
 
 def test_float64_goes_to_reference_exactly():

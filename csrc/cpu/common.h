@@ -126,6 +126,8 @@ void reduce_slots(const std::vector<Range>& ranges, const float* slots, int64_t 
 void silu_forward(const float* x, float* y, int64_t n);                  // y = x·σ(x)
 void silu_backward(const float* x, const float* dy, float* dx, int64_t n);  // dx = dy·silu'(x)
 void gate_forward(const float* z, float* g, int64_t n);                  // g = σ(3 (z − 1))
+// y = silu(x) and, in place, d *= silu'(x): one sigmoid for both.
+void silu_forward_backward(const float* x, float* y, float* d, int64_t n);
 // g[t] = σ(3 (Σ_j w4[j] silu(p3t[j, t]) − 1)), p3t [sd, L]; work holds sd·L floats.
 void gate_from_hidden(const float* p3t, const float* w4, int64_t sd, int64_t L, float* g,
                       float* work);

@@ -113,15 +113,16 @@ void gated_memory_bwd(const float* dout, const float* attn, const float* q, cons
       float* dP3 = scratch(6, L * sd);
       float* dz = scratch(7, L);
       blend_backward(dout, attn, mem + slab * d, gate + slab, rows, len, L, H, h, d, dattn, dM, dz);
+      mm(L, d2, d, d, d2, d2, false, dM, W.w2, dH);  // dM W2
       if (need_w) {
+        silu_forward_backward(P1, Hd, dH, L * d2);    // Hd = silu(P1); dH ← d pre1
         transpose_rows(q + h * d, rows, H * d, len, L, d, QT, L);
         transpose(dM, L, d, d, dMT, L);
-        silu_forward(P1, Hd, L * d2);
         mm(d, d2, L, L, d2, d2, add, dMT, Hd, slot + o2);  // dW2 += dMᵀ silu(P1)
+        mm(d, d2, L, L, d2, d2, add, QT, dH, slot);        // dW1ᵀ += Qᵀ dP1
+      } else {
+        silu_backward(P1, dH, dH, L * d2);
       }
-      mm(L, d2, d, d, d2, d2, false, dM, W.w2, dH);  // dM W2
-      silu_backward(P1, dH, dH, L * d2);              // → d pre1
-      if (need_w) mm(d, d2, L, L, d2, d2, add, QT, dH, slot);  // dW1ᵀ += Qᵀ dP1
       gate_backward(P3, dz, W.w4, sd, L, add, need_w ? slot + o4 : nullptr, dP3);
       if (need_w) mm(d, sd, L, L, sd, sd, add, QT, dP3, slot + o3);  // dW3ᵀ += Qᵀ dP3
       if (dq) {

@@ -61,6 +61,15 @@ void silu_backward(const float* x, const float* dy, float* dx, int64_t n) {
 }
 
 LIFT_MULTIVERSION
+void silu_forward_backward(const float* x, float* y, float* dy_dx, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float s = sigmoid_f(x[i]);
+    y[i] = x[i] * s;
+    dy_dx[i] *= s * (1.0f + x[i] * (1.0f - s));
+  }
+}
+
+LIFT_MULTIVERSION
 void gate_forward(const float* z, float* g, int64_t n) {
   for (int64_t i = 0; i < n; ++i) g[i] = sigmoid_f(3.0f * (z[i] - 1.0f));
 }
@@ -121,6 +130,7 @@ void blend_backward(const float* dout, const float* attn, const float* M, const 
     float* dmt = dM + t * d;
     const float gt = g[t];
     float dg = 0.f;
+#pragma omp simd reduction(+ : dg)
     for (int64_t k = 0; k < d; ++k) {
       dg += dot[k] * (mt[k] - at[k]);
       dat[k] = (1.f - gt) * dot[k];

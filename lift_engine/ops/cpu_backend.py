@@ -14,8 +14,11 @@ Weight gradients go to one private slot per range of blocks and are reduced per 
 so no two threads write the same memory. The Gated-Memory backward reuses the forward's
 pre-activations (saved only when a gradient is needed).
 
-Kernels are fp32. float16/bfloat16 inputs are cast to fp32 around the kernel (autograd
-casts the gradients back); float64 and non-CPU tensors go to the reference op.
+Kernels are fp32. float16/bfloat16 inputs go to the reference op unless
+LIFT_CPU_LOW_PRECISION=1 (or `LOW_PRECISION = True`), which casts them to fp32 around the
+kernels (autograd casts the gradients back): measured on this machine, eager bf16
+(oneDNN, AMX) beats that cast path with one adapter, and loses to it with 16 (see
+bench/README.md). float64 and non-CPU tensors always go to the reference op.
 
 Which ops are exposed (the names dispatch.py looks up) is decided by measurement: an op
 is exposed only where the C++ path beats PyTorch eager on this machine (issue 3 target
@@ -36,7 +39,9 @@ _C = load("cpu")  # ImportError with the reason when not built
 #: Tokens per block (one task): fits the gathered rows of a block in L2 at these widths.
 BLOCK = int(os.environ.get("LIFT_CPU_BLOCK", "128"))
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: Route float16/bfloat16 through the fp32 kernels (see the module docstring).
+LOW_PRECISION = os.environ.get("LIFT_CPU_LOW_PRECISION", "0") == "1"
+_LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def supports(device_type: str) -> str | None:
@@ -46,7 +51,9 @@ def supports(device_type: str) -> str | None:
 
 def _use_kernel(*tensors: torch.Tensor) -> bool:
     dtype = tensors[0].dtype
-    return dtype in _KERNEL_DTYPES and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+    if not (dtype == torch.float32 or (LOW_PRECISION and dtype in _LOW_PRECISION_DTYPES)):
+        return False
+    return all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
 
 
 def _check_tokens(x: torch.Tensor, idx: torch.Tensor) -> None:
