@@ -349,3 +349,65 @@ def test_open_mode_serves_tenant_default(world, tmp_path):
     app = TenantMiddleware(fake, tenants=Tenants.load(None), catalog=AdapterCatalog(settings), served_names=["base"])
     assert call(app, "POST", "/v1/completions", {"model": "doc", "prompt": "x"})[0] == 200
     assert fake.seen[-1][1]["model"].startswith("default/doc@")
+
+
+# ---------------------------------------------------------------------------------- lift serve
+def serve_args(**kw):
+    import argparse
+
+    from lift_engine import serve
+
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    argv = []
+    for key, value in kw.items():
+        flag = "--" + key.replace("_", "-")
+        argv += [flag] if value is True else [flag, str(value)]
+    return parser.parse_args(argv)
+
+
+def test_serve_command_line_and_environment(world, tmp_path):
+    from lift_engine import serve
+
+    store = AdapterStore(tmp_path / "store", create=True)
+    store.publish("acme", "doc", world["src"][0])  # r = 4 → rank 16 (the minimum)
+    tenants = tmp_path / "tenants.json"
+    tenants.write_text(json.dumps({"tenants": {"acme": {"api_keys": ["k"]}}}))
+    argv, env = serve.build_command(serve_args(model=world["model"], store=store.root, tenants=tenants, port=8123))
+    joined = " ".join(argv)
+    for piece in ["vllm.entrypoints.openai.api_server", f"--model {world['model'].resolve()}", "--enable-lora",
+                  "--max-loras 8", "--max-cpu-loras 32", "--max-lora-rank 16", "--dtype float32", "--port 8123",
+                  "--middleware lift_engine.vllm_plugin.auth.TenantMiddleware", "LiftGatedMemoryLlamaForCausalLM"]:
+        assert piece in joined, piece
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "1"
+    assert env["LIFT_STORE"] == str(store.root) and env["LIFT_TENANTS"] == str(tenants.resolve())
+    assert env["LIFT_BASE_FINGERPRINT"] == world["base"].fingerprint and env["LIFT_GATED_MEMORY"] == "1"
+    assert env["LIFT_SERVED_NAME"] == world["model"].name
+    # A larger rank in the store raises --max-lora-rank to vLLM's next allowed value.
+    cfg = json.loads((store.get("acme", "doc").path / "adapter_config.json").read_text())
+    cfg["r"] = 20
+    (store.target_dir("acme", "big") / "adapter_config.json").parent.mkdir(parents=True, exist_ok=True)
+    (store.target_dir("acme", "big") / "adapter_config.json").write_text(json.dumps(cfg))
+    argv, _ = serve.build_command(serve_args(model=world["model"], store=store.root, no_gated_memory=True))
+    assert "--max-lora-rank 32" in " ".join(argv) and "LiftGatedMemory" not in " ".join(argv)
+    argv, _ = serve.build_command(serve_args(model=world["model"], store=store.root, max_lora_rank=64,
+                                             enforce_eager=True))
+    assert "--max-lora-rank 64" in " ".join(argv) and "--enforce-eager" in argv
+
+
+def test_serve_set_up_errors_are_one_line(world, tmp_path):
+    from lift_engine import serve
+    from lift_engine.errors import LiftError
+
+    bad = tmp_path / "tenants.json"
+    bad.write_text("{")
+    with pytest.raises(TenantsFileError):
+        serve.build_command(serve_args(model=world["model"], store=tmp_path / "s", tenants=bad))
+    with pytest.raises(LiftError, match="config.json"):
+        serve.build_command(serve_args(model=tmp_path, store=tmp_path / "s"))
+    with pytest.raises(LiftError, match="max-loras"):
+        serve.build_command(serve_args(model=world["model"], store=tmp_path / "s", max_loras=0))
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        assert serve.main(["--store", str(tmp_path / "s")]) == 2  # "vLLM is not installed", no traceback

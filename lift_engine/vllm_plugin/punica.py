@@ -39,6 +39,14 @@ def _pad_idx(idx: torch.Tensor, rows: int) -> torch.Tensor:
 class LiftPunicaWrapperCPU(PunicaWrapperCPU):
     """PunicaWrapperCPU with -1 = no adapter honoured and adapter-grouped matmuls."""
 
+    _lift_tokens_any = True  # some token of the batch uses an adapter (set per mapping update)
+    _lift_sampler_any = True
+
+    def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
+        super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
+        self._lift_tokens_any = bool((self.token_lora_indices >= 0).any())
+        self._lift_sampler_any = bool((self.sampler_indices >= 0).any())
+
     def _token_idx(self, rows: int) -> torch.Tensor:
         return _pad_idx(self.token_lora_indices, rows)
 
@@ -91,7 +99,15 @@ class LiftPunicaWrapperCPU(PunicaWrapperCPU):
         x2 = x.view(-1, x.shape[-1])
         self._expand(y2, x2, lora_b_stacked, self._token_idx(x2.shape[0]), 0, y2.shape[1], add_inputs)
 
+    def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs):
+        if not self._lift_tokens_any:  # no request of this batch has an adapter: nothing to add
+            return None
+        return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer,
+                                       **kwargs)
+
     def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs) -> None:
+        if not self._lift_sampler_any:
+            return
         y2 = y.view(-1, y.shape[-1])
         x2 = x.view(-1, x.shape[-1])
         idx = self._sampler_idx(x2.shape[0])
