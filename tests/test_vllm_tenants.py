@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from lift_engine.errors import AdapterError
 from lift_engine.models.loading import load_base_model
 from lift_engine.store import AdapterStore
 from lift_engine.vllm_plugin.auth import Tenants, TenantMiddleware, TenantsFileError
-from lift_engine.vllm_plugin.resolver import AdapterCatalog, NotFound, Settings, parse_internal_name
+from lift_engine.vllm_plugin.resolver import (AdapterCatalog, NotFound, RETIRE_AFTER_S, Settings,
+                                              parse_internal_name)
 from lift_engine.vllm_plugin.testing import make_adapter
 from lift_engine.vllm_plugin.validate import ModelGeometry, validate_adapter_dir
 
@@ -136,7 +138,11 @@ def test_catalog_snapshots_validates_and_versions(world, tmp_path):
     assert catalog.lookup(first.internal_name) is first  # kept for requests in flight
     store.publish("acme", "doc", world["src"][2])
     third = catalog.prepare("acme", "doc")
-    assert catalog.lookup(first.internal_name) is None and not first.path.exists()  # only 2 versions kept
+    assert catalog.lookup(first.internal_name) is first  # superseded, but within the grace period
+    with catalog._lock:
+        catalog._drop_retired(now=time.monotonic() + RETIRE_AFTER_S + 1)
+    assert catalog.lookup(first.internal_name) is None and not first.path.exists()  # retired
+    assert catalog.lookup(second.internal_name) is second  # the last two versions are always kept
     assert catalog.lookup(third.internal_name) is third
     for missing in [("acme", "nope"), ("globex", "doc"), ("acme", "../acme/doc"), ("..", "doc")]:
         with pytest.raises(NotFound):

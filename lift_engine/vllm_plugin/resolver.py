@@ -16,8 +16,9 @@ An adapter is served under an internal name that pins one published version:
      re-read on every request).
 
 A republished adapter gets a new version, hence a new internal name, hence a fresh
-resolution and load by vLLM: no restart. Old snapshots are kept for the last
-KEEP_VERSIONS versions per adapter (requests in flight may still use them).
+resolution and load by vLLM: no restart. A superseded version's snapshot is kept for
+RETIRE_AFTER_S seconds (requests in flight may still use it, and vLLM may evict and
+reload it from disk meanwhile), and always for the last KEEP_VERSIONS versions.
 
 `StoreResolver.resolve_lora(base, "<tenant>/<adapter>[@<version>]")` answers vLLM with a
 LoRARequest pointing to the snapshot. The tenant middleware (auth.py) is what turns a
@@ -35,6 +36,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +48,7 @@ from lift_engine.vllm_plugin.validate import ModelGeometry, validate_adapter_dir
 logger = logging.getLogger("lift_engine.serve")
 
 KEEP_VERSIONS = 2
+RETIRE_AFTER_S = 600.0
 MAX_REMEMBERED_FAILURES = 1024
 
 
@@ -121,6 +124,7 @@ class AdapterCatalog:
         self._key_locks: dict[tuple[str, str], threading.Lock] = {}
         self._ready: dict[str, Prepared] = {}  # internal name → Prepared
         self._versions: dict[tuple[str, str], list[str]] = {}  # (tenant, name) → versions, oldest first
+        self._retired: list[tuple[float, str]] = []  # (superseded at, internal name), oldest first
         self._failed: OrderedDict[str, str] = OrderedDict()  # internal name → error message
 
     def _key_lock(self, key: tuple[str, str]) -> threading.Lock:
@@ -187,15 +191,27 @@ class AdapterCatalog:
             with self._lock:
                 self._ready[internal] = prepared
                 versions = self._versions.setdefault((tenant, name), [])
+                if versions:
+                    self._retired.append((time.monotonic(), internal_name(tenant, name, versions[-1])))
                 versions.append(snap.version)
-                stale = versions[:-KEEP_VERSIONS]
-                del versions[:-KEEP_VERSIONS]
-                for old in stale:
-                    gone = self._ready.pop(internal_name(tenant, name, old), None)
-                    if gone is not None:
-                        shutil.rmtree(gone.path, ignore_errors=True)
+                self._drop_retired()
             logger.info("lift: prepared %s adapter %s (%s)", summary.kind, internal, final)
             return prepared
+
+    def _drop_retired(self, now: float | None = None) -> None:
+        """Delete superseded snapshots older than RETIRE_AFTER_S (caller holds self._lock)."""
+        now = time.monotonic() if now is None else now
+        keep: list[tuple[float, str]] = []
+        for since, internal in self._retired:
+            tenant, name, version = parse_internal_name(internal)
+            recent = self._versions.get((tenant, name), [])[-KEEP_VERSIONS:]
+            if now - since < RETIRE_AFTER_S or version in recent:
+                keep.append((since, internal))
+                continue
+            gone = self._ready.pop(internal, None)
+            if gone is not None:
+                shutil.rmtree(gone.path, ignore_errors=True)
+        self._retired = keep
 
     def prepare_internal(self, value: str) -> Prepared:
         """Resolve an internal name "t/a[@v]" (the resolver's entry point)."""
