@@ -28,7 +28,7 @@ def tiny_config(adapter: str = "lora"):
     cfg.qa.num_extractive = 4
     cfg.train.stage1_epochs, cfg.train.stage2_epochs = 2, 2
     cfg.train.batch_size = 2
-    cfg.train.checkpoint_every = 2
+    cfg.train.checkpoint_every = 1000
     cfg.train.lr_lora = cfg.train.lr_gated_memory = 1e-2
     cfg.inference.window = 32
     cfg.inference.max_new_tokens = 8
@@ -145,6 +145,8 @@ def test_interrupted_tune_resumes_to_the_same_adapter(model_dir, tmp_path):
     from safetensors.torch import load_file
 
     cfg = tiny_config()
+    cfg.train.stage1_epochs = cfg.train.stage2_epochs = 1
+    cfg.train.checkpoint_every = 3
     base = load_base_model(str(model_dir))
     straight = tune_document(base, DOCUMENT, tmp_path / "straight", cfg, progress=False, log=lambda *a: None)
 
@@ -169,7 +171,7 @@ def test_interrupted_tune_resumes_to_the_same_adapter(model_dir, tmp_path):
     assert not out.exists()  # nothing half-written is published
     assert partial_dir_for(out).exists()
     resumed = tune_document(load_base_model(str(model_dir)), DOCUMENT, out, cfg, progress=False, log=lambda *a: None)
-    assert resumed.report.resumed_from == 4
+    assert resumed.report.resumed_from == 6
     a = load_file(str(straight.adapter_dir / "adapter_model.safetensors"))
     b = load_file(str(out / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
