@@ -6,7 +6,7 @@ a CUDA build of torch are present. A failed native build never fails the install
 ops fall back to the reference path (DESIGN.md §5).
 
     lift_engine._C_cpu   csrc/cpu/*.cpp          (OpenMP, fp32; built when a C++ compiler is there)
-    lift_engine._C_cuda  csrc/cuda/*.cu + *.cpp  (sm_80 and sm_90 unless TORCH_CUDA_ARCH_LIST says)
+    lift_engine._C_cuda  csrc/cuda/*.cu + *.cpp  (sm_80, sm_90 + PTX unless TORCH_CUDA_ARCH_LIST says)
 
 `LIFT_NO_NATIVE=1` skips both. `MAX_JOBS` caps ninja's parallel compiles (torch's rule).
 The .cu files include no torch header (plain CUDA C++ with host launchers taking raw
@@ -71,7 +71,10 @@ def _native_build():
     if nvcc and torch.version.cuda is not None:
         arch_flags = []
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            arch_flags = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+            # SASS for sm_80 (A100; runs on sm_86/89 too) and sm_90 (H100/H200), and PTX for
+            # newer GPUs to JIT. Any "arch" flag here stops torch adding its own.
+            arch_flags = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                          "-gencode=arch=compute_90,code=compute_90"]
         ext_modules.append(
             CUDAExtension(
                 name="lift_engine._C_cuda",

@@ -17,7 +17,8 @@ namespace lift_cpu {
 // op(A) = A (stored M×K, row stride lda) or Aᵀ (stored K×M) when trans_a; same for B.
 // beta == 0 ignores C's old contents. Single-threaded when called inside a parallel
 // region. Implemented with MKL/OpenBLAS `sgemm_` when torch's BLAS exports it, else with
-// ATen's addmm on borrowed memory (gemm.cpp).
+// ATen's addmm on borrowed memory (common.cpp; LIFT_CPU_GEMM=aten forces the latter).
+// The LoRA kernels use it: their operands come transposed either way.
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
           const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
           int64_t ldc);
@@ -29,6 +30,7 @@ const char* gemm_backend();
 // cached per thread, ~1.6x MKL sgemm on the small blocks used here). Falls back to a
 // plain GEMM inside torch where the ukernel is not available. Keep M, N, K to few
 // distinct values (pad token counts to kTokenPad) so the JIT cache stays small.
+// The Gated-Memory kernels use it (their layouts are arranged to need no transposes).
 void mm(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add,
         const float* A, const float* B, float* C);
 constexpr int64_t kTokenPad = 16;
@@ -125,7 +127,6 @@ void reduce_slots(const std::vector<Range>& ranges, const float* slots, int64_t 
 // ---- elementwise pieces (vectorised; multiversioned for AVX-512/AVX2 in vec_math.cpp) ----
 void silu_forward(const float* x, float* y, int64_t n);                  // y = x·σ(x)
 void silu_backward(const float* x, const float* dy, float* dx, int64_t n);  // dx = dy·silu'(x)
-void gate_forward(const float* z, float* g, int64_t n);                  // g = σ(3 (z − 1))
 // y = silu(x) and, in place, d *= silu'(x): one sigmoid for both.
 void silu_forward_backward(const float* x, float* y, float* d, int64_t n);
 // g[t] = σ(3 (Σ_j w4[j] silu(p3t[j, t]) − 1)), p3t [sd, L]; work holds sd·L floats.
@@ -142,8 +143,6 @@ void blend_forward(const float* attn, float* out, const int64_t* rows, int64_t l
 void blend_backward(const float* dout, const float* attn, const float* M, const float* g,
                     const int64_t* rows, int64_t len, int64_t L, int64_t H, int64_t h, int64_t d,
                     float* dattn, float* dM, float* dz);
-float sigmoid_scalar(float x);
-float silu_scalar(float x);
 
 // ---- kernels (lora_cpu.cpp, gated_memory_cpu.cpp) ----
 void lora_shrink_fwd(const float* x, int64_t in, const float* A, int64_t r, const Plan& p,

@@ -70,11 +70,6 @@ void silu_forward_backward(const float* x, float* y, float* dy_dx, int64_t n) {
 }
 
 LIFT_MULTIVERSION
-void gate_forward(const float* z, float* g, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) g[i] = sigmoid_f(3.0f * (z[i] - 1.0f));
-}
-
-LIFT_MULTIVERSION
 void gate_from_hidden(const float* p3t, const float* w4, int64_t sd, int64_t L, float* g,
                       float* work) {
   silu_forward(p3t, work, sd * L);
@@ -212,7 +207,5 @@ void transpose(const float* src, int64_t R, int64_t C, int64_t lds, float* dst, 
   transpose_rows(src, nullptr, lds, R, R, C, dst, ldd);
 }
 
-float sigmoid_scalar(float x) { return sigmoid_f(x); }
-float silu_scalar(float x) { return x * sigmoid_f(x); }
 
 }  // namespace lift_cpu
