@@ -149,12 +149,12 @@ def summarize(times: dict[str, list[float]], flops: float, bytes_moved: float, b
 def print_table(title: str, summary: dict, baseline: str) -> None:
     ratios = summary["ratios"].get(f"vs_{baseline}", {})
     print(f"\n{title}")
-    print(f"  {'contender':<12}{'median ms':>12}{'TFLOP/s':>10}{'GB/s':>9}{'× ' + baseline:>12}")
+    print(f"  {'contender':<16}{'median ms':>12}{'TFLOP/s':>10}{'GB/s':>9}{'× ' + baseline:>12}")
     for name, ms in summary["median_ms"].items():
         tf = summary["tflops"][name]
         gb = summary["gbps"][name]
         r = "1.00" if name == baseline else (f"{ratios[name]:.2f}" if name in ratios else "-")
-        print(f"  {name:<12}{ms:>12.3f}{(f'{tf:.3f}' if tf is not None else '-'):>10}"
+        print(f"  {name:<16}{ms:>12.3f}{(f'{tf:.3f}' if tf is not None else '-'):>10}"
               f"{(f'{gb:.1f}' if gb is not None else '-'):>9}{r:>12}")
 
 
@@ -276,6 +276,46 @@ def run_case(case: Case, device: str, dtype: torch.dtype, rounds: int) -> dict:
     return {"label": case.label, "case": case.__dict__, "skipped": skipped, **summary}
 
 
+def run_projection_case(case: Case, device: str, dtype: torch.dtype, rounds: int) -> dict:
+    """A whole LoRA projection y = x Wᵀ + delta: base GEMM + separate delta op (each
+    backend) vs the fused Triton kernel (kernels/lora_linear.py), which needs CUDA."""
+    torch.manual_seed(0)
+    x = torch.randn(case.tokens, case.d_in, device=device, dtype=dtype)
+    a = torch.randn(case.adapters, case.rank, case.d_in, device=device, dtype=dtype) / case.d_in ** 0.5
+    b = torch.randn(case.adapters, case.d_out, case.rank, device=device, dtype=dtype) / case.rank ** 0.5
+    s = torch.full((case.adapters,), 2.0, device=device)
+    w = torch.randn(case.d_out, case.d_in, device=device, dtype=dtype) / case.d_in ** 0.5
+    idx = make_idx(case, device)
+    dy = torch.randn(case.tokens, case.d_out, device=device, dtype=dtype)
+    kernels, skipped = kernel_contenders("lora_linear_delta", device)
+    impls = {f"base+{name}": (lambda x_, w_, a_, b_, impl=impl: x_ @ w_.t() + impl(x_, a_, b_, s, idx))
+             for name, impl in {"loop": loop_lora_delta, "reference": reference.lora_linear_delta, **kernels}.items()}
+    if device == "cuda":
+        from lift_engine.kernels.lora_linear import lora_linear
+
+        impls["fused"] = lambda x_, w_, a_, b_: lora_linear(x_, w_, None, a_, b_, s, idx)
+    else:
+        skipped["fused"] = "Triton kernel: needs a CUDA device (GPU timing pending)"
+    fns = {}
+    for name, impl in impls.items():
+        if case.mode == "fwd":
+            def fn(impl=impl):
+                with torch.no_grad():
+                    return impl(x, w, a, b)
+        else:
+            xs, As, Bs = (t.detach().requires_grad_(True) for t in (x, a, b))
+
+            def fn(impl=impl, xs=xs, As=As, Bs=Bs):
+                return torch.autograd.grad(impl(xs, w, As, Bs), (xs, As, Bs), dy)
+        fns[name] = fn
+    times = measure(fns, device, rounds)
+    factor = 1 if case.mode == "fwd" else 2  # frozen W: backward adds dx only, plus the LoRA grads
+    flops = factor * 2.0 * case.tokens * case.d_in * case.d_out + (1 if case.mode == "fwd" else 3) * 2.0 \
+        * case.tokens * case.rank * (case.d_in + case.d_out)
+    summary = summarize(times, flops, 0.0, ("base+loop",))
+    return {"label": case.label, "case": case.__dict__, "skipped": skipped, "group": "projection", **summary}
+
+
 def cases_for(device: str, quick: bool) -> list[Case]:
     out = []
     if device == "cuda":
@@ -314,6 +354,16 @@ def main(argv=None) -> int:
         result = run_case(case, device, dtype, rounds)
         cases.append(result)
         print_table(f"{case.label}  (T={case.tokens}, {case.d_in}→{case.d_out}, N={case.adapters})", result, "loop")
+    proj = ([Case("proj T4096 r16 segments fwd", 4096, 4096, 4096, 16, 16, "segments", "fwd"),
+             Case("proj T4096 r16 segments fwd+bwd", 4096, 4096, 4096, 16, 16, "segments", "fwd+bwd"),
+             Case("proj decode T64 r16 random fwd", 64, 4096, 4096, 16, 16, "random", "fwd")]
+            if device == "cuda" else [Case("proj T2048 r16 segments fwd", 2048, 576, 576, 16, 16, "segments", "fwd")])
+    for case in proj[:1] if args.quick else proj:
+        result = run_projection_case(case, device, dtype, rounds)
+        cases.append(result)
+        print_table(f"projection {case.label}", result, "base+loop")
+        if "fused" in result["skipped"]:
+            print(f"  [fused skipped: {result['skipped']['fused']}]")
     skipped = cases[0]["skipped"] if cases else {}
     for name, why in skipped.items():
         print(f"  [{name} skipped: {why}]")

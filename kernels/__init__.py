@@ -8,6 +8,7 @@ public function):
     lora_expand.py             y = s[idx] · h @ B[idx]ᵀ          (SGMV + decode BGMV, q/k/v slices)
     lora_segment_outer.py      G[n] = Σ_{t: idx=t} a[t]ᵀ b[t]   (dA, dB of the two above)
     lora_linear_delta.py       expand(shrink(x)) with one shared metadata, trainable
+    lora_linear.py             x Wᵀ + bias + LoRA delta fused in one GEMM kernel (projections)
     gated_memory_blend.py      memory MLP + gate + blend epilogue, forward and backward
     gated_memory_attention.py  FA2 causal attention + RoPE + GQA fused with the epilogue
 
@@ -28,6 +29,7 @@ KERNEL_MODULES = (
     "lift_engine.kernels.lora_expand",
     "lift_engine.kernels.lora_segment_outer",
     "lift_engine.kernels.lora_linear_delta",
+    "lift_engine.kernels.lora_linear",
     "lift_engine.kernels.gated_memory_blend",
     "lift_engine.kernels.gated_memory_attention",
 )

@@ -68,6 +68,22 @@ def block(n: int, lo: int = 16, hi: int = 128) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(1, int(n)))))
 
 
+_OVERRIDES: dict | None = None
+
+
+def gpu_config(name: str, defaults: dict) -> dict:
+    """Launch configuration `name` for compiled (GPU) runs: `defaults`, updated from the
+    JSON object LIFT_TRITON_CONFIG (e.g. '{"blend_bwd": {"BLOCK_E": 16, "num_warps": 8}}')
+    — for tuning on a GPU without editing code. Interpreted runs ignore it."""
+    global _OVERRIDES
+    if _OVERRIDES is None:
+        import json
+        import os
+
+        _OVERRIDES = json.loads(os.environ.get("LIFT_TRITON_CONFIG", "") or "{}")
+    return {**defaults, **_OVERRIDES.get(name, {})}
+
+
 def num_warps_for(tile_elems: int) -> int:
     return 4 if tile_elems <= 64 * 64 else 8
 
@@ -85,19 +101,22 @@ class SegmentMeta:
     num_tokens: int  # T
     num_adapters: int  # N, size of the bank it was checked against
     num_assigned: int  # tokens with an adapter
+    includes_none: bool = False  # tokens with -1 form a segment too (seg_adapter = -1)
 
 
 _META_ATTR = "_lift_sgmv_meta"
 
 
-def build_segments(adapter_idx: torch.Tensor, num_adapters: int) -> SegmentMeta:
-    """Segments of `adapter_idx` ([T] integer, -1 = no adapter) for a bank of `num_adapters`."""
+def build_segments(adapter_idx: torch.Tensor, num_adapters: int, include_none: bool = False) -> SegmentMeta:
+    """Segments of `adapter_idx` ([T] integer, -1 = no adapter) for a bank of `num_adapters`.
+    include_none: tokens with -1 also form a segment (seg_adapter = -1), for kernels that
+    must visit every token (the fused base + LoRA projection)."""
     if adapter_idx.dim() != 1:
         raise ValueError(f"adapter_idx must be [T], got shape {tuple(adapter_idx.shape)}")
     if adapter_idx.dtype.is_floating_point or adapter_idx.dtype == torch.bool:
         raise TypeError(f"adapter_idx must be an integer tensor, got {adapter_idx.dtype}")
-    cached = getattr(adapter_idx, _META_ATTR, None)
-    key = (adapter_idx._version, num_adapters)
+    cached = getattr(adapter_idx, _META_ATTR + ("_all" if include_none else ""), None)
+    key = (adapter_idx._version, num_adapters, include_none)
     if cached is not None and cached[0] == key:
         return cached[1]
     device = adapter_idx.device
@@ -117,8 +136,9 @@ def build_segments(adapter_idx: torch.Tensor, num_adapters: int) -> SegmentMeta:
         counts_host = torch.zeros(num_adapters + 1, dtype=torch.int64)
         order = torch.zeros(0, dtype=torch.int32, device=device)
     starts = torch.cumsum(counts_host, 0) - counts_host
-    active = torch.nonzero(counts_host[1:]).flatten()
-    seg = torch.stack([active, starts[1:][active], counts_host[1:][active]]).to(torch.int32)
+    first = 0 if include_none else 1
+    active = torch.nonzero(counts_host[first:]).flatten() + first  # positions in counts (adapter + 1)
+    seg = torch.stack([active - 1, starts[active], counts_host[active]]).to(torch.int32)
     seg = seg.to(device)
     meta = SegmentMeta(
         token_order=order,
@@ -126,13 +146,14 @@ def build_segments(adapter_idx: torch.Tensor, num_adapters: int) -> SegmentMeta:
         seg_start=seg[1],
         seg_len=seg[2],
         num_segments=int(active.numel()),
-        max_len=int(counts_host[1:].max()) if num_adapters else 0,
+        max_len=int(counts_host[first:].max()) if counts_host[first:].numel() else 0,
         num_tokens=num_tokens,
         num_adapters=num_adapters,
         num_assigned=int(counts_host[1:].sum()),
+        includes_none=include_none,
     )
     try:
-        setattr(adapter_idx, _META_ATTR, (key, meta))
+        setattr(adapter_idx, _META_ATTR + ("_all" if include_none else ""), (key, meta))
     except (AttributeError, RuntimeError):  # e.g. tensor subclasses that refuse attributes
         pass
     return meta

@@ -34,7 +34,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, block, build_segments, check_float, check_runnable, dot_dtype, dot_precision
+from ._common import (
+    INTERPRETED,
+    block,
+    build_segments,
+    check_float,
+    check_runnable,
+    dot_dtype,
+    dot_precision,
+    gpu_config,
+)
 from .gated_memory_blend import (
     NO_ADAPTER,
     blend_blocks,
@@ -132,8 +141,8 @@ def _gm_attn_fwd_kernel(
     cs_base = cos_ptr + b64 * S * D
     sn_base = sin_ptr + b64 * S * D
     q_rows = q_ptr + b64 * s_qb + h * s_qh + offs_m[:, None] * s_qs
-    q1, q2, qr1, qr2 = _rope_tile(q_rows, offs_h, mask_q, HALF, s_qd,
-                                  cs_base + offs_m[:, None] * D, sn_base + offs_m[:, None] * D)
+    _, _, qr1, qr2 = _rope_tile(q_rows, offs_h, mask_q, HALF, s_qd,
+                                cs_base + offs_m[:, None] * D, sn_base + offs_m[:, None] * D)
     qr1 = (qr1 * sm_scale).to(DOT_DTYPE)
     qr2 = (qr2 * sm_scale).to(DOT_DTYPE)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -159,23 +168,28 @@ def _gm_attn_fwd_kernel(
     rows = row[:, None] * D
     tl.store(attn_ptr + rows + offs_h[None, :], a1, mask=mask_q)
     tl.store(attn_ptr + rows + HALF + offs_h[None, :], a2, mask=mask_q)
-    a1 = a1.to(tl.float32)
-    a2 = a2.to(tl.float32)
-    # Gated-Memory epilogue on the pre-RoPE q, per distinct adapter in the block
+    # Gated-Memory epilogue on the pre-RoPE q (reloaded rather than kept live through the
+    # KV loop), per distinct adapter in the block; the loop carries only g·mem
+    q1 = tl.load(q_rows + offs_h[None, :] * s_qd, mask=mask_q, other=0.0)
+    q2 = tl.load(q_rows + (HALF + offs_h[None, :]) * s_qd, mask=mask_q, other=0.0)
     idx = tl.load(idx_ptr + b64 * S + offs_m, mask=mask_m, other=-1).to(tl.int32)
-    o1 = a1
-    o2 = a2
+    gm1 = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    gm2 = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    g_all = tl.zeros((BLOCK_M,), dtype=tl.float32)
     todo = mask_m & (idx >= 0)
     n = tl.min(tl.where(todo, idx, NO_ADAPTER), axis=0)
     while n < NO_ADAPTER:
         mem1, mem2, g = memory_gate_fwd(q1, q2, w1_ptr, w2_ptr, w3_ptr, w4_ptr, n, h, H, D, HALF, SG,
                                         BLOCK_M, BLOCK_H, BLOCK_E, BLOCK_S, DOT_DTYPE, PRECISION)
-        sel = (todo & (idx == n))[:, None]
-        gg = g[:, None]
-        o1 = tl.where(sel, (1.0 - gg) * a1 + gg * mem1, o1)
-        o2 = tl.where(sel, (1.0 - gg) * a2 + gg * mem2, o2)
+        sel_row = todo & (idx == n)
+        sel = sel_row[:, None]
+        gm1 = tl.where(sel, g[:, None] * mem1, gm1)
+        gm2 = tl.where(sel, g[:, None] * mem2, gm2)
+        g_all = tl.where(sel_row, g, g_all)
         todo = todo & (idx != n)
         n = tl.min(tl.where(todo, idx, NO_ADAPTER), axis=0)
+    o1 = (1.0 - g_all[:, None]) * a1.to(tl.float32) + gm1
+    o2 = (1.0 - g_all[:, None]) * a2.to(tl.float32) + gm2
     tl.store(out_ptr + rows + offs_h[None, :], o1.to(out_ptr.dtype.element_ty), mask=mask_q)
     tl.store(out_ptr + rows + HALF + offs_h[None, :], o2.to(out_ptr.dtype.element_ty), mask=mask_q)
 
@@ -407,10 +421,13 @@ def _attn_blocks(seq: int, dim: int, backward: bool) -> dict:
         bm, bn = BLOCK_OVERRIDE[key]
     elif INTERPRETED:  # few, large programs: the interpreter's cost is per operation
         bm = bn = block(seq, 16, 64)
-    elif backward:
-        bm, bn = 32, 64
     else:
-        bm, bn = (64, 64) if dim <= 64 else (64, 32)
+        # bf16 sm_90 ptxas spill bytes: bwd d64 (32, 64) with 8 warps: dK/dV 40 → 0, dQ 160 → 0;
+        # bwd d128 (32, 64) → (16, 32): dK/dV 312 → 24, dQ 192 → 40 (tests/test_kernels_triton_compile.py)
+        defaults = {"fwd": dict(BLOCK_M=64, BLOCK_N=64 if dim <= 64 else 32),
+                    "bwd": dict(BLOCK_M=32, BLOCK_N=64) if dim <= 64 else dict(BLOCK_M=16, BLOCK_N=32)}[key]
+        cfg = gpu_config(f"attn_{key}_blocks_d{dim}", gpu_config(f"attn_{key}_blocks", defaults))
+        bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     small, large = (bm, bn) if backward else (bn, bm)
     if large % small:
         raise ValueError(f"attention blocks {key}=({bm}, {bn}): {small} must divide {large}")
@@ -433,7 +450,7 @@ def attention_fwd_launch(q, k, v, cos, sin, w1, w2, w3, w4, adapter_idx, scale=N
     if out.numel() == 0:
         return out, attn, lse
     blocks = _attn_blocks(seq, dim, backward=False)
-    epi = blend_blocks(dim, sg)
+    epi = blend_blocks(dim, sg, "attn_fwd")
     grid = (triton.cdiv(seq, blocks["BLOCK_M"]), batch * heads)
     _gm_attn_fwd_kernel[grid](
         q, k, v, cos, sin, idx, w1, w2, w3, w4, out, attn, lse,
@@ -441,7 +458,7 @@ def attention_fwd_launch(q, k, v, cos, sin, w1, w2, w3, w4, adapter_idx, scale=N
         *q.stride(), *k.stride(), *v.stride(),
         **blocks, BLOCK_H=epi["BLOCK_H"], BLOCK_E=epi["BLOCK_E"], BLOCK_S=epi["BLOCK_S"],
         DOT_DTYPE=dot_dtype(q.dtype), PRECISION=dot_precision(q.dtype),
-        num_warps=4 if dim <= 64 else 8, num_stages=1 if INTERPRETED else 2,
+        num_warps=epi["num_warps"], num_stages=1 if INTERPRETED else 2,
     )
     return out, attn, lse
 
@@ -482,8 +499,9 @@ def attention_bwd_launch(dout, q, k, v, cos, sin, w1, w2, w3, w4, adapter_idx, a
     else:
         dws = [None] * 4
     blocks = _attn_blocks(seq, dim, backward=True)
+    warps = 4 if INTERPRETED else gpu_config(f"attn_bwd_d{dim}", {"num_warps": 8})["num_warps"]
     common = dict(BLOCK_H=block(dim // 2, 16, 256), DOT_DTYPE=dot_dtype(q.dtype), PRECISION=dot_precision(q.dtype),
-                  num_warps=4 if dim <= 64 else 8, num_stages=1 if INTERPRETED else 2)
+                  num_warps=warps, num_stages=1 if INTERPRETED else 2)
     groups = heads // kv_heads
     if needs[1] or needs[2]:
         _gm_attn_dkdv_kernel[(triton.cdiv(seq, blocks["BLOCK_N"]), batch * kv_heads)](

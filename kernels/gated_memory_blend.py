@@ -39,12 +39,13 @@ from ._common import (
     check_runnable,
     dot_dtype,
     dot_precision,
+    gpu_config,
     sigmoid_f32,
     silu_and_grad,
 )
 
 GATE_SCALE = 3.0
-NO_ADAPTER = 2 ** 30  # larger than any adapter index: "nothing left to do" in the block loop
+NO_ADAPTER = tl.constexpr(2 ** 30)  # larger than any adapter index: "nothing left to do" in the block loop
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -54,7 +55,7 @@ def memory_gate_fwd(
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """q halves [BLOCK_M, BLOCK_H] (fp32) and adapter n, head h → mem halves (fp32), gate [BLOCK_M].
+    """q halves [BLOCK_M, BLOCK_H] (any float dtype) and adapter n, head h → mem halves (fp32), gate [BLOCK_M].
     Banks are contiguous: W1[n,h,e,c] at ((n·H + h)·2D + e)·D + c, etc."""
     nh = n.to(tl.int64) * H + h
     E = 2 * D
@@ -121,8 +122,8 @@ def memory_gate_bwd(
     gh, gh_grad = silu_and_grad(pre3)
     w4 = tl.load(w4_ptr + nh * SG + offs_s, mask=mask_s, other=0.0).to(tl.float32)
     g = sigmoid_f32(3.0 * (tl.sum(gh * w4[None, :], axis=1) - 1.0))
-    dmem1 = (g[:, None] * do1).to(DOT_DTYPE)
-    dmem2 = (g[:, None] * do2).to(DOT_DTYPE)
+    dmem1 = (g[:, None] * do1.to(tl.float32)).to(DOT_DTYPE)
+    dmem2 = (g[:, None] * do2.to(tl.float32)).to(DOT_DTYPE)
     w1_base = w1_ptr + nh * E * D
     w2_base = w2_ptr + nh * D * E
     mem1 = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
@@ -148,7 +149,8 @@ def memory_gate_bwd(
         dpre = (dhid * hid_grad).to(DOT_DTYPE)
         dq1 = tl.dot(dpre, tl.trans(w1a), dq1, input_precision=PRECISION)
         dq2 = tl.dot(dpre, tl.trans(w1b), dq2, input_precision=PRECISION)
-    dg = tl.sum(do1 * (mem1 - a1) + do2 * (mem2 - a2), axis=1)
+    dg = tl.sum(do1.to(tl.float32) * (mem1 - a1.to(tl.float32)) + do2.to(tl.float32) * (mem2 - a2.to(tl.float32)),
+                axis=1)
     dlogit = dg * 3.0 * g * (1.0 - g)
     dpre3 = (dlogit[:, None] * w4[None, :] * gh_grad).to(DOT_DTYPE)
     dq1 = tl.dot(dpre3, tl.trans(w3a), dq1, input_precision=PRECISION)
@@ -182,24 +184,29 @@ def _blend_fwd_kernel(
     mask = mask_m[:, None] & (offs_h < HALF)[None, :]
     q_rows = q_ptr + token_rows(offs_m, SEQ, s_qb, s_qs)[:, None] + h * s_qh
     a_rows = attn_ptr + token_rows(offs_m, SEQ, s_ab, s_as)[:, None] + h * s_ah
-    q1 = tl.load(q_rows + offs_h[None, :] * s_qd, mask=mask, other=0.0).to(tl.float32)
-    q2 = tl.load(q_rows + (HALF + offs_h[None, :]) * s_qd, mask=mask, other=0.0).to(tl.float32)
-    a1 = tl.load(a_rows + offs_h[None, :] * s_ad, mask=mask, other=0.0).to(tl.float32)
-    a2 = tl.load(a_rows + (HALF + offs_h[None, :]) * s_ad, mask=mask, other=0.0).to(tl.float32)
+    # tiles stay in the activation dtype (registers); the adapter loop carries only g·mem
+    q1 = tl.load(q_rows + offs_h[None, :] * s_qd, mask=mask, other=0.0)
+    q2 = tl.load(q_rows + (HALF + offs_h[None, :]) * s_qd, mask=mask, other=0.0)
     idx = tl.load(idx_ptr + offs_m, mask=mask_m, other=-1).to(tl.int32)
-    o1 = a1
-    o2 = a2
+    gm1 = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    gm2 = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    g_all = tl.zeros((BLOCK_M,), dtype=tl.float32)
     todo = mask_m & (idx >= 0)
     n = tl.min(tl.where(todo, idx, NO_ADAPTER), axis=0)
     while n < NO_ADAPTER:
         mem1, mem2, g = memory_gate_fwd(q1, q2, w1_ptr, w2_ptr, w3_ptr, w4_ptr, n, h, H, D, HALF, SG,
                                         BLOCK_M, BLOCK_H, BLOCK_E, BLOCK_S, DOT_DTYPE, PRECISION)
-        sel = (todo & (idx == n))[:, None]
-        gg = g[:, None]
-        o1 = tl.where(sel, (1.0 - gg) * a1 + gg * mem1, o1)
-        o2 = tl.where(sel, (1.0 - gg) * a2 + gg * mem2, o2)
+        sel_row = todo & (idx == n)
+        sel = sel_row[:, None]
+        gm1 = tl.where(sel, g[:, None] * mem1, gm1)
+        gm2 = tl.where(sel, g[:, None] * mem2, gm2)
+        g_all = tl.where(sel_row, g, g_all)
         todo = todo & (idx != n)
         n = tl.min(tl.where(todo, idx, NO_ADAPTER), axis=0)
+    a1 = tl.load(a_rows + offs_h[None, :] * s_ad, mask=mask, other=0.0).to(tl.float32)
+    a2 = tl.load(a_rows + (HALF + offs_h[None, :]) * s_ad, mask=mask, other=0.0).to(tl.float32)
+    o1 = (1.0 - g_all[:, None]) * a1 + gm1
+    o2 = (1.0 - g_all[:, None]) * a2 + gm2
     o_rows = out_ptr + token_rows(offs_m, SEQ, s_ob, s_os)[:, None] + h * s_oh
     tl.store(o_rows + offs_h[None, :] * s_od, o1.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(o_rows + (HALF + offs_h[None, :]) * s_od, o2.to(out_ptr.dtype.element_ty), mask=mask)
@@ -231,15 +238,14 @@ def _blend_bwd_kernel(
     q_rows = q_ptr + token_rows(offs_m, SEQ, s_qb, s_qs)[:, None] + h * s_qh
     a_rows = attn_ptr + token_rows(offs_m, SEQ, s_ab, s_as)[:, None] + h * s_ah
     g_rows = dout_ptr + token_rows(offs_m, SEQ, s_gb, s_gs)[:, None] + h * s_gh
-    q1 = tl.load(q_rows + offs_h[None, :] * s_qd, mask=mask, other=0.0).to(tl.float32)
-    q2 = tl.load(q_rows + (HALF + offs_h[None, :]) * s_qd, mask=mask, other=0.0).to(tl.float32)
-    a1 = tl.load(a_rows + offs_h[None, :] * s_ad, mask=mask, other=0.0).to(tl.float32)
-    a2 = tl.load(a_rows + (HALF + offs_h[None, :]) * s_ad, mask=mask, other=0.0).to(tl.float32)
-    do1 = tl.load(g_rows + offs_h[None, :] * s_gd, mask=mask, other=0.0).to(tl.float32)
-    do2 = tl.load(g_rows + (HALF + offs_h[None, :]) * s_gd, mask=mask, other=0.0).to(tl.float32)
+    # loaded tiles stay in the activation dtype; fp32 only where computed
+    q1 = tl.load(q_rows + offs_h[None, :] * s_qd, mask=mask, other=0.0)
+    q2 = tl.load(q_rows + (HALF + offs_h[None, :]) * s_qd, mask=mask, other=0.0)
+    a1 = tl.load(a_rows + offs_h[None, :] * s_ad, mask=mask, other=0.0)
+    a2 = tl.load(a_rows + (HALF + offs_h[None, :]) * s_ad, mask=mask, other=0.0)
+    do1 = tl.load(g_rows + offs_h[None, :] * s_gd, mask=mask, other=0.0)
+    do2 = tl.load(g_rows + (HALF + offs_h[None, :]) * s_gd, mask=mask, other=0.0)
     idx = tl.load(idx_ptr + offs_m, mask=mask_m, other=-1).to(tl.int32)
-    da1 = do1
-    da2 = do2
     dq1 = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
     dq2 = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
     g_all = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -252,14 +258,14 @@ def _blend_bwd_kernel(
                                                   DOT_DTYPE, PRECISION)
         sel_row = todo & (idx == n)
         sel = sel_row[:, None]
-        da1 = tl.where(sel, (1.0 - g[:, None]) * do1, da1)
-        da2 = tl.where(sel, (1.0 - g[:, None]) * do2, da2)
         dq1 = tl.where(sel, dq1_n, dq1)
         dq2 = tl.where(sel, dq2_n, dq2)
         g_all = tl.where(sel_row, g, g_all)
         dl_all = tl.where(sel_row, dlogit, dl_all)
         todo = todo & (idx != n)
         n = tl.min(tl.where(todo, idx, NO_ADAPTER), axis=0)
+    da1 = (1.0 - g_all[:, None]) * do1.to(tl.float32)  # g = 0 for tokens without an adapter
+    da2 = (1.0 - g_all[:, None]) * do2.to(tl.float32)
     d_rows = dattn_ptr + token_rows(offs_m, SEQ, s_db, s_ds)[:, None] + h * s_dh
     da1 = da1.to(dattn_ptr.dtype.element_ty)
     da2 = da2.to(dattn_ptr.dtype.element_ty)
@@ -412,14 +418,25 @@ def check_idx_range(adapter_idx: torch.Tensor, num_adapters: int) -> None:
             raise IndexError(f"adapter index out of range [-1, {num_adapters}): min {lo}, max {hi}")
 
 
-def blend_blocks(dim: int, sg: int, backward: bool = False) -> dict:
-    half = dim // 2
-    return dict(
-        BLOCK_M=64 if INTERPRETED else 32,
-        BLOCK_H=block(half, 16, 256),
-        BLOCK_E=block(2 * dim, 16, 128 if INTERPRETED else (32 if dim > 64 else 64)),
-        BLOCK_S=block(sg, 16, 256),
-    )
+def blend_blocks(dim: int, sg: int, kernel: str = "blend_fwd") -> dict:
+    """Blocks and warps for kernel blend_fwd | blend_bwd | blend_wgrad (also used by the fused
+    attention's epilogue: attn_fwd). GPU defaults were chosen from ptxas register/spill
+    reports for sm_90 (tests/test_kernels_triton_compile.py); GPU timing is pending."""
+    fixed = dict(BLOCK_H=block(dim // 2, 16, 256), BLOCK_S=block(sg, 16, 256))
+    if INTERPRETED:  # few, large programs
+        return dict(fixed, BLOCK_M=64, BLOCK_E=block(2 * dim, 16, 128), num_warps=4)
+    # bf16 sm_90 ptxas reports (registers / spill bytes) behind these choices:
+    #   blend_fwd   BLOCK_M 32 → 16: 312 → 0 B (d64), 448 → 0 B (d128)
+    #   blend_bwd   BLOCK_M 32 → 16: 1440 → 0 B (d64); d128 best found 224 B (BLOCK_E 16, 8 warps)
+    #   attn_fwd    BLOCK_E 16, 8 warps: 504 → 0 B (d64), 264 → 136 B (d128)
+    defaults = {
+        "blend_fwd": dict(BLOCK_M=16, BLOCK_E=32, num_warps=4 if dim <= 64 else 8),
+        "blend_bwd": dict(BLOCK_M=16, BLOCK_E=32, num_warps=4) if dim <= 64 else
+        dict(BLOCK_M=16, BLOCK_E=16, num_warps=8),
+        "blend_wgrad": dict(BLOCK_M=32, BLOCK_E=64 if dim <= 64 else 32, num_warps=4 if dim <= 64 else 8),
+        "attn_fwd": dict(BLOCK_E=16, num_warps=8),
+    }[kernel]
+    return dict(fixed, **gpu_config(f"{kernel}_d{dim}", gpu_config(kernel, defaults)))
 
 
 def _strides4(t: torch.Tensor, token_major: bool) -> tuple[int, int, int, int]:
@@ -443,14 +460,13 @@ def blend_fwd_launch(attn_out, q, w1, w2, w3, w4, adapter_idx, *, validate: bool
     out = torch.empty(attn_out.shape, device=q.device, dtype=attn_out.dtype)
     if num_tokens == 0:
         return out
-    blocks = blend_blocks(dim, sg)
+    blocks = blend_blocks(dim, sg, "blend_fwd")
     grid = (triton.cdiv(num_tokens, blocks["BLOCK_M"]), heads)
     _blend_fwd_kernel[grid](
         attn_out, q, out, adapter_idx, w1, w2, w3, w4,
         num_tokens, heads, dim, dim // 2, sg, max(1, num_tokens),
         *_strides4(attn_out, True), *_strides4(q, True), *_strides4(out, True),
         **blocks, DOT_DTYPE=dot_dtype(q.dtype), PRECISION=dot_precision(q.dtype),
-        num_warps=4 if dim <= 64 else 8,
     )
     return out
 
@@ -464,7 +480,7 @@ def blend_bwd_launch(
     sg = w3.shape[2]
     g = torch.empty(num_tokens, heads, device=q.device, dtype=torch.float32)
     dlogit = torch.empty_like(g)
-    blocks = blend_blocks(dim, sg, backward=True)
+    blocks = blend_blocks(dim, sg, "blend_bwd")
     grid = (triton.cdiv(num_tokens, blocks["BLOCK_M"]), heads)
     _blend_bwd_kernel[grid](
         dout, attn, q, adapter_idx, w1, w2, w3, w4,
@@ -474,7 +490,6 @@ def blend_bwd_launch(
         *((delta.stride(0), delta.stride(1)) if delta is not None else (0, 0)),
         COMPUTE_DELTA=delta is not None,
         **blocks, DOT_DTYPE=dot_dtype(q.dtype), PRECISION=dot_precision(q.dtype),
-        num_warps=4 if dim <= 64 else 8,
     )
     return g, dlogit
 
@@ -488,7 +503,7 @@ def blend_wgrad_launch(
     dws = [torch.zeros_like(w) for w in (w1, w2, w3, w4)]
     if meta.num_segments == 0 or not any(needs):
         return dws
-    blocks = blend_blocks(dim, sg, backward=True)
+    blocks = blend_blocks(dim, sg, "blend_wgrad")
     num_e_blocks = triton.cdiv(2 * dim, blocks["BLOCK_E"])
     grid = (num_e_blocks + 1, heads, meta.num_segments)
     _blend_wgrad_kernel[grid](
@@ -497,7 +512,6 @@ def blend_wgrad_launch(
         heads, dim, dim // 2, sg, seq, num_e_blocks,
         *strides["dout"], *strides["q"],
         **blocks, DOT_DTYPE=dot_dtype(q.dtype), PRECISION=dot_precision(q.dtype),
-        num_warps=4 if dim <= 64 else 8,
     )
     return dws
 
