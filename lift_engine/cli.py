@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR")
     tune.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
                       help="optimizer steps between resumable checkpoints (default: the preset's; batched jobs: 1)")
+    tune.add_argument("--store", default=None, metavar="DIR",
+                      help="also publish the adapter into this serving store (see `lift serve`)")
+    tune.add_argument("--tenant", default="default", help="store tenant to publish under (default: default)")
+    tune.add_argument("--name", default=None, help="adapter name in the store (default: the output dir's name)")
     _add_batch_options(tune)
     _add_config(tune)
     _add_model(tune)
@@ -134,6 +138,7 @@ def cmd_tune(args) -> int:
         return _cmd_tune_batched(args)
     args.document = args.document[0]
     cfg = _config(args)
+    store = _store_target(args)
     text = read_document(args.document)
     base = _load_base(args.model)
     outcome = tune_document(base, text, Path(args.output), cfg, source=str(args.document))
@@ -142,7 +147,22 @@ def cmd_tune(args) -> int:
     print(f"adapter written to {outcome.adapter_dir}: {report.steps} steps{note}, "
           f"loss {report.first_loss if report.first_loss is not None else float('nan'):.3f} → "
           f"{report.last_loss if report.last_loss is not None else float('nan'):.3f}")
+    if store is not None:
+        store.publish(args.tenant, args.name, outcome.adapter_dir)
+        print(f"published to the store as {args.tenant}/{args.name}")
     return 0
+
+
+def _store_target(args):
+    """The AdapterStore `lift tune --store` publishes into, names validated before tuning."""
+    if args.store is None:
+        return None
+    from lift_engine.store import AdapterStore, validate_name
+
+    args.name = args.name or Path(args.output).resolve().name
+    validate_name(args.tenant, "tenant")
+    validate_name(args.name, "adapter")
+    return AdapterStore(args.store, create=True)
 
 
 def _batch_kwargs(args) -> dict:

@@ -77,9 +77,12 @@ def test_tune_then_ask_and_corrupt_adapters(capsys, tmp_path, model_dir, doc, mo
     out = tmp_path / "adapter"
     short = tmp_path / "short.txt"
     short.write_text("Anouk Seldt closed the lab in 2011.")  # shorter than one segment: still tunes
-    code, stdout, err = run_main(capsys, "tune", short, "-o", out, "--model", model_dir, "--adapter", "gated-memory")
+    store = tmp_path / "store"
+    code, stdout, err = run_main(capsys, "tune", short, "-o", out, "--model", model_dir, "--adapter", "gated-memory",
+                                 "--store", store, "--tenant", "acme", "--name", "short-doc")
     assert code == 0, err
     assert "adapter written" in stdout
+    assert (store / "tenants" / "acme" / "short-doc" / "lift_adapter.json").is_file()
     code, stdout, err = run_main(capsys, "ask", out, "-q", "Who closed the lab?", "--context", short,
                                  "--window", 16, "--model", model_dir, "--max-new-tokens", 4)
     assert code == 0, err
@@ -92,6 +95,14 @@ def test_tune_then_ask_and_corrupt_adapters(capsys, tmp_path, model_dir, doc, mo
     # not an adapter at all
     code, _, err = run_main(capsys, "ask", tmp_path, "-q", "x", "--model", model_dir)
     assert_one_line_error(code, err)
+
+
+@pytest.mark.parametrize("name", ["../evil", "/abs", "a" * 200, ".hidden"])
+def test_tune_refuses_hostile_store_names_before_tuning(capsys, tmp_path, model_dir, doc, name):
+    code, _, err = run_main(capsys, "tune", doc, "-o", tmp_path / "out", "--model", model_dir,
+                            "--store", tmp_path / "store", "--name", name)
+    assert_one_line_error(code, err)
+    assert not (tmp_path / "out").exists()
 
 
 def test_adapter_for_another_base_model_is_refused(capsys, tmp_path, model_dir):
