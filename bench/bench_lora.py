@@ -39,6 +39,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+# On a shared CPU, OpenMP's default active waiting stalls every parallel region whose other
+# thread was descheduled: measured here, the per-adapter loop took 3.65 s instead of 35 ms.
+# Passive waiting keeps all contenders' CPU timings stable (set before torch loads OpenMP).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from typing import Callable
 
 import torch
@@ -61,6 +66,9 @@ def hardware(device: str) -> dict:
         info["triton"] = triton.__version__
     except Exception:  # noqa: BLE001
         info["triton"] = None
+    info["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
+    if hasattr(os, "getloadavg"):
+        info["load_average_1_5_15min"] = [round(v, 2) for v in os.getloadavg()]  # shared machines: judge the run
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda

@@ -84,10 +84,6 @@ def gpu_config(name: str, defaults: dict) -> dict:
     return {**defaults, **_OVERRIDES.get(name, {})}
 
 
-def num_warps_for(tile_elems: int) -> int:
-    return 4 if tile_elems <= 64 * 64 else 8
-
-
 @dataclass(frozen=True)
 class SegmentMeta:
     """SGMV metadata for one adapter_idx (see module docstring). Device tensors are int32."""

@@ -40,7 +40,7 @@ from ._common import (
     dot_dtype,
     dot_precision,
 )
-from .lora_expand import _check_slices, _slice_columns, _slice_table
+from .lora_expand import _slice_columns, _slice_table
 from .lora_linear_delta import _check_banks, delta_backward
 
 MAX_FUSED_RANK = 128
