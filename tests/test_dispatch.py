@@ -309,3 +309,28 @@ def test_torch_compile_inductor(fresh_dispatch, monkeypatch):
     want = f(q2)
     assert_close(got, want, torch.float32)
     assert_close(dq, torch.autograd.grad(want, q2)[0], torch.float32, "grad")
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="with a CUDA device the kernels compile instead")
+def test_interpreter_setup_survives_triton_imported_first():
+    """Another test module (or torch._dynamo) may import triton before the kernel tests set
+    TRITON_INTERPRET; ensure_interpreter() must still make the kernels run on CPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import sys, torch, torch._dynamo\n"
+        "assert 'triton' in sys.modules\n"
+        "import lift_engine.kernels.gated_memory_blend as gmb\n"  # imported compiled, too
+        "from lift_engine.kernels import ensure_interpreter\n"
+        "assert ensure_interpreter()\n"
+        "from lift_engine.ops.reference.gated_memory_blend import gated_memory_blend as ref\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "w = [torch.randn(2, 2, 32, 16, generator=g) / 4, torch.randn(2, 2, 16, 32, generator=g) / 6,\n"
+        "     torch.randn(2, 2, 4, 16, generator=g) / 4, torch.randn(2, 2, 1, 4, generator=g) + 2]\n"
+        "a, q = torch.randn(9, 2, 16, generator=g), torch.randn(9, 2, 16, generator=g)\n"
+        "idx = torch.tensor([0, 1, -1, 1, 0, 0, 1, 1, -1])\n"
+        "err = (gmb.gated_memory_blend(a, q, *w, idx) - ref(a, q, *w, idx)).abs().max().item()\n"
+        "print('ERR', err)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.split("ERR")[1]) < 1e-4
