@@ -54,13 +54,25 @@ def plain(x, a, b, slot_of_token, scale):
     return y
 
 
+@pytest.fixture(params=["native", "generic"])
+def path(request, monkeypatch):
+    """Both the C++-kernel path (when built) and the lift_engine.ops path."""
+    from lift_engine.vllm_plugin import punica
+
+    if request.param == "generic":
+        monkeypatch.setattr(punica, "_NATIVE", [None])
+    elif punica.native_kernels() is None:
+        pytest.skip("the C++ CPU kernels are not built")
+    return request.param
+
+
 @pytest.mark.parametrize("slot_of_token", [
     [0, 0, 1, 1, 2, -1, -1, 0],     # mixed, with no-adapter tokens (the upstream bug)
     [-1, 2, -1, 2, -1],             # no-adapter tokens around the last slot's tokens
     [1, 1, 1],                      # one adapter
     [-1, -1],                       # none
 ])
-def test_add_lora_linear_matches_plain(slot_of_token):
+def test_add_lora_linear_matches_plain(slot_of_token, path):
     torch.manual_seed(1)
     x = torch.randn(len(slot_of_token), IN)
     a, b = banks()
@@ -76,7 +88,23 @@ def test_add_lora_linear_matches_plain(slot_of_token):
         torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
 
 
-def test_decode_path_too():
+def test_skipped_slots_get_no_lora(path):
+    """Slots holding Gated Memory adapters (no LoRA weights) are skipped for the LoRA math."""
+    slot_of_token = [0, 1, 1, 2, -1, 0]
+    x = torch.randn(6, IN)
+    a, b = banks(7)
+    w = wrapper(LiftPunicaWrapperCPU, slot_of_token, sorted(set(slot_of_token)))
+    w.skip_slots((False, True, False))
+    y = torch.zeros(6, sum(SLICES))
+    w.add_lora_linear(y, x, a, b, 1.0, SLICES)
+    torch.testing.assert_close(y, plain(x, a, b, [0, -1, -1, 2, -1, 0], 1.0), rtol=1e-5, atol=1e-5)
+    w.skip_slots((True, True, True))
+    y = torch.zeros(6, sum(SLICES))
+    w.add_lora_linear(y, x, a, b, 1.0, SLICES)
+    assert not y.any()
+
+
+def test_decode_path_too(path):
     slot_of_token = [2, -1, 0, -1]
     x = torch.randn(4, IN)
     a, b = banks(3)

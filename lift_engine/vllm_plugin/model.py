@@ -184,15 +184,17 @@ class LiftGatedMemoryLlamaForCausalLM(LlamaForCausalLM):
         if manager is None:
             return
         self._lift_sync_slots(manager)
-        if not self._lift_any_gm:
-            buf.fill_(-1)
-            return
         from vllm.lora.model_manager import DEFAULT_LANGUAGE_WRAPPER_KEY
 
         wrapper = manager.punica_wrapper_mapping.get(DEFAULT_LANGUAGE_WRAPPER_KEY)
-        n = wrapper.indices_len[0] if wrapper is not None and wrapper.indices_len[0] is not None else 0
-        n = min(int(n), num_tokens, buf.shape[0])
+        if wrapper is not None and hasattr(wrapper, "skip_slots"):
+            # Slots holding a Gated Memory adapter have no LoRA weights: no LoRA math for their tokens.
+            wrapper.skip_slots(tuple(self._lift_slot_is_gm[: self.lift_num_slots].tolist()))
         buf.fill_(-1)
+        if not self._lift_any_gm or wrapper is None:
+            return
+        n = wrapper.indices_len[0] if wrapper.indices_len[0] is not None else 0
+        n = min(int(n), num_tokens, buf.shape[0])
         if n:
             slots = wrapper._token_lora_indices[:n]
             is_gm = self._lift_slot_is_gm.to(slots.device)[slots]  # index -1 → the last ("no slot") entry

@@ -36,22 +36,100 @@ def _pad_idx(idx: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([idx, idx.new_full((rows - idx.shape[0],), -1)])
 
 
-class LiftPunicaWrapperCPU(PunicaWrapperCPU):
-    """PunicaWrapperCPU with -1 = no adapter honoured and adapter-grouped matmuls."""
+_NATIVE: list = []  # [module or None], resolved once per process
 
-    _lift_tokens_any = True  # some token of the batch uses an adapter (set per mapping update)
+
+def native_kernels():
+    """lift_engine.ops.cpu_backend when dispatch picks the C++ CPU kernels for LoRA, else None."""
+    if not _NATIVE:
+        from lift_engine import ops
+
+        module = None
+        try:
+            if ops.resolve("lora_linear_delta", "cpu")[0] == "cpu":
+                from lift_engine.ops import cpu_backend
+
+                if all(hasattr(cpu_backend._C, f) for f in ("plan", "delta_fwd")):
+                    module = cpu_backend
+        except Exception:  # a backend that cannot load: the generic path below
+            module = None
+        _NATIVE.append(module)
+    return _NATIVE[0]
+
+
+class LiftPunicaWrapperCPU(PunicaWrapperCPU):
+    """PunicaWrapperCPU with -1 = no adapter honoured and adapter-grouped matmuls.
+
+    Per batch (on each mapping update) the per-token slot index is turned once into the
+    index the LoRA math uses (slots holding no LoRA weights — Gated Memory adapters — are
+    treated as -1, see skip_slots) and, with the C++ kernels, into their token plan; each
+    LoRA layer slice is then one fused shrink+expand call (lora_linear_delta).
+    """
+
+    _lift_idx: torch.Tensor | None = None  # the LoRA index of this batch's tokens
+    _lift_tokens_any = True  # some token of the batch uses a LoRA (set per update)
     _lift_sampler_any = True
+    _lift_skip: tuple[bool, ...] = ()  # slots without LoRA weights
+    _lift_plans: dict | None = None
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
-        self._lift_tokens_any = bool((self.token_lora_indices >= 0).any())
         self._lift_sampler_any = bool((self.sampler_indices >= 0).any())
+        self._lift_refresh()
+
+    def skip_slots(self, skip: tuple[bool, ...]) -> None:
+        """Slots whose adapter has no LoRA weights (their tokens get no LoRA math at all)."""
+        skip = tuple(bool(v) for v in skip)
+        if skip != self._lift_skip:
+            self._lift_skip = skip
+            self._lift_refresh()
+
+    def _lift_refresh(self) -> None:
+        idx = self.token_lora_indices
+        if any(self._lift_skip):
+            table = torch.tensor(list(self._lift_skip) + [False], dtype=torch.bool, device=idx.device)
+            idx = torch.where(table[idx], torch.full_like(idx, -1), idx)  # -1 reads the last entry (False)
+        self._lift_idx = idx
+        self._lift_tokens_any = bool((idx >= 0).any())
+        self._lift_plans = {}
 
     def _token_idx(self, rows: int) -> torch.Tensor:
-        return _pad_idx(self.token_lora_indices, rows)
+        idx = self._lift_idx if self._lift_idx is not None else self.token_lora_indices
+        return _pad_idx(idx, rows)
 
     def _sampler_idx(self, rows: int) -> torch.Tensor:
         return _pad_idx(self.sampler_indices, rows)
+
+    def _plan(self, native, n_adapters: int):
+        plans = self._lift_plans if self._lift_plans is not None else {}
+        if n_adapters not in plans:
+            idx = self._lift_idx if self._lift_idx is not None else self.token_lora_indices
+            plans[n_adapters] = native._C.plan(idx.detach().cpu(), n_adapters, native.BLOCK)
+            self._lift_plans = plans
+        return plans[n_adapters]
+
+    def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs):
+        if not self._lift_tokens_any:  # no request of this batch has a LoRA: nothing to add
+            return None
+        native = native_kernels()
+        x2 = x.view(-1, x.shape[-1])
+        y2 = y.view(-1, y.shape[-1])
+        if native is None or x2.dtype != torch.float32 or y2.dtype != torch.float32 \
+                or lora_a_stacked[0].dtype != torch.float32:
+            return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
+                                           buffer=buffer, **kwargs)
+        n = lora_a_stacked[0].shape[0]
+        order, blocks = self._plan(native, n)
+        scaling = torch.full((n,), float(scale), dtype=torch.float32)
+        offset = 0
+        for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices):
+            a = a.squeeze(1) if a.dim() == 4 else a
+            b = b.squeeze(1) if b.dim() == 4 else b
+            delta, _ = native._C.delta_fwd(x2, a, b, scaling, order, blocks)
+            cols = min(size, delta.shape[1])
+            y2[:, offset: offset + cols] += delta[:, :cols]
+            offset += size
+        return None
 
     @staticmethod
     def _shrink(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, scale: float) -> None:
@@ -98,12 +176,6 @@ class LiftPunicaWrapperCPU(PunicaWrapperCPU):
         y2 = y.view(-1, y.shape[-1])
         x2 = x.view(-1, x.shape[-1])
         self._expand(y2, x2, lora_b_stacked, self._token_idx(x2.shape[0]), 0, y2.shape[1], add_inputs)
-
-    def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs):
-        if not self._lift_tokens_any:  # no request of this batch has an adapter: nothing to add
-            return None
-        return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer,
-                                       **kwargs)
 
     def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs) -> None:
         if not self._lift_sampler_any:
