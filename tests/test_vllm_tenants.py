@@ -417,3 +417,18 @@ def test_serve_set_up_errors_are_one_line(world, tmp_path):
 
     if importlib.util.find_spec("vllm") is None:
         assert serve.main(["--store", str(tmp_path / "s")]) == 2  # "vLLM is not installed", no traceback
+
+
+def test_tenants_file_edits_apply_without_restart(world, tmp_path, monkeypatch):
+    settings = settings_for(world, tmp_path)
+    AdapterStore(settings.store, create=True).publish("acme", "doc", world["src"][0])
+    path = tmp_path / "tenants.json"
+    path.write_text(json.dumps({"tenants": {"acme": {"api_keys": ["old-key"]}}}))
+    monkeypatch.setenv("LIFT_TENANTS", str(path))
+    app = TenantMiddleware(FakeVLLM(), catalog=AdapterCatalog(settings), served_names=["base"])
+    assert call(app, "POST", "/v1/completions", {"model": "doc"}, key="old-key")[0] == 200
+    path.write_text(json.dumps({"tenants": {"acme": {"api_keys": ["new-key"]}}}))  # key rotated
+    assert call(app, "POST", "/v1/completions", {"model": "doc"}, key="old-key")[0] == 401
+    assert call(app, "POST", "/v1/completions", {"model": "doc"}, key="new-key")[0] == 200
+    path.write_text("{ broken")  # a bad edit keeps the previous keys
+    assert call(app, "POST", "/v1/completions", {"model": "doc"}, key="new-key")[0] == 200

@@ -29,7 +29,8 @@ vLLM's routes:
   tenant's name in the response (also when streaming).
 - Admin keys may address any adapter as "<tenant>/<adapter>".
 
-Without a tenants file the server has one open tenant, "default" (no keys).
+Without a tenants file the server has one open tenant, "default" (no keys). An edited
+tenants file is picked up on the next request (an invalid edit is logged and ignored).
 """
 from __future__ import annotations
 
@@ -146,10 +147,34 @@ class TenantMiddleware:
 
     def __init__(self, app, tenants: Tenants | None = None, catalog=None, served_names: list[str] | None = None) -> None:
         self.app = app
-        self.tenants = tenants if tenants is not None else Tenants.load(os.environ.get("LIFT_TENANTS"))
+        self._tenants_path = None if tenants is not None else os.environ.get("LIFT_TENANTS") or None
+        self._tenants_stamp = self._stamp()
+        self.tenants = tenants if tenants is not None else Tenants.load(self._tenants_path)
         self._catalog = catalog
         names = served_names or [n for n in os.environ.get("LIFT_SERVED_NAME", "").split(",") if n]
         self.served_names = set(names)
+
+    def _stamp(self):
+        """The tenants file's content digest (a tiny file: read per request, no mtime races)."""
+        if not self._tenants_path:
+            return None
+        try:
+            with open(self._tenants_path, "rb") as fh:
+                return hashlib.sha256(fh.read()).digest()
+        except OSError:
+            return None
+
+    def _reload_tenants(self) -> None:
+        """Pick up an edited tenants file (keys added or revoked) without a restart."""
+        stamp = self._stamp()
+        if stamp == self._tenants_stamp:
+            return
+        self._tenants_stamp = stamp
+        try:
+            self.tenants = Tenants.load(self._tenants_path)
+            logger.info("lift: reloaded tenants file %s", self._tenants_path)
+        except TenantsFileError as exc:  # keep serving with the previous keys
+            logger.error("lift: tenants file not reloaded, keeping the previous one: %s", exc)
 
     @property
     def catalog(self):
@@ -168,6 +193,8 @@ class TenantMiddleware:
         path = scope["path"].removeprefix(scope.get("root_path", "")).rstrip("/") or "/"
         if path in OPEN_PATHS:
             return await self.app(scope, receive, send)
+        if self._tenants_path:
+            self._reload_tenants()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         ok, tenant = self.tenants.identify(headers.get("authorization"))
         if not ok:
