@@ -89,9 +89,11 @@ def bench_config(args):
 
 
 def make_documents(tokenizer, n: int, doc_tokens: int, seed: int) -> list[str]:
+    contexts = list(dict.fromkeys(row["context"] for row in make_dataset(n, seed=seed)))  # one record per question
+    assert len(contexts) == n, (len(contexts), n)
     docs = []
-    for i, row in enumerate(make_dataset(n, seed=seed)):
-        ids = tokenizer(row["context"], add_special_tokens=False)["input_ids"]
+    for i, context in enumerate(contexts):
+        ids = tokenizer(context, add_special_tokens=False)["input_ids"]
         # documents of different lengths: 60%..140% of doc_tokens
         length = int(doc_tokens * (0.6 + 0.8 * ((i * 7919) % 11) / 10))
         docs.append(tokenizer.decode(ids[:length]))

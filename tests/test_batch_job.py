@@ -123,7 +123,7 @@ def test_batched_job_gives_each_document_its_solo_adapter(model_dir, tmp_path, a
     for name, text in DOCS.items():
         tune_document(base, text, tmp_path / "solo" / name, cfg, progress=False, log=lambda *a: None)
     base = load_base_model(str(model_dir))
-    job = BatchTuneJob(base, cfg, tmp_path / "batch", max_active=2)
+    job = BatchTuneJob(base, cfg, tmp_path / "batch", max_active=2, checkpoint_every=10**9)  # no fsyncs: resume is tested elsewhere
     try:
         job.submit(DOCS["short"], "short")
         job.submit(DOCS["long"], "long")

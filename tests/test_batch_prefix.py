@@ -84,7 +84,8 @@ def test_job_with_prefix_sharing_trains_and_computes_fewer_tokens(model_dir, tmp
     tokens = {}
     for sharing in (False, True):
         base = load_base_model(str(model_dir))
-        job = BatchTuneJob(base, cfg, tmp_path / str(sharing), max_active=3, prefix_sharing=sharing)
+        job = BatchTuneJob(base, cfg, tmp_path / str(sharing), max_active=3, prefix_sharing=sharing,
+                           checkpoint_every=10**9)
         for name in ("long", "short"):
             job.submit(DOCS[name], name)
         job.run()

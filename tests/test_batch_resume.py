@@ -185,7 +185,7 @@ def _run(model_dir, out: Path, budget_factor: float | None, longest: int = 0, ad
     """A job over DOCS whose budget is `budget_factor` × the activations of one `longest`-token
     sample without checkpointing (plus the fixed part)."""
     base = load_base_model(str(model_dir))
-    job = BatchTuneJob(base, tiny_config(adapter), out, max_active=3)
+    job = BatchTuneJob(base, tiny_config(adapter), out, max_active=3, checkpoint_every=10**9)
     if budget_factor is not None:
         planner = job.planner
         one = planner.safety * planner.activation_bytes(1, longest, checkpointing=False)
