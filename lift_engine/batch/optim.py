@@ -53,23 +53,27 @@ class SlotAdamW:
         for p, m_all, v_all in zip(self.params, self.exp_avg, self.exp_avg_sq):
             if p.grad is None:
                 grad = torch.zeros((len(slots),) + tuple(p.shape[1:]), dtype=p.dtype)
+            elif len(slots) == self.num_slots:
+                grad = p.grad
             else:
                 grad = p.grad.index_select(0, idx)
             shape = (len(slots),) + (1,) * (p.dim() - 1)
             step_size = torch.tensor([self.lr / b for b in bc1], dtype=p.dtype).view(shape)
             bc2 = torch.tensor(bc2_sqrt, dtype=p.dtype).view(shape)
-            param = p.data.index_select(0, idx)
-            m = m_all.index_select(0, idx)
-            v = v_all.index_select(0, idx)
+            every = len(slots) == self.num_slots  # the common case: update in place, no gather/scatter
+            param = p.data if every else p.data.index_select(0, idx)
+            m = m_all if every else m_all.index_select(0, idx)
+            v = v_all if every else v_all.index_select(0, idx)
             if self.weight_decay:
                 param.mul_(1 - self.lr * self.weight_decay)
             m.lerp_(grad, 1 - beta1)
             v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = (v.sqrt() / bc2).add_(self.eps)
             param.sub_(step_size * m / denom)
-            p.data.index_copy_(0, idx, param)
-            m_all.index_copy_(0, idx, m)
-            v_all.index_copy_(0, idx, v)
+            if not every:
+                p.data.index_copy_(0, idx, param)
+                m_all.index_copy_(0, idx, m)
+                v_all.index_copy_(0, idx, v)
 
     # ------------------------------------------------------------ per-slot state
     @torch.no_grad()
