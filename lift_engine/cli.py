@@ -178,6 +178,8 @@ def _cmd_tune_batched(args) -> int:
     from lift_engine.batch.inputs import collect_documents
     from lift_engine.batch.job import BatchTuneJob
 
+    if getattr(args, "store", None) is not None or getattr(args, "name", None) is not None:
+        raise InputError("--store/--name publish one adapter; with several documents publish each OUT/<name>/ separately")
     cfg = _config(args)
     docs = collect_documents(args.document)
     kwargs = _batch_kwargs(args)
