@@ -3,8 +3,9 @@
 The step is written for a bank of adapters: every trainable tensor has a leading adapter
 axis [N, …], each sample carries its document's slot, each document's loss is normalised
 over its own loss tokens and the per-document losses are summed, and gradient clipping
-is per slot. With one document that is plain LIFT; the batched multi-document job (a
-later issue) reuses `train_step` unchanged.
+is per slot. With one document that is plain LIFT. The batched multi-document job
+(lift_engine/batch/) shares `per_document_loss` and `clip_per_slot` but steps its own
+per-slot AdamW, because a slot whose document sits out a step must get no update.
 
 Logits are computed only at positions that carry a loss (the vocabulary projection of a
 135M model is a fifth of its weights), from the decoder's hidden states.
