@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,19 +27,9 @@ from lift_engine.evaluate import evaluate
 from lift_engine.fsutil import atomic_write_json
 from lift_engine.models.loading import load_base_model
 
+from bench_common import hardware  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}; torch threads {torch.get_num_threads()}; torch {torch.__version__}"
 
 
 def main() -> int:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -47,23 +46,10 @@ from lift_engine.pipeline import build_qa_items, tune_document
 from lift_engine.prompts import PromptBuilder
 from lift_engine.samples import IGNORE_INDEX, DocumentSamples
 
+from bench_common import hardware  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 RESULTS = Path(__file__).parent / "results"
 METHODS = {"hf": "hf-trainer+peft", "solo": "lift one-by-one", "batched": "lift batched", "prefix": "lift batched+prefix"}
-
-
-def hardware() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def matmul_peak_gflops(n: int = 1024, seconds: float = 2.0) -> float:
