@@ -432,3 +432,17 @@ def test_tenants_file_edits_apply_without_restart(world, tmp_path, monkeypatch):
     assert call(app, "POST", "/v1/completions", {"model": "doc"}, key="new-key")[0] == 200
     path.write_text("{ broken")  # a bad edit keeps the previous keys
     assert call(app, "POST", "/v1/completions", {"model": "doc"}, key="new-key")[0] == 200
+
+
+def test_tuning_straight_into_the_store(world, tmp_path):
+    """What `lift tune … --store DIR --tenant T --name N` does: save_adapter into target_dir."""
+    from lift_engine.checkpoint import partial_dir_for
+
+    store = AdapterStore(tmp_path / "store", create=True)
+    out = store.target_dir("acme", "doc")
+    partial_dir_for(out).mkdir()  # a tuning job's work dir beside it: invisible
+    assert store.list("acme") == []
+    make_adapter(world["base"], "gated-memory", out, seed=5)  # save_adapter publishes the dir atomically
+    assert [i.name for i in store.list("acme")] == ["doc"] and store.get("acme", "doc").kind == "gated-memory"
+    geometry = ModelGeometry.from_model_dir(world["model"])
+    validate_adapter_dir(out, geometry, fingerprint=world["base"].fingerprint)
