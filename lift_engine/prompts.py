@@ -65,41 +65,35 @@ class PromptBuilder:
         eos = getattr(self.tokenizer, "eos_token_id", None)
         return [eos] if eos is not None else []
 
-    def _template_parts(self, instruction: str) -> tuple[list[int], list[int]]:
-        """Token ids before and after the context for a user turn holding `instruction`."""
-        content = f"{_CONTEXT_MARK}\n\n{instruction}"
-        if self.has_chat_template:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-            )
-            before, after = text.split(_CONTEXT_MARK, 1)
-            bos_text = getattr(self.tokenizer, "bos_token", None)
-            prefix = self._encode(before)
-            if bos_text and not before.startswith(bos_text):
-                prefix = self._bos + prefix
-            return prefix, self._encode(after)
-        return self._bos, self._encode(f"\n\n{instruction}\nAnswer:" if "Question:" in instruction else f"\n\n{instruction}\n")
+    def _render_user_turn(self, content: str) -> str:
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+
+    def _encode_with_bos(self, text: str) -> list[int]:
+        """Ids of rendered template text, with BOS in front when the template leaves it out."""
+        bos_text = getattr(self.tokenizer, "bos_token", None)
+        ids = self._encode(text)
+        return self._bos + ids if bos_text and not text.startswith(bos_text) else ids
+
+    @staticmethod
+    def _plain_instruction(instruction: str) -> str:
+        """The instruction's tail in the plain (no chat template) layout."""
+        return f"{instruction}\nAnswer:" if "Question:" in instruction else f"{instruction}\n"
 
     def prompt(self, context_ids: list[int] | None, instruction: str) -> list[int]:
-        """Prompt ids: template prefix + context ids + instruction + template suffix."""
-        before, after = self._template_parts(instruction)
-        if not context_ids:
-            # Without a context the "\n\n" lead-in is dropped by re-rendering without the mark.
-            before, after = self._template_parts_no_context(instruction)
-            return before + after
-        return before + list(context_ids) + after
+        """Prompt ids: template prefix + context ids + "\n\n" + instruction + template suffix.
 
-    def _template_parts_no_context(self, instruction: str) -> tuple[list[int], list[int]]:
+        Without a context the user turn holds only the instruction (no "\n\n" lead-in).
+        """
+        if not context_ids:
+            if self.has_chat_template:
+                return self._encode_with_bos(self._render_user_turn(instruction))
+            return self._bos + self._encode(self._plain_instruction(instruction))
         if self.has_chat_template:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
-            )
-            bos_text = getattr(self.tokenizer, "bos_token", None)
-            ids = self._encode(text)
-            if bos_text and not text.startswith(bos_text):
-                ids = self._bos + ids
-            return ids, []
-        return self._bos, self._encode(f"{instruction}\nAnswer:" if "Question:" in instruction else f"{instruction}\n")
+            before, after = self._render_user_turn(f"{_CONTEXT_MARK}\n\n{instruction}").split(_CONTEXT_MARK, 1)
+            return self._encode_with_bos(before) + list(context_ids) + self._encode(after)
+        return self._bos + list(context_ids) + self._encode("\n\n" + self._plain_instruction(instruction))
 
     def question_prompt(self, context_ids: list[int] | None, question: str) -> list[int]:
         """The prompt used both to train an auxiliary QA sample and to answer a question."""

@@ -92,11 +92,10 @@ class DocumentSamples:
         context = self._context(ref.seed)
         if ref.kind == "segment":
             start, end = self.spans[ref.index]
-            if context is None:
-                response = list(self.doc_ids[start:end])
+            response = list(self.doc_ids[start:end])
+            if context is None:  # plain segment, loss on every token
                 return Sample(response, list(response), "segment", self.doc)
             prompt = self.prompts.prompt(context, self.cfg.context.recite_instruction)
-            response = list(self.doc_ids[start:end])
         elif ref.kind == "qa":
             prompt = self.prompts.question_prompt(context, self.qa_items[ref.index].question)
             response = self._qa_answers[ref.index]
