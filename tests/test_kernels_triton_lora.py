@@ -299,21 +299,32 @@ def test_bad_inputs_raise():
 
 
 # ------------------------------------------------- LoRA fused into the projection GEMM
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mix", ["with_none", "one", "all_none"])
-def test_fused_lora_linear_matches_base_plus_reference(dtype, mix):
-    from lift_engine.kernels.lora_linear import lora_linear
+# Oracle: the reference op lift_engine.ops.reference.lora_linear (F.linear + reference delta).
+def _linear_case(dtype, mix, num_tokens, n, r, d_in, d_out, seed, with_bias=True):
+    a, b, s = banks(n, r, d_in, d_out, dtype, seed=seed)
+    w = rand(d_out, d_in, dtype=dtype, scale=d_in ** -0.5, seed=seed + 1)
+    bias = rand(d_out, dtype=dtype, seed=seed + 2) if with_bias else None
+    x = rand(num_tokens, d_in, dtype=dtype, seed=seed + 3)
+    return x, w, bias, a, b, s, make_idx(mix, num_tokens, n, seed=seed + 4)
 
-    n, r, d_in, d_out = 4, 8, 48, 40
-    a, b, s = banks(n, r, d_in, d_out, dtype, seed=61)
-    w = rand(d_out, d_in, dtype=dtype, scale=d_in ** -0.5, seed=62)
-    bias = rand(d_out, dtype=dtype, seed=63)
-    x = rand(35 * BIG, d_in, dtype=dtype, seed=64)
-    idx = make_idx(mix, x.shape[0], n, seed=65)
-    leaves = [leaf(t) for t in (x, w, bias, a, b)] + [leaf(s)]
-    y = lora_linear(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], leaves[5], idx)
-    rl = [leaf(t, torch.float32) for t in (x, w, bias, a, b)] + [leaf(s)]
-    yr = rl[0] @ rl[1].t() + rl[2] + ref.lora_linear_delta(rl[0], rl[3], rl[4], rl[5], idx)
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mix", ["one", "distinct", "skewed", "with_none", "all_none"])
+def test_fused_lora_linear_matches_reference_op(dtype, mix):
+    """Outputs and all six gradients (dW, dbias too: the op must honour requires_grad on the
+    frozen base) on odd shapes, for every adapter mix."""
+    from lift_engine.kernels.lora_linear import lora_linear
+    from lift_engine.ops.reference import lora_linear as ref_linear
+
+    num_tokens, n = 35 * BIG, 4
+    if mix == "distinct":  # every token its own adapter
+        num_tokens = n = 11 * BIG
+    x, w, bias, a, b, s, idx = _linear_case(dtype, mix, num_tokens, n, 8, 37, 29, seed=61)
+    leaves = [leaf(t) for t in (x, w, bias, a, b, s)]
+    y = lora_linear(*leaves, idx)
+    rl = [leaf(t, torch.float32) for t in (x, w, bias, a, b, s)]
+    yr = ref_linear(*rl, idx)
+    assert y.dtype == dtype and y.shape == (num_tokens, 29)
     assert_close(y, yr, dtype, name="fused linear")
     dy = rand(*y.shape, dtype=dtype, seed=66)
     names = ("dx", "dW", "dbias", "dA", "dB", "dscaling")
@@ -323,34 +334,70 @@ def test_fused_lora_linear_matches_base_plus_reference(dtype, mix):
         assert_close(g, w_, dtype, "grad", name)
 
 
-def test_fused_lora_linear_qkv_slices_and_ranks():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_lora_linear_frozen_base_without_bias(dtype):
+    """LIFT's case: weight frozen (no dW computed), no bias; gradients reach x and the banks."""
     from lift_engine.kernels.lora_linear import lora_linear
+    from lift_engine.ops.reference import lora_linear as ref_linear
 
-    dtype = torch.float32
-    n, r, d_in = 3, 16, 32
-    slices = (48, 16, 16)
+    x, w, _, a, b, s, idx = _linear_case(dtype, "skewed", 23 * BIG, 5, 4, 19, 33, seed=81, with_bias=False)
+    xs, As, Bs = leaf(x), leaf(a), leaf(b)
+    y = lora_linear(xs, w, None, As, Bs, s, idx)
+    xr, Ar, Br = leaf(x, torch.float32), leaf(a, torch.float32), leaf(b, torch.float32)
+    yr = ref_linear(xr, w.float(), None, Ar, Br, s, idx)
+    assert_close(y, yr, dtype, name="frozen fused linear")
+    assert not w.requires_grad
+    dy = rand(*y.shape, dtype=dtype, seed=82)
+    for name, got, want in zip(("dx", "dA", "dB"), torch.autograd.grad(y, (xs, As, Bs), dy),
+                               torch.autograd.grad(yr, (xr, Ar, Br), dy.float())):
+        assert_close(got, want, dtype, "grad", name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_lora_linear_qkv_slices_and_ranks(dtype):
+    """Fused q/k/v with unequal widths and per-adapter ranks = one reference lora_linear per
+    slice (its rows of W and bias, its A rows, its B rows) on zero-padded banks, concatenated."""
+    from lift_engine.kernels.lora_linear import lora_linear
+    from lift_engine.ops.reference import lora_linear as ref_linear
+
+    n, r, d_in = 3, 16, 31
+    slices = (45, 15, 15)
     ranks = torch.tensor([16, 3, 9], device=DEVICE)
-    a = rand(n, 3 * r, d_in, scale=d_in ** -0.5, seed=71)
-    b = rand(n, sum(slices), r, scale=r ** -0.5, seed=72)
+    a = rand(n, 3 * r, d_in, dtype=dtype, scale=d_in ** -0.5, seed=71)
+    b = rand(n, sum(slices), r, dtype=dtype, scale=r ** -0.5, seed=72)
     s = (torch.rand(n) + 0.5).to(DEVICE)
-    w = rand(sum(slices), d_in, scale=d_in ** -0.5, seed=73)
-    x = rand(27 * BIG, d_in, seed=74)
+    w = rand(sum(slices), d_in, dtype=dtype, scale=d_in ** -0.5, seed=73)
+    bias = rand(sum(slices), dtype=dtype, seed=77)
+    x = rand(27 * BIG, d_in, dtype=dtype, seed=74)
     idx = make_idx("with_none", x.shape[0], n, seed=75)
     keep = (torch.arange(r, device=DEVICE)[None, :] < ranks[:, None]).float()
-    a0 = a * keep.repeat(1, 3)[:, :, None]
-    b0 = b * keep[:, None, :]
+    keep_a, keep_b = keep.repeat(1, 3)[:, :, None], keep[:, None, :]
     xs, As, Bs = leaf(x), leaf(a), leaf(b)
-    y = lora_linear(xs, w, None, As, Bs, s, idx, output_slices=slices, ranks=ranks)
-    xr, Ar, Br = leaf(x), leaf(a0), leaf(b0)
+    y = lora_linear(xs, w, bias, As, Bs, s, idx, output_slices=slices, ranks=ranks)
+    xr, Ar, Br = leaf(x, torch.float32), leaf(a.float() * keep_a), leaf(b.float() * keep_b)
     off, parts = 0, []
     for i, o in enumerate(slices):
-        parts.append(ref.lora_linear_delta(xr, Ar[:, i * r:(i + 1) * r], Br[:, off:off + o], s, idx))
+        parts.append(ref_linear(xr, w[off:off + o].float(), bias[off:off + o].float(), Ar[:, i * r:(i + 1) * r],
+                                Br[:, off:off + o], s, idx))
         off += o
-    yr = xr @ w.t() + torch.cat(parts, 1)
+    yr = torch.cat(parts, 1)
     assert_close(y, yr, dtype, name="fused qkv")
-    dy = rand(*y.shape, seed=76)
+    dy = rand(*y.shape, dtype=dtype, seed=76)
     gx, ga, gb = torch.autograd.grad(y, (xs, As, Bs), dy)
-    rx, ra, rb = torch.autograd.grad(yr, (xr, Ar, Br), dy)
+    rx, ra, rb = torch.autograd.grad(yr, (xr, Ar, Br), dy.float())
     assert_close(gx, rx, dtype, "grad", "dx")
-    assert_close(ga, ra * keep.repeat(1, 3)[:, :, None], dtype, "grad", "dA")
-    assert_close(gb, rb * keep[:, None, :], dtype, "grad", "dB")
+    assert_close(ga, ra * keep_a, dtype, "grad", "dA")
+    assert_close(gb, rb * keep_b, dtype, "grad", "dB")
+
+
+def test_fused_lora_linear_wrong_adapter_mapping_is_detected():
+    """Negative control for the fused op: the reference with shifted adapters disagrees."""
+    from lift_engine.kernels.lora_linear import lora_linear
+    from lift_engine.ops.reference import lora_linear as ref_linear
+
+    x, w, bias, a, b, s, idx = _linear_case(torch.float32, "with_none", 20, 4, 8, 16, 16, seed=91)
+    y = lora_linear(x, w, bias, a, b, s, idx)
+    assert_close(y, ref_linear(x, w, bias, a, b, s, idx), torch.float32)
+    shifted = torch.where(idx >= 0, (idx + 1) % 4, idx)
+    with pytest.raises(AssertionError):
+        assert_close(y, ref_linear(x, w, bias, a, b, s, shifted), torch.float32)

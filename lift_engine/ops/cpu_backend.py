@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 from lift_engine.ops import reference
 from lift_engine.ops._native import load
@@ -195,6 +196,25 @@ def lora_linear_delta(
         return reference.lora_linear_delta(x, lora_a, lora_b, scaling, adapter_idx)
     _check_tokens(x, adapter_idx)
     return _LoraDelta.apply(_f32(x), _f32(lora_a), _f32(lora_b), _f32(scaling), adapter_idx).to(x.dtype)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: torch.Tensor,
+    adapter_idx: torch.Tensor,
+) -> torch.Tensor:
+    """F.linear(x, weight, bias) + lora_linear_delta(x, …): torch's GEMM for the frozen base
+    (nothing to gain there) and the C++ delta above for the LoRA term — the same two calls
+    an unfused LoRA layer makes on this backend, so the result is bit for bit that.
+
+    x: [T, in], weight: [out, in], bias: [out] | None, lora_a: [N, r, in], lora_b: [N, out, r],
+    scaling: [N], adapter_idx: [T] → [T, out].
+    """
+    return F.linear(x, weight, bias) + lora_linear_delta(x, lora_a, lora_b, scaling, adapter_idx)
 
 
 def gated_memory_blend(

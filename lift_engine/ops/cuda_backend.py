@@ -260,6 +260,12 @@ def lora_linear_delta(x, lora_a, lora_b, scaling, adapter_idx):
     return _LoraDelta.apply(_c(x), _c(lora_a), _c(lora_b), _scaling(scaling, x.device), adapter_idx)
 
 
+def lora_linear(x, weight, bias, lora_a, lora_b, scaling, adapter_idx):
+    """F.linear(x, weight, bias) (cuBLAS) + the delta above: x [T, in], weight [out, in],
+    bias [out] | None, lora_a [N, r, in], lora_b [N, out, r], scaling [N], adapter_idx [T] → [T, out]."""
+    return torch.nn.functional.linear(x, weight, bias) + lora_linear_delta(x, lora_a, lora_b, scaling, adapter_idx)
+
+
 def gated_memory_blend(attn_out, q, w1, w2, w3, w4, adapter_idx):
     """attn_out, q: [T, H, d]; w1 [N,H,2d,d], w2 [N,H,d,2d], w3 [N,H,s,d], w4 [N,H,1,s]; adapter_idx [T] → [T, H, d]."""
     if not _use_kernel(attn_out, q, w1, w2, w3, w4):

@@ -8,6 +8,7 @@ autograd formula, so a compiled graph calls the op as one node and trains throug
     lift::lora_shrink(x, lora_a, adapter_idx)                         → h
     lift::lora_expand(h, lora_b, scaling, adapter_idx)                → y
     lift::lora_linear_delta(x, lora_a, lora_b, scaling, adapter_idx)  → y
+    lift::lora_linear(x, weight, bias?, lora_a, lora_b, scaling, adapter_idx) → y
     lift::gated_memory_blend(attn_out, q, w1, w2, w3, w4, adapter_idx) → out
     lift::gated_memory_attention_fwd(q, k, v, cos, sin, w1..w4, adapter_idx, scale)
                                                                        → (out, attn, lse2)
@@ -100,6 +101,24 @@ def ref_lora_linear_delta_backward(dy, x, lora_a, lora_b, scaling, adapter_idx, 
     if need_dh:
         dx, da = ref_lora_shrink_backward(dh, x, lora_a, adapter_idx, needs[:2])
     return dx, da, db, ds
+
+
+def ref_lora_linear_backward(dy, x, weight, bias, lora_a, lora_b, scaling, adapter_idx, needs=(True,) * 6,
+                             delta_backward=None):
+    """y = x Wᵀ + bias + delta(x) → dx = dy W + (delta's dx); dW = dyᵀ x; dbias = Σ_t dy[t];
+    dA, dB, dscaling are the delta's. `delta_backward` computes the LoRA part (default: the
+    formula above; custom ops pass the chosen backend's lora_linear_delta_backward)."""
+    delta_backward = delta_backward or ref_lora_linear_delta_backward
+    need_x, need_w, need_bias, need_a, need_b, need_s = (bool(n) for n in needs)
+    dx = da = db = ds = None
+    if need_x or need_a or need_b or need_s:
+        dx, da, db, ds = delta_backward(dy, x, lora_a, lora_b, scaling, adapter_idx, (need_x, need_a, need_b, need_s))
+    if need_x:
+        base = dy.to(weight.dtype) @ weight
+        dx = base if dx is None else dx + base
+    dw = (dy.t() @ x.to(dy.dtype)).to(weight.dtype) if need_w else None
+    dbias = dy.sum(0).to(bias.dtype) if need_bias and bias is not None else None
+    return dx, dw, dbias, da, db, ds
 
 
 def ref_gated_memory_blend_backward(dout, attn_out, q, w1, w2, w3, w4, adapter_idx, needs=(True,) * 6):
@@ -350,6 +369,55 @@ def _delta_bwd(ctx, dy):
 lora_linear_delta.register_autograd(_delta_bwd, setup_context=_expand_setup)
 
 
+# --- lora_linear (frozen linear + LoRA in one op; bias may be None)
+@torch.library.custom_op("lift::lora_linear", mutates_args=())
+def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, scaling: Tensor,
+                adapter_idx: Tensor) -> Tensor:
+    fn = _impl("lora_linear", "lora_linear", x.device, None)
+    with torch.no_grad():
+        return _fresh(fn(x, weight, bias, lora_a, lora_b, scaling, adapter_idx), x, weight, bias)
+
+
+@lora_linear.register_fake
+def _(x, weight, bias, lora_a, lora_b, scaling, adapter_idx):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _bias_slot(bias: Optional[Tensor], weight: Tensor) -> Tensor:
+    """Stand-in for an absent bias in the gradient list (its gradient is never needed)."""
+    return bias if bias is not None else weight.new_empty(0)
+
+
+@torch.library.custom_op("lift::lora_linear_backward", mutates_args=())
+def lora_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
+                         lora_b: Tensor, scaling: Tensor, adapter_idx: Tensor, needs: list[bool]) -> list[Tensor]:
+    fn = _impl("lora_linear", "lora_linear_backward", x.device, None)
+    if fn is None:  # base part in plain PyTorch, LoRA part by the backend's delta backward
+        delta_backward = _impl("lora_linear", "lora_linear_delta_backward", x.device, ref_lora_linear_delta_backward)
+
+        def fn(*args):
+            return ref_lora_linear_backward(*args, delta_backward=delta_backward)
+
+    with torch.no_grad():
+        grads = fn(dy, x, weight, bias, lora_a, lora_b, scaling, adapter_idx, tuple(needs))
+        return _grads_out(grads, (x, weight, _bias_slot(bias, weight), lora_a, lora_b, scaling), needs)
+
+
+@lora_linear_backward.register_fake
+def _(dy, x, weight, bias, lora_a, lora_b, scaling, adapter_idx, needs):
+    return _fake_grads((x, weight, _bias_slot(bias, weight), lora_a, lora_b, scaling), needs)
+
+
+def _linear_bwd(ctx, dy):
+    x, weight, bias, lora_a, lora_b, scaling, adapter_idx = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:6])
+    grads = torch.ops.lift.lora_linear_backward(dy, x, weight, bias, lora_a, lora_b, scaling, adapter_idx, needs)
+    return (*_grads_in(grads, needs), None)
+
+
+lora_linear.register_autograd(_linear_bwd, setup_context=_expand_setup)
+
+
 # --- gated_memory_blend
 @torch.library.custom_op("lift::gated_memory_blend", mutates_args=())
 def gated_memory_blend(attn_out: Tensor, q: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, w4: Tensor,
@@ -454,6 +522,7 @@ _CALLS = {
     "lora_shrink": lambda *a, **k: torch.ops.lift.lora_shrink(*a, **k),
     "lora_expand": lambda *a, **k: torch.ops.lift.lora_expand(*a, **k),
     "lora_linear_delta": lambda *a, **k: torch.ops.lift.lora_linear_delta(*a, **k),
+    "lora_linear": lambda *a, **k: torch.ops.lift.lora_linear(*a, **k),
     "gated_memory_blend": lambda *a, **k: torch.ops.lift.gated_memory_blend(*a, **k),
     "gated_memory_attention": gated_memory_attention,
 }

@@ -25,7 +25,8 @@ from typing import Callable
 
 import torch
 
-OPS = ("lora_shrink", "lora_expand", "lora_linear_delta", "gated_memory_blend", "gated_memory_attention")
+OPS = ("lora_shrink", "lora_expand", "lora_linear_delta", "lora_linear", "gated_memory_blend",
+       "gated_memory_attention")
 BACKENDS = ("reference", "triton", "cuda", "cpu")
 
 # Module that implements each backend; imported lazily, only when chosen.
@@ -130,6 +131,7 @@ def _dispatching(op: str) -> Callable:
 lora_shrink = _dispatching("lora_shrink")
 lora_expand = _dispatching("lora_expand")
 lora_linear_delta = _dispatching("lora_linear_delta")
+lora_linear = _dispatching("lora_linear")
 gated_memory_blend = _dispatching("gated_memory_blend")
 gated_memory_attention = _dispatching("gated_memory_attention")
 

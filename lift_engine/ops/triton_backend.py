@@ -42,6 +42,7 @@ from lift_engine.kernels import _common as _kc  # noqa: E402
 from lift_engine.kernels.gated_memory_attention import gated_memory_attention as _k_attention  # noqa: E402
 from lift_engine.kernels.gated_memory_blend import gated_memory_blend as _k_blend  # noqa: E402
 from lift_engine.kernels.lora_expand import lora_expand as _k_expand  # noqa: E402
+from lift_engine.kernels.lora_linear import MAX_FUSED_RANK, lora_linear as _k_linear  # noqa: E402
 from lift_engine.kernels.lora_linear_delta import lora_linear_delta as _k_delta  # noqa: E402
 from lift_engine.kernels.lora_shrink import lora_shrink as _k_shrink  # noqa: E402
 from lift_engine.ops import reference  # noqa: E402
@@ -88,6 +89,16 @@ def lora_linear_delta(
     if not _kernel_ok(x, lora_a, lora_b):
         return reference.lora_linear_delta(x, lora_a, lora_b, scaling, adapter_idx)
     return _k_delta(x, lora_a, lora_b, scaling, adapter_idx)
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, scaling, adapter_idx):
+    """x Wᵀ + bias + LoRA delta in one fused GEMM (kernels/lora_linear.py); ranks above the
+    fused kernel's limit take the base linear + the delta kernel."""
+    if not _kernel_ok(x, weight, lora_a, lora_b) or (bias is not None and bias.device != x.device):
+        return reference.lora_linear(x, weight, bias, lora_a, lora_b, scaling, adapter_idx)
+    if lora_b.shape[-1] > MAX_FUSED_RANK:
+        return torch.nn.functional.linear(x, weight, bias) + _k_delta(x, lora_a, lora_b, scaling, adapter_idx)
+    return _k_linear(x, weight, bias, lora_a, lora_b, scaling, adapter_idx)
 
 
 def gated_memory_blend(attn_out, q, w1, w2, w3, w4, adapter_idx):
