@@ -334,3 +334,122 @@ def test_interpreter_setup_survives_triton_imported_first():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     assert float(out.stdout.split("ERR")[1]) < 1e-4
+
+
+# ------------------------------------------------ lora_linear: frozen linear + LoRA in one op
+def linear_inputs(dtype=torch.float32, tokens=23, n=3, r=4, d_in=17, d_out=13, bias=True, seed=0):
+    x, a, b, s, idx = lora_inputs(dtype, tokens, n, r, d_in, d_out, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    w = (torch.randn(d_out, d_in, generator=g, dtype=torch.float64) / 4).to(DEVICE, dtype)
+    bias_t = torch.randn(d_out, generator=g, dtype=torch.float64).to(DEVICE, dtype) if bias else None
+    return x, w, bias_t, a, b, s, idx
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_reference_lora_linear_is_base_linear_plus_delta_exactly(bias):
+    x, w, bias_t, a, b, s, idx = linear_inputs(bias=bias)
+    want = torch.nn.functional.linear(x, w, bias_t) + reference.lora_linear_delta(x, a, b, s, idx)
+    assert torch.equal(reference.lora_linear(x, w, bias_t, a, b, s, idx), want)
+    with pytest.raises(ValueError):
+        reference.lora_linear(x, w[:, :-1], bias_t, a, b, s, idx)
+
+
+def test_lora_linear_reference_and_cpu_backends_agree(fresh_dispatch, monkeypatch):
+    """LIFT_BACKEND=reference and =cpu give the same lora_linear (and each is exactly its own
+    base linear + lora_linear_delta, the two calls an unfused layer makes)."""
+    x, w, bias_t, a, b, s, idx = linear_inputs(tokens=150)  # > one C++ block
+    results = {}
+    for backend in ("reference", "cpu"):
+        monkeypatch.setenv("LIFT_BACKEND", backend)
+        try:
+            name, fn = dispatch.resolve("lora_linear", "cpu")
+        except BackendUnavailable as exc:
+            pytest.skip(f"C++ CPU backend not built: {exc}")
+        assert name == backend
+        leaves = [t.detach().requires_grad_(True) for t in (x, w, bias_t, a, b, s)]
+        y = ops.lora_linear(*leaves, idx)
+        assert torch.equal(y, torch.nn.functional.linear(x, w, bias_t) + ops.lora_linear_delta(x, a, b, s, idx))
+        results[backend] = (y, torch.autograd.grad(y, leaves, torch.ones_like(y)))
+    (yr, gr), (yc, gc) = results["reference"], results["cpu"]
+    assert_close(yc, yr, torch.float32)
+    for name, got, want in zip(("dx", "dW", "dbias", "dA", "dB", "dscaling"), gc, gr):
+        assert_close(got, want, torch.float32, "grad", name)
+
+
+def test_forced_triton_lora_linear_matches_reference(fresh_dispatch, monkeypatch):
+    monkeypatch.setenv("LIFT_BACKEND", "triton")
+    x, w, bias_t, a, b, s, idx = linear_inputs()
+    assert dispatch.resolve("lora_linear", DEVICE)[0] == "triton"
+    assert_close(ops.lora_linear(x, w, bias_t, a, b, s, idx), reference.lora_linear(x, w, bias_t, a, b, s, idx),
+                 torch.float32)
+    x64, w64, b64, a64, bb64, s64, _ = linear_inputs(torch.float64)  # not a kernel dtype → reference
+    torch.testing.assert_close(ops.lora_linear(x64, w64, b64, a64, bb64, s64, idx),
+                               reference.lora_linear(x64, w64, b64, a64, bb64, s64, idx))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_reference_lora_linear_backward_formula_matches_autograd(bias):
+    inputs = linear_inputs(torch.float64, bias=bias)
+    diff = (0, 1, 2, 3, 4, 5) if bias else (0, 1, 3, 4, 5)
+    g, want = _autograd(reference.lora_linear, inputs, diff)
+    needs = [i in diff for i in range(6)]
+    got = custom_ops.ref_lora_linear_backward(g, *inputs, needs=needs)
+    for i, w_ in zip(diff, want):
+        torch.testing.assert_close(got[i], w_)
+    assert bias or got[2] is None
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_lora_linear_custom_op_matches_reference_with_gradients(fresh_dispatch, monkeypatch, backend, bias):
+    monkeypatch.setenv("LIFT_BACKEND", backend)
+    try:
+        dispatch.resolve("lora_linear", DEVICE)
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    x, w, bias_t, a, b, s, idx = linear_inputs(bias=bias)
+    frozen = (0, 3, 4, 5)  # LIFT: base weight and bias frozen
+    for diff in ((0, 1, 2, 3, 4, 5) if bias else (0, 1, 3, 4, 5), frozen):
+        inputs = (x, w, bias_t, a, b, s, idx)
+        g, want = _autograd(reference.lora_linear, inputs, diff)
+        leaves = [t.detach().requires_grad_(i in diff) if t is not None else None for i, t in enumerate(inputs)]
+        out = torch.ops.lift.lora_linear(*leaves)
+        assert_close(out, reference.lora_linear(*inputs), torch.float32)
+        got = torch.autograd.grad(out, [leaves[i] for i in diff], g.float())
+        for i, gg, ww in zip(diff, got, want):
+            assert_close(gg, ww, torch.float32, "grad", f"input {i}")
+
+
+def test_lora_linear_opcheck(fresh_dispatch, monkeypatch):
+    monkeypatch.setenv("LIFT_BACKEND", "reference")
+    x, w, bias_t, a, b, s, idx = linear_inputs(tokens=9)
+    x, a, b = (t.requires_grad_(True) for t in (x, a, b))
+    torch.library.opcheck(torch.ops.lift.lora_linear.default, (x, w, bias_t, a, b, s, idx))
+    torch.library.opcheck(torch.ops.lift.lora_linear.default, (x, w.requires_grad_(True), None, a, b, s, idx))
+
+
+def test_lora_linear_under_torch_compile_is_one_node(fresh_dispatch, monkeypatch):
+    monkeypatch.setenv("LIFT_BACKEND", "reference")
+    torch._dynamo.reset()
+    x, w, bias_t, a, b, s, idx = linear_inputs()
+
+    def loss(x, a, b):
+        return ops.lora_linear(x, w, bias_t, a, b, s, idx).square().sum()
+
+    from torch._dynamo.backends.debugging import aot_eager
+
+    seen = []
+
+    def recording_backend(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return aot_eager(gm, example_inputs)
+
+    leaves = [t.detach().requires_grad_(True) for t in (x, a, b)]
+    y = torch.compile(loss, backend=recording_backend, fullgraph=True)(*leaves)
+    assert "lift.lora_linear" in seen, seen
+    grads = torch.autograd.grad(y, leaves)
+    rleaves = [t.detach().requires_grad_(True) for t in (x, a, b)]
+    yr = loss(*rleaves)
+    assert_close(y, yr, torch.float32)
+    for got, want in zip(grads, torch.autograd.grad(yr, rleaves)):
+        assert_close(got, want, torch.float32, "grad")
