@@ -354,6 +354,29 @@ def test_reference_lora_linear_is_base_linear_plus_delta_exactly(bias):
         reference.lora_linear(x, w[:, :-1], bias_t, a, b, s, idx)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_lora_linear_takes_leading_dims(fresh_dispatch, monkeypatch, backend):
+    """x [B, S, in] (what a patched projection sees) is x [B·S, in] with the output reshaped,
+    eagerly and as the custom op, forward and backward."""
+    monkeypatch.setenv("LIFT_BACKEND", backend)
+    try:
+        dispatch.resolve("lora_linear", DEVICE)
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    x, w, bias_t, a, b, s, idx = linear_inputs(tokens=24)
+    want = reference.lora_linear(x, w, bias_t, a, b, s, idx).view(4, 6, -1)
+    for fn in (ops.lora_linear, torch.ops.lift.lora_linear):
+        x3 = x.view(4, 6, -1).detach().requires_grad_(True)
+        y = fn(x3, w, bias_t, a, b, s, idx)
+        assert y.shape == (4, 6, w.shape[0])
+        assert_close(y, want, torch.float32)
+        (dx,) = torch.autograd.grad(y, x3, torch.ones_like(y))
+        x2 = x.detach().requires_grad_(True)
+        y2 = reference.lora_linear(x2, w, bias_t, a, b, s, idx)
+        (dx2,) = torch.autograd.grad(y2, x2, torch.ones_like(y2))
+        assert_close(dx, dx2.view(4, 6, -1), torch.float32, "grad")
+
+
 def test_lora_linear_reference_and_cpu_backends_agree(fresh_dispatch, monkeypatch):
     """LIFT_BACKEND=reference and =cpu give the same lora_linear (and each is exactly its own
     base linear + lora_linear_delta, the two calls an unfused layer makes)."""
@@ -426,6 +449,7 @@ def test_lora_linear_opcheck(fresh_dispatch, monkeypatch):
     x, a, b = (t.requires_grad_(True) for t in (x, a, b))
     torch.library.opcheck(torch.ops.lift.lora_linear.default, (x, w, bias_t, a, b, s, idx))
     torch.library.opcheck(torch.ops.lift.lora_linear.default, (x, w.requires_grad_(True), None, a, b, s, idx))
+    torch.library.opcheck(torch.ops.lift.lora_linear.default, (x.view(3, 3, -1), w, bias_t, a, b, s, idx))
 
 
 def test_lora_linear_under_torch_compile_is_one_node(fresh_dispatch, monkeypatch):

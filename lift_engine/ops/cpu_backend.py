@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from lift_engine.ops import reference
 from lift_engine.ops._native import load
+from lift_engine.ops.reference.lora_linear import check_linear
 
 _C = load("cpu")  # ImportError with the reason when not built
 
@@ -207,14 +208,17 @@ def lora_linear(
     scaling: torch.Tensor,
     adapter_idx: torch.Tensor,
 ) -> torch.Tensor:
-    """F.linear(x, weight, bias) + lora_linear_delta(x, …): torch's GEMM for the frozen base
-    (nothing to gain there) and the C++ delta above for the LoRA term — the same two calls
-    an unfused LoRA layer makes on this backend, so the result is bit for bit that.
+    """F.linear(x, weight, bias) + lora_linear_delta(x as [T, in], …): torch's GEMM for the
+    frozen base (nothing to gain there) and the C++ delta above for the LoRA term — the same
+    two calls, on the same tensors, that an unfused LoRA layer makes on this backend, so
+    output and gradients are bit for bit that (see reference/lora_linear.py).
 
-    x: [T, in], weight: [out, in], bias: [out] | None, lora_a: [N, r, in], lora_b: [N, out, r],
-    scaling: [N], adapter_idx: [T] → [T, out].
+    x: [..., in] (T tokens), weight: [out, in], bias: [out] | None, lora_a: [N, r, in],
+    lora_b: [N, out, r], scaling: [N], adapter_idx: [T] → [..., out].
     """
-    return F.linear(x, weight, bias) + lora_linear_delta(x, lora_a, lora_b, scaling, adapter_idx)
+    check_linear(x, weight, lora_b)
+    y = F.linear(x, weight, bias)
+    return y + lora_linear_delta(x.reshape(-1, x.shape[-1]), lora_a, lora_b, scaling, adapter_idx).view(y.shape)
 
 
 def gated_memory_blend(

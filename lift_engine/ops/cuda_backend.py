@@ -261,9 +261,11 @@ def lora_linear_delta(x, lora_a, lora_b, scaling, adapter_idx):
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scaling, adapter_idx):
-    """F.linear(x, weight, bias) (cuBLAS) + the delta above: x [T, in], weight [out, in],
-    bias [out] | None, lora_a [N, r, in], lora_b [N, out, r], scaling [N], adapter_idx [T] → [T, out]."""
-    return torch.nn.functional.linear(x, weight, bias) + lora_linear_delta(x, lora_a, lora_b, scaling, adapter_idx)
+    """F.linear(x, weight, bias) (cuBLAS) + the delta above on x as [T, in]: x [..., in],
+    weight [out, in], bias [out] | None, lora_a [N, r, in], lora_b [N, out, r], scaling [N],
+    adapter_idx [T] → [..., out]."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    return y + lora_linear_delta(x.reshape(-1, x.shape[-1]), lora_a, lora_b, scaling, adapter_idx).view(y.shape)
 
 
 def gated_memory_blend(attn_out, q, w1, w2, w3, w4, adapter_idx):

@@ -8,7 +8,7 @@ autograd formula, so a compiled graph calls the op as one node and trains throug
     lift::lora_shrink(x, lora_a, adapter_idx)                         → h
     lift::lora_expand(h, lora_b, scaling, adapter_idx)                → y
     lift::lora_linear_delta(x, lora_a, lora_b, scaling, adapter_idx)  → y
-    lift::lora_linear(x, weight, bias?, lora_a, lora_b, scaling, adapter_idx) → y
+    lift::lora_linear(x, weight, bias?, lora_a, lora_b, scaling, adapter_idx) → y   (x [..., in])
     lift::gated_memory_blend(attn_out, q, w1, w2, w3, w4, adapter_idx) → out
     lift::gated_memory_attention_fwd(q, k, v, cos, sin, w1..w4, adapter_idx, scale)
                                                                        → (out, attn, lse2)
@@ -110,12 +110,14 @@ def ref_lora_linear_backward(dy, x, weight, bias, lora_a, lora_b, scaling, adapt
     formula above; custom ops pass the chosen backend's lora_linear_delta_backward)."""
     delta_backward = delta_backward or ref_lora_linear_delta_backward
     need_x, need_w, need_bias, need_a, need_b, need_s = (bool(n) for n in needs)
+    shape = x.shape
+    x, dy = x.reshape(-1, shape[-1]), dy.reshape(-1, weight.shape[0])  # x may be [..., in]
     dx = da = db = ds = None
     if need_x or need_a or need_b or need_s:
         dx, da, db, ds = delta_backward(dy, x, lora_a, lora_b, scaling, adapter_idx, (need_x, need_a, need_b, need_s))
     if need_x:
         base = dy.to(weight.dtype) @ weight
-        dx = base if dx is None else dx + base
+        dx = (base if dx is None else dx + base).view(shape)
     dw = (dy.t() @ x.to(dy.dtype)).to(weight.dtype) if need_w else None
     dbias = dy.sum(0).to(bias.dtype) if need_bias and bias is not None else None
     return dx, dw, dbias, da, db, ds
@@ -380,7 +382,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
 
 @lora_linear.register_fake
 def _(x, weight, bias, lora_a, lora_b, scaling, adapter_idx):
-    return x.new_empty(x.shape[0], weight.shape[0])
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def _bias_slot(bias: Optional[Tensor], weight: Tensor) -> Tensor:

@@ -46,6 +46,7 @@ from lift_engine.kernels.lora_linear import MAX_FUSED_RANK, lora_linear as _k_li
 from lift_engine.kernels.lora_linear_delta import lora_linear_delta as _k_delta  # noqa: E402
 from lift_engine.kernels.lora_shrink import lora_shrink as _k_shrink  # noqa: E402
 from lift_engine.ops import reference  # noqa: E402
+from lift_engine.ops.reference.lora_linear import check_linear  # noqa: E402
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -92,13 +93,17 @@ def lora_linear_delta(
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scaling, adapter_idx):
-    """x Wᵀ + bias + LoRA delta in one fused GEMM (kernels/lora_linear.py); ranks above the
-    fused kernel's limit take the base linear + the delta kernel."""
+    """x Wᵀ + bias + LoRA delta in one fused GEMM (kernels/lora_linear.py) on x flattened to
+    [T, in]; ranks above the fused kernel's limit take the base linear + the delta kernel."""
     if not _kernel_ok(x, weight, lora_a, lora_b) or (bias is not None and bias.device != x.device):
         return reference.lora_linear(x, weight, bias, lora_a, lora_b, scaling, adapter_idx)
+    check_linear(x, weight, lora_b)
+    flat = x.reshape(-1, x.shape[-1])
     if lora_b.shape[-1] > MAX_FUSED_RANK:
-        return torch.nn.functional.linear(x, weight, bias) + _k_delta(x, lora_a, lora_b, scaling, adapter_idx)
-    return _k_linear(x, weight, bias, lora_a, lora_b, scaling, adapter_idx)
+        y = torch.nn.functional.linear(flat, weight, bias) + _k_delta(flat, lora_a, lora_b, scaling, adapter_idx)
+    else:
+        y = _k_linear(flat, weight, bias, lora_a, lora_b, scaling, adapter_idx)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def gated_memory_blend(attn_out, q, w1, w2, w3, w4, adapter_idx):
