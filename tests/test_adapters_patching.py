@@ -224,3 +224,65 @@ def test_seeded_attach_is_reproducible(kind):
     assert all(torch.equal(v, states[1][k]) for k, v in states[0].items())
     unseeded = attach_adapters(make_tiny_model("llama"), kind, _cfg(kind), num_adapters=1)
     assert any(not torch.equal(v, unseeded.state_for_slot(0)[k]) for k, v in states[0].items())
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v with bias
+def test_fused_lora_linear_path_leaves_outputs_and_grads_unchanged(arch, dtype, backend, monkeypatch):
+    """The layer's one-op path (ops.lora_linear) gives bit for bit what base linear +
+    ops.lora_linear_delta gave, logits and adapter gradients, on the reference and C++ CPU
+    backends (same autograd graph, so even q/k/v's gradient contributions to their shared
+    input are summed in the same order); the base stays frozen."""
+    from lift_engine import ops
+    from lift_engine.ops import dispatch
+
+    monkeypatch.setenv("LIFT_BACKEND", backend)
+    try:
+        dispatch.resolve("lora_linear", "cpu")
+    except dispatch.BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    calls = []
+    real = ops.lora_linear
+    monkeypatch.setattr(ops, "lora_linear", lambda *a: calls.append(1) or real(*a))
+    model = make_tiny_model(arch, heads=4, kv_heads=2, dtype=dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    handle = attach_adapters(model, "lora", _cfg("lora"), num_adapters=3)
+    _perturb(handle, scale=0.1)
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    idx = torch.tensor([[0, 0, 2, 2, -1, 1, 1], [-1, -1, 2, 0, 0, 0, 1]])
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(LoRABankLinear, "fused", fused)
+        calls.clear()
+        params = list(handle.trainable_parameters())
+        with handle.use(idx):
+            logits = model(ids).logits
+            grads = torch.autograd.grad(logits.float().square().mean(), params)
+        assert bool(calls) == fused  # the fused run really took the one-op path
+        results[fused] = (logits, grads)
+    assert torch.equal(results[True][0], results[False][0])
+    for got, want in zip(results[True][1], results[False][1]):
+        assert torch.equal(got, want)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def test_lora_layer_keeps_the_two_op_path_for_a_hooked_base():
+    """A base Linear with a forward hook (or another dtype than the bank) is called as a module."""
+    model = make_tiny_model("llama")
+    handle = attach_adapters(model, "lora", _cfg("lora"), num_adapters=2)
+    _perturb(handle)
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 5, layer.in_features)
+    seen = []
+    with handle.use(torch.tensor([0, 1])):
+        assert layer._fusable(x)
+        want = layer(x)
+        hook = layer.base_layer.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+        assert not layer._fusable(x)
+        assert torch.equal(layer(x), want) and seen == [(2, 5, layer.out_features)]
+        hook.remove()
+        assert not layer._fusable(x.double())
+        layer.lora_a.data = layer.lora_a.data.double()  # bank in another dtype than the base
+        assert not layer._fusable(x)

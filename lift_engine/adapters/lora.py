@@ -8,7 +8,12 @@ LoRABankLinear wraps a frozen nn.Linear W and a bank of N LoRA adapters:
     lora_b  [N, out, r]  Parameter, zeros (so a fresh adapter is the base model)
     scaling [N]          buffer, α/r per adapter
 
-The adapter math goes through lift_engine.ops.lora_linear_delta; the per-token indices
+While adapters are active the layer is one op, lift_engine.ops.lora_linear (base weight +
+LoRA): one fused GEMM on the Triton backend; on the reference and C++ CPU backends exactly
+F.linear + lora_linear_delta, the autograd graph this layer built before the op existed,
+so outputs and gradients are bit for bit unchanged there. It falls back to
+base_layer(x) + ops.lora_linear_delta when the base is not a plain, hook-free nn.Linear
+or the dtypes differ (see `_fusable`), or when `fused` is False. The per-token indices
 come from the shared AdapterContext.
 """
 from __future__ import annotations
@@ -72,16 +77,31 @@ class LoRABankLinear(nn.Module):
         self.lora_b[n].zero_()
         self.scaling[n] = self.default_scaling
 
+    #: Call ops.lora_linear (base + LoRA in one op) when `_fusable`; False keeps the two-op path.
+    fused: bool = True
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """The one-op path computes F.linear(x, W, b) itself, so the base must be a plain
+        nn.Linear whose forward is exactly that (no subclass, no hooks, no patched forward,
+        e.g. by accelerate), and x, W and the bank must share one dtype (no casts)."""
+        base = self.base_layer
+        return (self.fused and type(base) is nn.Linear and not base._forward_hooks
+                and not base._forward_pre_hooks and "forward" not in base.__dict__
+                and x.dtype == base.weight.dtype == self.lora_a.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] (leading dims [B, S] or [B]) → [..., out]."""
-        y = self.base_layer(x)
         ctx = self.context
         if not ctx.active:
-            return y
+            return self.base_layer(x)
         batch = x.shape[0] if x.dim() > 1 else 1
-        flat = x.reshape(-1, self.in_features)
-        seq = flat.shape[0] // batch
+        seq = x.numel() // self.in_features // batch
         idx = ctx.token_indices(batch, seq, device=x.device)
+        if self._fusable(x):  # same graph as below on the reference/C++ backends (ops/reference/lora_linear.py)
+            base = self.base_layer
+            return ops.lora_linear(x, base.weight, base.bias, self.lora_a, self.lora_b, self.scaling, idx)
+        y = self.base_layer(x)
+        flat = x.reshape(-1, self.in_features)
         delta = ops.lora_linear_delta(flat.to(self.lora_a.dtype), self.lora_a, self.lora_b, self.scaling, idx)
         return y + delta.to(y.dtype).view(*x.shape[:-1], self.out_features)
 
