@@ -24,8 +24,8 @@ on a shared CPU (DESIGN.md §9): read the ratios.
     python bench/bench_cpu_ops.py --quick         # fewer rounds and cases
     python bench/bench_cpu_ops.py --ops lora_shrink gated_memory_blend --rounds 30
 
-Writes bench/results/bench_cpu_ops.json and, when matplotlib is installed, a plot
-bench/results/bench_cpu_ops.png.
+Writes bench/results/bench_cpu_ops.json and a chart of the ratios next to it (.svg,
+bench_common.svg_bar_chart); `--plot-only JSON` redraws the chart of a results JSON.
 """
 from __future__ import annotations
 
@@ -43,7 +43,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from bench_common import svg_bar_chart  # noqa: E402
 from lift_engine.ops import reference  # noqa: E402
 from lift_engine.ops._native import status as native_status  # noqa: E402
 
@@ -240,29 +242,17 @@ def run(ops, adapters, mixes, modes, rounds, dtype) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: skipping the plot (results are in the JSON)")
-        return
-    labels = [f"{r['op'].replace('gated_memory_', 'gm_')}\nN={r['n_adapters']} {r['mix'][:3]} {r['mode']}" for r in rows]
-    xs = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.45), 4.5))
-    ax.bar([x - 0.2 for x in xs], [r["cpp_vs_reference"] for r in rows], width=0.4, label="C++ vs reference (eager)")
-    ax.bar([x + 0.2 for x in xs], [r["cpp_vs_naive"] for r in rows], width=0.4, label="C++ vs naive adapter loop")
-    ax.axhline(1.5, color="k", linestyle="--", linewidth=0.8, label="target 1.5x")
-    ax.set_yscale("log")
-    ax.set_ylabel("speed-up (x)")
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels(labels, rotation=90, fontsize=6)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+def plot(rows: list[dict], path: Path, hardware_line: str = "") -> Path:
+    """C++ speed-up over both baselines, one group per row (bench_common.svg_bar_chart, log scale)."""
+    dtypes = sorted({r.get("dtype", "") for r in rows})
+    labels = [f"{r['op'].replace('gated_memory_', 'gm_')} N={r['n_adapters']} {r['mix'][:3]} {r['mode']}" for r in rows]
+    series = {"C++ vs reference (eager)": [r["cpp_vs_reference"] for r in rows],
+              "C++ vs naive adapter loop": [r["cpp_vs_naive"] for r in rows]}
+    out = svg_bar_chart(path, f"C++ CPU kernels: speed-up vs PyTorch eager ({', '.join(dtypes)})", labels, series,
+                        ylabel="speed-up (×, median paired ratio)", subtitle=hardware_line, log=True,
+                        hlines=[(1.0, "1× = parity"), (1.5, "target 1.5×")])
+    print(f"plot: {out}")
+    return out
 
 
 def main(argv=None) -> int:
@@ -276,7 +266,12 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="8 rounds, N = 1 and 16")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_cpu_ops.json")
+    parser.add_argument("--plot-only", type=Path, metavar="JSON", help="only redraw the .svg of a results JSON")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        data = json.loads(args.plot_only.read_text())
+        plot(data["rows"], args.plot_only.with_suffix(".svg"), data.get("hardware_line", ""))
+        return 0
     if args.quick:
         args.rounds, args.adapters = 8, [1, 16]
     if args.threads:
@@ -308,7 +303,7 @@ def main(argv=None) -> int:
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, args.out)
     print(f"results: {args.out}")
-    plot(rows, args.out.with_suffix(".png"))
+    plot(rows, args.out.with_suffix(".svg"), result["hardware_line"])
     return 0
 
 

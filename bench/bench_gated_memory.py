@@ -24,12 +24,14 @@ TFLOP/s count causal attention as 2·B·H·S²·d forward (QKᵀ and PV, half th
 
     python bench/bench_gated_memory.py [--quick]
 
-Writes bench/results/bench_gated_memory.json and, with matplotlib, a .png next to it.
+Writes bench/results/bench_gated_memory.json (_cpu on CPU) and a chart of the ratios next to
+it (.svg, bench_common.svg_bar_chart); `--plot-only JSON` redraws a chart.
 Target (issue 3): fused fwd+bwd ≥ 2× the unfused PyTorch reference at 4k tokens (GPU).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -47,6 +49,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lora import (  # noqa: E402
     hardware,
+    hardware_subtitle,
     kernel_contenders,
     measure,
     plot_ratios,
@@ -175,7 +178,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    parser.add_argument("--plot-only", type=Path, metavar="JSON", help="only redraw the .svg of a results JSON")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        print(f"plot: {write_chart(args.plot_only, json.loads(args.plot_only.read_text()))}")
+        return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rounds = args.rounds or (5 if args.quick else (20 if device == "cuda" else 5))
@@ -197,10 +204,16 @@ def main(argv=None) -> int:
                "target": "fused fwd+bwd ≥ 2× the unfused reference at 4k tokens (GPU)", "cases": cases}
     path = write_results("bench_gated_memory" if device == "cuda" else "bench_gated_memory_cpu", payload)
     print(f"\nresults: {path}")
-    plot = plot_ratios(path.stem, cases, "reference", f"Gated-Memory attention vs unfused reference ({device})")
-    if plot:
-        print(f"plot: {plot}")
+    print(f"plot: {write_chart(path, payload)}")
     return 0
+
+
+def write_chart(json_path: Path, payload: dict) -> Path:
+    """The .svg of a results payload (this run's, or a JSON read back with --plot-only)."""
+    hw = payload["hardware"]
+    return plot_ratios(json_path, payload["cases"], "reference",
+                       f"Gated-Memory attention: speed-up vs the unfused reference ({hw['device']})",
+                       hardware_subtitle(hw, payload.get("dtype", "")))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ from the median time. No absolute CPU time is a result on a shared machine (DESI
     python bench/bench_lora.py            # GPU if present, else CPU (Triton rows skipped)
     python bench/bench_lora.py --quick
 
-Writes bench/results/bench_lora.json and, with matplotlib, bench/results/bench_lora.png.
+Writes bench/results/bench_lora.json (bench_lora_cpu.json on CPU) and a chart of the ratios
+next to it (.svg, bench_common.svg_bar_chart); `--plot-only JSON` redraws a chart.
 Target (issue 3): multi-adapter LoRA ≥ 3× the per-adapter loop at 16 adapters on GPU.
 """
 from __future__ import annotations
@@ -50,7 +51,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from bench_common import svg_bar_chart  # noqa: E402
 from lift_engine.ops import dispatch, reference  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -175,32 +178,36 @@ def write_results(name: str, payload: dict) -> Path:
     return path
 
 
-def plot_ratios(name: str, cases: list[dict], baseline: str, title: str) -> Path | None:
-    try:
-        import matplotlib
+def hardware_subtitle(hw: dict, dtype: str = "") -> str:
+    """One line for a chart: where the numbers come from."""
+    parts = [hw.get("gpu") or hw.get("processor") or "", hw.get("device", ""), dtype.replace("torch.", ""),
+             f"torch {hw.get('torch')}", f"{hw.get('cpu_threads')} CPU threads"]
+    if hw.get("load_average_1_5_15min"):
+        parts.append("load avg " + "/".join(f"{v:g}" for v in hw["load_average_1_5_15min"]))
+    return " · ".join(p for p in parts if p)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: plot skipped (results are in the JSON)")
-        return None
-    labels = [c["label"] for c in cases]
-    names = sorted({n for c in cases for n in c["ratios"].get(f"vs_{baseline}", {})})
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels)), 4))
-    width = 0.8 / max(1, len(names))
-    for i, contender in enumerate(names):
-        vals = [c["ratios"].get(f"vs_{baseline}", {}).get(contender, 0.0) for c in cases]
-        ax.bar([x + i * width for x in range(len(labels))], vals, width, label=contender)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(labels))])
-    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(f"speed-up vs {baseline}")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = RESULTS / f"{name}.png"
-    fig.savefig(path, dpi=120)
-    return path
+
+def plot_ratios(json_path: Path, cases: list[dict], baselines: str | tuple[str, ...], title: str,
+                subtitle: str = "") -> Path:
+    """Speed-ups as grouped bars (bench_common.svg_bar_chart), written next to the JSON as .svg.
+
+    One group per case, one bar per contender: median paired ratio (baseline time / its
+    time) against the first of `baselines` the case has ratios for (bench_lora's projection
+    rows use "base+loop"; their contenders "base+X" are drawn as series X)."""
+    baselines = (baselines,) if isinstance(baselines, str) else tuple(baselines)
+    labels, per_case = [], []
+    for c in cases:
+        base = next((b for b in baselines if f"vs_{b}" in c.get("ratios", {})), None)
+        ratios = c["ratios"][f"vs_{base}"] if base else {}
+        labels.append(c["label"])
+        per_case.append({name.removeprefix("base+") if base and base.startswith("base+") else name: v
+                         for name, v in ratios.items()})
+    names = list(dict.fromkeys(n for r in per_case for n in r))
+    shown = {"base": "base GEMM alone (context)", "sdpa": "SDPA alone, no memory (context)"}
+    series = {shown.get(n, n): [r.get(n) for r in per_case] for n in names}
+    return svg_bar_chart(Path(json_path).with_suffix(".svg"), title, labels, series,
+                         ylabel=f"speed-up vs {' / '.join(baselines)} (×)", subtitle=subtitle,
+                         hlines=[(1.0, "1× = " + " / ".join(baselines))])
 
 
 # ===================================================================== LoRA bench
@@ -347,7 +354,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer cases and rounds")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    parser.add_argument("--plot-only", type=Path, metavar="JSON", help="only redraw the .svg of a results JSON")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        print(f"plot: {write_chart(args.plot_only, json.loads(args.plot_only.read_text()))}")
+        return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rounds = args.rounds or (5 if args.quick else (20 if device == "cuda" else 7))
@@ -380,10 +391,16 @@ def main(argv=None) -> int:
                "target": "≥ 3× the per-adapter loop at 16 adapters (GPU)", "cases": cases}
     path = write_results("bench_lora" if device == "cuda" else "bench_lora_cpu", payload)
     print(f"\nresults: {path}")
-    plot = plot_ratios(path.stem, cases, "loop", f"multi-adapter LoRA vs per-adapter loop ({device})")
-    if plot:
-        print(f"plot: {plot}")
+    print(f"plot: {write_chart(path, payload)}")
     return 0
+
+
+def write_chart(json_path: Path, payload: dict) -> Path:
+    """The .svg of a results payload (this run's, or a JSON read back with --plot-only)."""
+    hw = payload["hardware"]
+    return plot_ratios(json_path, payload["cases"], ("loop", "base+loop"),
+                       f"Multi-adapter LoRA: speed-up vs the per-adapter loop ({hw['device']})",
+                       hardware_subtitle(hw, payload.get("dtype", "")) + " · proj rows: base GEMM + each delta")
 
 
 if __name__ == "__main__":

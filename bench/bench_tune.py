@@ -18,7 +18,8 @@ planned samples, counted the same way for every method), achieved GFLOP/s
 model's linear layers, plus the output head at loss positions; attention's quadratic
 term not counted) against this machine's measured fp32 matmul peak, and every method's
 ratio to the HF baseline. The run prints a markdown table and writes
-bench/results/bench_tune.json and bench/results/bench_tune.svg.
+bench/results/bench_tune.json and its chart bench/results/bench_tune.svg
+(bench_common.svg_bar_chart); `--plot-only JSON` redraws the chart of a results JSON.
 
 A shared CPU makes absolute times noisy; the ratios from one run are the result.
 
@@ -40,13 +41,13 @@ from lift_engine.batch.job import BatchTuneJob
 from lift_engine.config import make_config
 from lift_engine.data.extractive import extract_tasks
 from lift_engine.data.synthetic import make_dataset
-from lift_engine.fsutil import atomic_write_json, atomic_write_text
+from lift_engine.fsutil import atomic_write_json
 from lift_engine.models.loading import load_base_model
 from lift_engine.pipeline import build_qa_items, tune_document
 from lift_engine.prompts import PromptBuilder
 from lift_engine.samples import IGNORE_INDEX, DocumentSamples
 
-from bench_common import hardware  # noqa: E402  (bench/ is on sys.path when run as a script)
+from bench_common import hardware, svg_bar_chart  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = {"hf": "hf-trainer+peft", "solo": "lift one-by-one", "batched": "lift batched", "prefix": "lift batched+prefix"}
@@ -167,33 +168,24 @@ def model_flops(model, tokens: int, loss_tokens: int) -> float:
     return 4.0 * linear * tokens + 4.0 * head * loss_tokens
 
 
-def svg_chart(results: list[dict], path: Path) -> None:
-    """Grouped bars: documents/hour per method for each N (no plotting library needed)."""
+COLORS = {"hf-trainer+peft": "#9e9e9e", "lift one-by-one": "#64b5f6", "lift batched": "#1565c0",
+          "lift batched+prefix": "#2e7d32"}
+
+
+def svg_chart(report: dict, path: Path) -> Path:
+    """Grouped bars: documents/hour per method for each N (bench_common.svg_bar_chart)."""
+    results = report["results"]
     ns = sorted({r["n"] for r in results})
     methods = [m for m in METHODS.values() if any(r["method"] == m for r in results)]
-    colors = ["#9e9e9e", "#64b5f6", "#1565c0", "#2e7d32"]
-    top = max(r["docs_per_hour"] for r in results) or 1.0
-    width, height, pad = 640, 360, 50
-    group = (width - 2 * pad) / len(ns)
-    bar = group / (len(methods) + 1)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 60}" font-family="sans-serif" font-size="11">',
-             f'<text x="{pad}" y="20" font-size="13">documents/hour by N (higher is better)</text>']
-    for gi, n in enumerate(ns):
-        x0 = pad + gi * group
-        parts.append(f'<text x="{x0 + group / 2 - 10}" y="{height + 15}">N={n}</text>')
-        for mi, m in enumerate(methods):
-            r = next((r for r in results if r["n"] == n and r["method"] == m), None)
-            if r is None:
-                continue
-            h = (height - 2 * pad) * r["docs_per_hour"] / top
-            x = x0 + mi * bar + bar / 2
-            parts.append(f'<rect x="{x:.1f}" y="{height - h:.1f}" width="{bar * 0.9:.1f}" height="{h:.1f}" fill="{colors[mi % 4]}"/>')
-            parts.append(f'<text x="{x:.1f}" y="{height - h - 3:.1f}" font-size="9">{r["docs_per_hour"]:.0f}</text>')
-    for mi, m in enumerate(methods):
-        parts.append(f'<rect x="{pad + mi * 150}" y="{height + 30}" width="10" height="10" fill="{colors[mi % 4]}"/>'
-                     f'<text x="{pad + mi * 150 + 14}" y="{height + 39}">{m}</text>')
-    parts.append("</svg>")
-    atomic_write_text(path, "\n".join(parts))
+    series = {m: [next((r["docs_per_hour"] for r in results if r["n"] == n and r["method"] == m), None) for n in ns]
+              for m in methods}
+    hw, model = report.get("hardware", {}), report.get("model", {})
+    subtitle = " · ".join(str(p) for p in (model.get("id"), hw.get("cpu"), f"{hw.get('torch_threads')} threads",
+                                           f"torch {hw.get('torch')}", f"{report.get('doc_tokens')}-token documents")
+                          if p)
+    return svg_bar_chart(path, "Tuning throughput: documents/hour by N (higher is better)", [f"N={n}" for n in ns],
+                         series, ylabel="documents/hour", subtitle=subtitle, log=False, value_format="{:.0f}",
+                         colors=COLORS)
 
 
 def main() -> int:
@@ -210,7 +202,11 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", default=str(RESULTS / "bench_tune.json"))
+    parser.add_argument("--plot-only", type=Path, metavar="JSON", help="only redraw the .svg of a results JSON")
     args = parser.parse_args()
+    if args.plot_only:
+        print(f"plot: {svg_chart(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix('.svg'))}")
+        return 0
 
     base = load_base_model(args.model)
     cfg = bench_config(args)
@@ -251,7 +247,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, report)
-    svg_chart(results, out.with_suffix(".svg"))
+    svg_chart(report, out.with_suffix(".svg"))
     key = "speedup_vs_" + base_name.replace(" ", "_")
     print(f"\nmodel {base.model_id} ({model_desc['params'] / 1e6:.1f}M params); {report['hardware']['cpu']}, "
           f"{report['hardware']['torch_threads']} threads; fp32 matmul peak {peak:.1f} GFLOP/s\n")
