@@ -1,6 +1,7 @@
 """A frozen linear with multi-adapter LoRA fused into its GEMM (q/k/v/o/gate/up/down).
 
-Semantics:
+Semantics (reference: lift_engine.ops.reference.lora_linear; dispatch op ops.lora_linear,
+which LoRABankLinear calls for every patched projection):
 
     y[t] = x[t] Wᵀ + bias + scaling[n] · (x[t] A[n]ᵀ) B[n]ᵀ,   n = adapter_idx[t]
     (the LoRA term is 0 where n == -1; per-adapter ranks and q/k/v output slices as in
