@@ -97,3 +97,45 @@ def test_prefers_distinctive_spans():
 def test_synthetic_document_tasks_verbatim(seed):
     doc, _ = make_document(seed, n_facts=20, filler_paragraphs=30)
     _assert_verbatim(doc, extract_tasks(doc, 40, seed=seed))
+
+
+FACTS = """The Tophocys River is 1684 kilometres long. Weather is often wet in the valleys.
+Ciastaevol was first synthesised by Piahan Wozigiath in Feixora. Children swim in the cold lakes.
+The Treaty of Toundstad was signed in 1643. The post arrives twice a week in the hamlets.
+The headquarters of Beistin Optics is in Drianmere. The mayor of Droulstad is Keipeim Ziasto.
+"""
+
+
+def test_wh_questions_ask_in_place():
+    items = extract_tasks(FACTS, 60, seed=0)
+    _assert_verbatim(FACTS, items)
+    wh = {(it.question, it.answer) for it in items if it.kind == "wh"}
+    assert ("The Tophocys River is how many kilometres long?", "1684 kilometres") in wh
+    assert ("Ciastaevol was first synthesised by whom in Feixora?", "Piahan Wozigiath") in wh
+    assert ("The Treaty of Toundstad was signed in what year?", "1643") in wh
+    assert ("The headquarters of Beistin Optics is where?", "Drianmere") in wh
+    for question, answer in wh:
+        assert question.endswith("?") and answer not in question
+
+
+def test_passive_clauses_become_fronted_questions():
+    facts = {(it.question, it.answer) for it in extract_tasks(FACTS, 60, seed=0) if it.kind == "fact"}
+    assert ("Who first synthesised Ciastaevol?", "Piahan Wozigiath") in facts
+    assert ("In what year was the Treaty of Toundstad signed?", "1643") in facts
+    assert ("Who is the mayor of Droulstad?", "Keipeim Ziasto") in facts
+
+
+def test_one_fact_in_several_forms_before_repeats():
+    text = "Filler words are here today. The keeper of the Stendford lighthouse is Trogoth Kemos. More filler is here."
+    items = extract_tasks(text, 4, seed=0)
+    _assert_verbatim(text, items)
+    assert len(items) == 4
+    assert len({it.kind for it in items}) == 4, [(it.kind, it.question) for it in items]
+
+
+@pytest.mark.parametrize("sentence", [
+    "The count rose to 1,643 people last week.", "The ratio was 1643.5 at the end.", "It weighs 1643kg in all.",
+])
+def test_years_are_whole_four_digit_numbers(sentence):
+    for it in extract_tasks(sentence, 10, seed=0):
+        assert it.answer != "1643" and it.answer != "643"

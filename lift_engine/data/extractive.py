@@ -8,7 +8,13 @@ verbatim in the document:
   unit, a date, or a code such as "ZX-4471";
 - "cloze": "Complete the sentence from the document: '... ___ ...'" -> the key span;
 - "fact": short factual questions from simple patterns ("the X of Y is Z" ->
-  "What is the X of Y?" -> "Z"; "Name is/was a short description" -> "Who/What is Name?").
+  "What is the X of Y?" -> "Z"; "Name is/was a short description" -> "Who/What is Name?";
+  passives "S was Ved by P" -> "Who Ved S?", "S was Ved in 1643" -> "In what year was S Ved?");
+- "wh": the sentence as an in-situ question, one key span replaced by a wh-phrase of its
+  type ("The river is 1684 kilometres long." -> "The river is how many kilometres long?").
+
+One fact seen in several forms (asked, completed, recalled from its subject) is what
+makes a small model able to use it when asked in yet another form.
 
 Key spans are preferred when they are rare in the document (a span seen once is
 unambiguous), and tasks are drawn from bins spread evenly over the document so the
@@ -26,7 +32,7 @@ from dataclasses import dataclass
 class QAItem:
     """One auxiliary task: a question, its short answer and the evidence it rests on.
 
-    kind: "generated" (from a generator model), "entity", "cloze" or "fact".
+    kind: "generated" (from a generator model), "entity", "cloze", "fact" or "wh".
     """
 
     question: str
@@ -132,6 +138,8 @@ _NUMBER_UNIT = re.compile(
     rf"|{_CURRENCY}\b\d+(?:\.\d+)?(?:{_SCALE}(?:\s?(?:{_UNIT_WORDS})(?![\w]))?|\s?(?:{_UNIT_WORDS})(?![\w]))"
 )
 _CODE = re.compile(r"\b(?=[A-Z0-9-]*\d)(?=[A-Z0-9-]*[A-Z])[A-Z0-9]{1,8}(?:-[A-Z0-9]{1,8})+\b|\b(?=[A-Z]*\d)[A-Z]{1,4}\d[A-Z0-9]{2,}\b")
+_YEAR = re.compile(r"(?<![\w,.-])(?:1[0-9]{3}|20[0-9]{2})(?![\w%-]|[.,]\d)")
+_WORD_NAME = re.compile(r"\b[A-Z][a-z]{3,}\b")  # a lone capitalised word inside a sentence: a place, a compound
 _SENTENCE_START_WORDS = frozenset(
     "The A An In On At By For From With After Before During When While Since Although Though "
     "This That These Those Its His Her Their Our My Your It He She They We I There Here As If "
@@ -143,7 +151,7 @@ _SENTENCE_START_WORDS = frozenset(
 class _Span:
     start: int  # absolute offsets in the text
     end: int
-    kind: str  # "name", "number", "date", "code"
+    kind: str  # "name", "number", "date", "code", "year"
 
     def text(self, doc: str) -> str:
         return doc[self.start:self.end]
@@ -151,7 +159,7 @@ class _Span:
 
 def _key_spans(text: str, s_start: int, s_end: int) -> list[_Span]:
     spans: list[_Span] = []
-    for kind, pattern in (("date", _DATE), ("code", _CODE), ("number", _NUMBER_UNIT), ("name", _NAME)):
+    for kind, pattern in (("date", _DATE), ("code", _CODE), ("number", _NUMBER_UNIT), ("year", _YEAR), ("name", _NAME)):
         for m in pattern.finditer(text, s_start, s_end):
             a, b = m.start(), m.end()
             if kind == "name":
@@ -169,6 +177,13 @@ def _key_spans(text: str, s_start: int, s_end: int) -> list[_Span]:
             if any(a < o.end and o.start < b for o in spans):  # overlaps a span found earlier
                 continue
             spans.append(_Span(a, b, kind))
+    for m in _WORD_NAME.finditer(text, s_start, s_end):
+        a, b = m.start(), m.end()
+        word = m.group()
+        if a == s_start or word in _SENTENCE_START_WORDS or re.fullmatch(_MONTHS, word):
+            continue
+        if not any(a < o.end and o.start < b for o in spans):
+            spans.append(_Span(a, b, "name"))
     spans.sort(key=lambda sp: sp.start)
     return spans
 
@@ -176,7 +191,7 @@ def _key_spans(text: str, s_start: int, s_end: int) -> list[_Span]:
 # ----------------------------------------------------------------------------- fact patterns
 
 _OF_PATTERN = re.compile(
-    r"^(?:The |the )?(?P<attr>[a-z][a-z -]{2,40}?) of (?P<obj>[A-Z][^,;:]{1,60}?) (?P<verb>is|was|are|were) "
+    r"^(?:The |the )?(?P<attr>[a-z][a-z -]{2,40}?) of (?P<obj>(?:the )?[A-Z][^,;:]{1,60}?) (?P<verb>is|was|are|were) "
     r"(?P<val>(?:[^,;:]|,(?=\d)){1,60}?)(?P<end>[.;,](?!\d)|$)"
 )
 _IS_PATTERN = re.compile(
@@ -224,6 +239,92 @@ def _fact_items(text: str, s_start: int, s_end: int) -> list[tuple[QAItem, int, 
     return out
 
 
+_PASSIVE = re.compile(
+    r"^(?P<subj>(?:The |the )?[A-Z][^,;:]{1,60}?) (?P<aux>is|was|are|were) "
+    r"(?P<adv>(?:first|originally|once|later|jointly|formally|officially) )?(?P<part>[a-z]{3,}ed) (?P<prep>by|in|on) "
+)
+
+
+def _passive_items(text: str, s_start: int, s_end: int, spans: list[_Span]) -> list[tuple[QAItem, int, int]]:
+    """Fronted questions from a passive clause whose agent, year, date or place is a key span:
+    "S was (first) Ved by P" -> "Who (first) Ved S?"; "... in 1643" -> "In what year was S Ved?";
+    "... on 3 May 1820" -> "On what date ..."; "... in Placename" -> "Where was S Ved?".
+    Only regular participles (-ed), whose past tense is the same word."""
+    sentence = text[s_start:s_end]
+    m = _PASSIVE.match(sentence)
+    if not m:
+        return []
+    val_start = s_start + m.end()
+    span = next((sp for sp in spans if sp.start == val_start), None)
+    if span is None:
+        return []
+    subj = _squash(m.group("subj"))
+    if subj.startswith("The "):
+        subj = "the " + subj[4:]
+    verb = f"{m.group('adv') or ''}{m.group('part')}"
+    aux, prep = m.group("aux"), m.group("prep")
+    question = None
+    if prep == "by" and span.kind == "name":
+        question = f"Who {verb} {subj}?"
+    elif prep == "in" and span.kind == "year":
+        question = f"In what year {aux} {subj} {verb}?"
+    elif prep == "on" and span.kind == "date":
+        question = f"On what date {aux} {subj} {verb}?"
+    elif prep == "in" and span.kind == "name":
+        question = f"Where {aux} {subj} {verb}?"
+    if question is None:
+        return []
+    return [(QAItem(question, span.text(text), sentence, "fact"), span.start, span.end)]
+
+
+_OBJECT_LEAD = frozenset(["", "by", "in", "at", "near", "is", "was", "are", "were", "to", "from", "with", "and"])
+_COUNT_LEAD = re.compile(r"^[$€£¥]?\s?[\d,.]+(?:\s(?:thousand|million|billion|trillion))?\s?")
+
+
+def _wh_phrase(sentence: str, rel_start: int, span_text: str, kind: str, person_context: bool) -> tuple[int, str] | None:
+    """(offset in the sentence where the replaced text starts, the wh-phrase) for a key span."""
+    before = sentence[:rel_start]
+    words = before.split()
+    prev = words[-1].lower() if words else ""
+    prev_start = before.rstrip().rfind(" ") + 1 if words else rel_start
+    if kind == "year":
+        return (prev_start, "in what year") if prev == "in" else (rel_start, "what year")
+    if kind == "date":
+        return (prev_start, "on what date") if prev == "on" else (rel_start, "what date")
+    if kind == "number":
+        if span_text[:1] in "$€£¥":
+            return rel_start, "how much money"
+        unit = _COUNT_LEAD.sub("", span_text).strip()
+        if unit in ("%", "percent", "per cent"):
+            return rel_start, "what percentage"
+        return rel_start, f"how many {unit}".rstrip()
+    if kind == "code":
+        return rel_start, "what"
+    if kind == "name":
+        if prev not in _OBJECT_LEAD:  # a name inside a noun phrase ("the ___ plant") asks nothing
+            return None
+        if prev == "by":
+            return rel_start, "whom"
+        if prev in ("in", "at", "near") and words:
+            return prev_start, "where"
+        return rel_start, "who" if person_context and _looks_like_name(span_text) else "what"
+    return None
+
+
+def _wh_item(text: str, s_start: int, s_end: int, span: _Span) -> QAItem | None:
+    """The sentence asked in place: the span replaced by its wh-phrase, the span the answer."""
+    sentence = text[s_start:s_end]
+    rel_start, rel_end = span.start - s_start, span.end - s_start
+    found = _wh_phrase(sentence, rel_start, span.text(text), span.kind, bool(_PERSON_ROLES.search(sentence.lower())))
+    if found is None:
+        return None
+    cut, phrase = found
+    rest = sentence[rel_end:].rstrip()
+    rest = rest[:-1] if rest[-1:] in ".!;" else rest
+    question = _squash(sentence[:cut] + phrase + rest) + "?"
+    return QAItem(question[:1].upper() + question[1:], span.text(text), sentence, "wh")
+
+
 # ----------------------------------------------------------------------------- tasks
 
 
@@ -244,7 +345,7 @@ def _candidates(text: str, sentences: list[tuple[int, int]], min_words: int, max
         n_words = len(sentence.split())
         if n_words < min_words or n_words > max_words or "___" in sentence:
             continue
-        for item, _, _ in _fact_items(text, a, b):
+        for item, _, _ in _fact_items(text, a, b) + _passive_items(text, a, b, spans):
             if counts.get(item.answer, 1) <= 2:
                 cands.append(_Candidate(item, a, idx, 3.0))
         best: tuple[float, _Span] | None = None
@@ -253,13 +354,20 @@ def _candidates(text: str, sentences: list[tuple[int, int]], min_words: int, max
             count = counts[key]
             if count > 2 or len(key) < 3:
                 continue
+            # the sentence's subject (its first span, at most one word in) keys recall best;
+            # any later span is the attribute a question would ask for
+            is_subject = sp is spans[0] and len(text[a:sp.start].split()) <= 1
             rarity = 1.0 / count
-            type_bonus = {"code": 0.6, "date": 0.5, "number": 0.5, "name": 0.4}[sp.kind]
+            type_bonus = {"code": 0.6, "date": 0.5, "number": 0.5, "year": 0.45, "name": 0.4}[sp.kind]
             s = rarity + type_bonus + min(len(key), 30) / 100
             q = f"What does the document say about {_squash(key)}?"
-            cands.append(_Candidate(QAItem(q, sentence, sentence, "entity"), a, idx, s))
-            if best is None or s > best[0]:
-                best = (s, sp)
+            cands.append(_Candidate(QAItem(q, sentence, sentence, "entity"), a, idx, s + (0.3 if is_subject else 0.0)))
+            attribute_score = s + (0.0 if is_subject else 0.3)
+            wh = _wh_item(text, a, b, sp)
+            if wh is not None:
+                cands.append(_Candidate(wh, a, idx, attribute_score))
+            if best is None or attribute_score > best[0]:
+                best = (attribute_score, sp)
         if best is not None:
             s, sp = best
             rel_a, rel_b = sp.start - a, sp.end - a
@@ -276,16 +384,17 @@ def extract_tasks(
     *,
     min_words: int = 5,
     max_words: int = 60,
-    max_per_sentence: int = 2,
+    max_per_sentence: int = 4,
 ) -> list[QAItem]:
     """Up to `n` auxiliary tasks derived from `text` without a generator.
 
     Sentences of `min_words`..`max_words` words are candidates. The document is cut into
     `n` bins of equal character length; tasks are drawn round-robin over the bins (in a
-    seeded random order each round) and over the kinds ("fact", "entity", "cloze"),
+    seeded random order each round) and over the kinds ("fact", "wh", "entity", "cloze"),
     taking within a bin the highest-scoring candidate (rarest, most specific key span)
     whose sentence has not yet been used `max_per_sentence` times, ties broken by the
-    seeded RNG. Deterministic for a given (text, n, seed).
+    seeded RNG. A first pass takes each kind at most once per sentence, so a fact is
+    asked in different forms before any form repeats. Deterministic for a given (text, n, seed).
 
     Returns:
         list[QAItem] in document order, len <= n (fewer for short documents); for every
@@ -309,36 +418,41 @@ def extract_tasks(
     for bucket in bins:
         for lst in bucket.values():
             lst.sort(key=lambda c: -c.score)
-    kinds = ["fact", "entity", "cloze"]
+    kinds = ["fact", "wh", "entity", "cloze"]
     kind_cursor = rng.randrange(len(kinds))
     used_sentence: Counter[int] = Counter()
+    used_kind: Counter[tuple[int, str]] = Counter()
     seen_questions: set[str] = set()
     chosen: list[_Candidate] = []
-    while len(chosen) < n:
-        progressed = False
-        order = list(range(n_bins))
-        rng.shuffle(order)
-        for b in order:
-            if len(chosen) >= n:
-                break
-            pick = None
-            for step in range(len(kinds)):
-                kind = kinds[(kind_cursor + step) % len(kinds)]
-                for c in bins[b].get(kind, []):
-                    if used_sentence[c.sentence] < max_per_sentence and c.item.question not in seen_questions:
-                        pick = c
-                        break
-                if pick is not None:
-                    kind_cursor = (kind_cursor + step + 1) % len(kinds)
+    # first every sentence's kinds once each (one fact in several forms), then repeats of a kind
+    for per_kind in (1, max_per_sentence):
+        while len(chosen) < n:
+            progressed = False
+            order = list(range(n_bins))
+            rng.shuffle(order)
+            for b in order:
+                if len(chosen) >= n:
                     break
-            if pick is None:
-                continue
-            bins[b][pick.item.kind].remove(pick)
-            used_sentence[pick.sentence] += 1
-            seen_questions.add(pick.item.question)
-            chosen.append(pick)
-            progressed = True
-        if not progressed:
-            break
+                pick = None
+                for step in range(len(kinds)):
+                    kind = kinds[(kind_cursor + step) % len(kinds)]
+                    for c in bins[b].get(kind, []):
+                        if (used_sentence[c.sentence] < max_per_sentence and used_kind[c.sentence, kind] < per_kind
+                                and c.item.question not in seen_questions):
+                            pick = c
+                            break
+                    if pick is not None:
+                        kind_cursor = (kind_cursor + step + 1) % len(kinds)
+                        break
+                if pick is None:
+                    continue
+                bins[b][pick.item.kind].remove(pick)
+                used_sentence[pick.sentence] += 1
+                used_kind[pick.sentence, pick.item.kind] += 1
+                seen_questions.add(pick.item.question)
+                chosen.append(pick)
+                progressed = True
+            if not progressed:
+                break
     chosen.sort(key=lambda c: (c.position, c.item.kind))
     return [c.item for c in chosen]
