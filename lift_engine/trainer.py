@@ -25,9 +25,10 @@ from lift_engine.checkpoint import load_checkpoint, partial_dir_for, remove_work
 from lift_engine.config import LiftConfig
 from lift_engine.samples import IGNORE_INDEX, DocumentSamples, Sample, SampleRef
 
-# Measured on the 2-core development machine (DESIGN.md §8): forward+backward of the
-# 135M default model ran at ~90 tok/s in fp32, i.e. about 6·135e6·90 ≈ 7e10 FLOP/s.
-ASSUMED_TRAIN_FLOPS = 7e10
+# Measured on the 2-core development machine (DESIGN.md §8), quiet: the cpu preset's
+# demo plan (~68k planned tokens) tuned the 135M default model in 352 s, ~194 tok/s in
+# fp32, i.e. about 6·135e6·194 ≈ 1.6e11 FLOP/s. Other jobs on the cores slow it 2–10×.
+ASSUMED_TRAIN_FLOPS = 1.6e11
 
 
 @dataclass
