@@ -139,3 +139,10 @@ def test_one_fact_in_several_forms_before_repeats():
 def test_years_are_whole_four_digit_numbers(sentence):
     for it in extract_tasks(sentence, 10, seed=0):
         assert it.answer != "1643" and it.answer != "643"
+
+
+def test_passive_agent_after_another_phrase():
+    text = "Filler words are here today. Kelmor Works was founded in 1877 by Avel Droun. More filler is here."
+    facts = {(it.question, it.answer) for it in extract_tasks(text, 20, seed=0, max_per_sentence=8) if it.kind == "fact"}
+    assert ("Who founded Kelmor Works?", "Avel Droun") in facts
+    assert ("In what year was Kelmor Works founded?", "1877") in facts

@@ -241,40 +241,42 @@ def _fact_items(text: str, s_start: int, s_end: int) -> list[tuple[QAItem, int, 
 
 _PASSIVE = re.compile(
     r"^(?P<subj>(?:The |the )?[A-Z][^,;:]{1,60}?) (?P<aux>is|was|are|were) "
-    r"(?P<adv>(?:first|originally|once|later|jointly|formally|officially) )?(?P<part>[a-z]{3,}ed) (?P<prep>by|in|on) "
+    r"(?P<adv>(?:first|originally|once|later|jointly|formally|officially) )?(?P<part>[a-z]{3,}ed)\b"
 )
 
 
 def _passive_items(text: str, s_start: int, s_end: int, spans: list[_Span]) -> list[tuple[QAItem, int, int]]:
-    """Fronted questions from a passive clause whose agent, year, date or place is a key span:
-    "S was (first) Ved by P" -> "Who (first) Ved S?"; "... in 1643" -> "In what year was S Ved?";
-    "... on 3 May 1820" -> "On what date ..."; "... in Placename" -> "Where was S Ved?".
-    Only regular participles (-ed), whose past tense is the same word."""
+    """Fronted questions from a passive clause, one per key span its participle governs
+    through "by", "in" or "on": "S was (first) Ved (in 1877) by P" -> "Who (first) Ved S?";
+    "... in 1643" -> "In what year was S Ved?"; "... on 3 May 1820" -> "On what date ...";
+    "... in Placename" -> "Where was S Ved?". Only regular participles (-ed), whose past
+    tense is the same word."""
     sentence = text[s_start:s_end]
     m = _PASSIVE.match(sentence)
     if not m:
-        return []
-    val_start = s_start + m.end()
-    span = next((sp for sp in spans if sp.start == val_start), None)
-    if span is None:
         return []
     subj = _squash(m.group("subj"))
     if subj.startswith("The "):
         subj = "the " + subj[4:]
     verb = f"{m.group('adv') or ''}{m.group('part')}"
-    aux, prep = m.group("aux"), m.group("prep")
-    question = None
-    if prep == "by" and span.kind == "name":
-        question = f"Who {verb} {subj}?"
-    elif prep == "in" and span.kind == "year":
-        question = f"In what year {aux} {subj} {verb}?"
-    elif prep == "on" and span.kind == "date":
-        question = f"On what date {aux} {subj} {verb}?"
-    elif prep == "in" and span.kind == "name":
-        question = f"Where {aux} {subj} {verb}?"
-    if question is None:
-        return []
-    return [(QAItem(question, span.text(text), sentence, "fact"), span.start, span.end)]
+    aux = m.group("aux")
+    out = []
+    for span in spans:
+        if span.start < s_start + m.end():
+            continue
+        prep = text[max(s_start, span.start - 4):span.start]
+        if prep == " by " and span.kind == "name":
+            question = f"Who {verb} {subj}?"
+        elif prep == " in " and span.kind == "year":
+            question = f"In what year {aux} {subj} {verb}?"
+        elif prep == " on " and span.kind == "date":
+            question = f"On what date {aux} {subj} {verb}?"
+        elif prep == " in " and span.kind == "name":
+            question = f"Where {aux} {subj} {verb}?"
+        else:
+            continue
+        out.append((QAItem(question, span.text(text), sentence, "fact"), span.start, span.end))
+    return out
 
 
 _OBJECT_LEAD = frozenset(["", "by", "in", "at", "near", "is", "was", "are", "were", "to", "from", "with", "and"])
