@@ -8,7 +8,9 @@ Side by side in one run, on the same documents and questions:
     full-context ICL          base model, the whole document (it fits the default model)
 
 Usage: .venv/bin/python bench/bench_quality.py [--docs 2] [--model M] [--preset cpu]
-Writes bench/results/quality.json and prints a markdown table for the README.
+Writes bench/results/quality.json and quality.svg and prints a markdown table for the README.
+Tuned adapters are cached by (context, config, model) like `lift eval`, so an interrupted
+run resumes with the documents it has already tuned.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from lift_engine.evaluate import evaluate
 from lift_engine.fsutil import atomic_write_json
 from lift_engine.models.loading import load_base_model
 
-from bench_common import hardware  # noqa: E402  (bench/ is on sys.path when run as a script)
+from bench_common import hardware, svg_bar_chart  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -59,6 +61,10 @@ def main() -> int:
               "preset": args.preset, "seconds": round(time.monotonic() - began, 1), "results": table}
     RESULTS.mkdir(exist_ok=True)
     atomic_write_json(RESULTS / "quality.json", result)
+    svg_bar_chart(RESULTS / "quality.svg", f"LIFT quality: {len(records)} questions, {args.docs} synthetic documents",
+                  list(table), {key: [s.get(key, 0.0) for s in table.values()] for key in ("contains_answer", "qa_f1")},
+                  ylabel="score (higher is better)", subtitle=f"{base.model_id}; preset {args.preset}; window "
+                  f"{make_config(args.preset).inference.window}; {result['hardware']['cpu']}", log=False, value_format="{:.2f}")
     print(f"\n{len(records)} questions over {args.docs} synthetic documents; {result['hardware']}\n")
     print("| method | contains answer | qa-F1 | ROUGE-L | EM |")
     print("|---|---|---|---|---|")
