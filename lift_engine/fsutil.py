@@ -57,12 +57,22 @@ def fsync_tree(root: str | os.PathLike) -> None:
         fsync_dir(dirpath)
 
 
+def _normal_file_modes(root: Path) -> None:
+    """Give the files under `root` the mode a plain open() would (0666 & ~umask): mkstemp
+    and safetensors' writer make them 0600, unreadable by a server running as another user."""
+    mode = 0o666 & ~_umask()
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            os.chmod(os.path.join(dirpath, name), mode)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically (temp file beside it, fsync, os.replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; publish with normal permissions
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -160,6 +170,7 @@ def atomic_dir(dst: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; publish with normal permissions
         yield tmp
+        _normal_file_modes(tmp)
         fsync_tree(tmp)
         publish_dir(tmp, dst, replace=replace)
     except BaseException:
