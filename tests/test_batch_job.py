@@ -32,7 +32,7 @@ def tiny_config(adapter: str = "lora"):
     cfg = make_config("cpu", adapter)
     cfg.segment.length = 96
     cfg.context.length = 24
-    cfg.qa.num_extractive = 5
+    cfg.qa.num_extractive = 10  # short, medium, long give 4, 9, 10 tasks
     cfg.train.stage1_epochs, cfg.train.stage2_epochs = 1, 1
     cfg.train.batch_size = 3
     cfg.train.lr_lora = cfg.train.lr_gated_memory = 2e-3

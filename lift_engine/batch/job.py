@@ -38,7 +38,7 @@ from lift_engine.adapters.io import read_manifest, save_adapter
 from lift_engine.adapters.patching import attach_adapters
 from lift_engine.batch.loss import DEFAULT_CHUNK, chunked_token_loss, loss_positions
 from lift_engine.batch.optim import SlotAdamW
-from lift_engine.batch.planner import MemoryPlanner
+from lift_engine.batch.planner import MAX_PADDING, MemoryPlanner
 from lift_engine.checkpoint import load_checkpoint, partial_dir_for, remove_work_dir, save_checkpoint
 from lift_engine.config import LiftConfig
 from lift_engine.errors import InputError
@@ -349,7 +349,9 @@ class BatchTuneJob:
         for s in samples:
             counts[s.doc] += sum(1 for lab in s.labels[1:] if lab != IGNORE_INDEX)
         denom = counts.clamp(min=1).to(torch.float32)
-        plan = self.planner.plan([len(s.input_ids) for s in samples])
+        # prefix sharing computes a document's context once per pass: keep its samples together
+        plan = self.planner.plan([len(s.input_ids) for s in samples],
+                                 max_padding=None if self.prefix_sharing else MAX_PADDING)
         self._set_checkpointing(plan.gradient_checkpointing)
         self.model.train()
         loss_sums = torch.zeros(n, dtype=torch.float32)

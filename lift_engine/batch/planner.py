@@ -75,6 +75,10 @@ class MicroBatchPlan:
     estimated_peak_bytes: int
 
 
+MAX_PADDING = 0.2  # padding share of a pass's cells above which a full-enough pass is closed
+MIN_PASS_TOKENS = 1024  # real tokens a pass holds before padding may close it
+
+
 class MemoryPlanner:
     """Packs a step's samples into passes that fit `budget_bytes`.
 
@@ -147,8 +151,15 @@ class MemoryPlanner:
             )
 
     # ------------------------------------------------------------ packing
-    def plan(self, lengths: list[int]) -> MicroBatchPlan:
-        """Micro-batches for samples of these lengths (first-fit decreasing by length)."""
+    def plan(self, lengths: list[int], max_padding: float | None = MAX_PADDING) -> MicroBatchPlan:
+        """Micro-batches for samples of these lengths (first-fit decreasing by length).
+
+        A micro-batch also ends where the next (shorter) sample would push its padding
+        above `max_padding` of its cells, once it holds `MIN_PASS_TOKENS` real tokens
+        (GEMMs that size run at full speed): one pass padded to the longest of a mixed
+        step (long segments, short QA) computes up to twice the tokens it needs.
+        None: split only for memory.
+        """
         if not lengths:
             return MicroBatchPlan(False, [], self.fixed_bytes)
         longest = max(lengths)
@@ -157,12 +168,16 @@ class MemoryPlanner:
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
         batches: list[list[int]] = []
         current: list[int] = []
+        real = 0
         for i in order:
             rows, seq = len(current) + 1, max([lengths[j] for j in current] + [lengths[i]])
-            if current and not self.fits(rows, seq, checkpointing):
+            too_padded = (max_padding is not None and real >= MIN_PASS_TOKENS
+                          and 1.0 - (real + lengths[i]) / (rows * seq) > max_padding)
+            if current and (too_padded or not self.fits(rows, seq, checkpointing)):
                 batches.append(current)
-                current = []
+                current, real = [], 0
             current.append(i)
+            real += lengths[i]
         if current:
             batches.append(current)
         peak = max(self.peak_bytes(len(b), max(lengths[i] for i in b), checkpointing) for b in batches)
