@@ -146,3 +146,9 @@ def test_passive_agent_after_another_phrase():
     facts = {(it.question, it.answer) for it in extract_tasks(text, 20, seed=0, max_per_sentence=8) if it.kind == "fact"}
     assert ("Who founded Kelmor Works?", "Avel Droun") in facts
     assert ("In what year was Kelmor Works founded?", "1877") in facts
+
+
+def test_wh_question_across_a_soft_line_wrap():
+    text = "Filler words are here today. The Treaty of Toundstad was signed\nin 1643. More filler is here."
+    wh = {(it.question, it.answer) for it in extract_tasks(text, 20, seed=0, max_per_sentence=8) if it.kind == "wh"}
+    assert ("The Treaty of Toundstad was signed in what year?", "1643") in wh

@@ -288,7 +288,8 @@ def _wh_phrase(sentence: str, rel_start: int, span_text: str, kind: str, person_
     before = sentence[:rel_start]
     words = before.split()
     prev = words[-1].lower() if words else ""
-    prev_start = before.rstrip().rfind(" ") + 1 if words else rel_start
+    last_word = re.search(r"\S+\s*$", before)
+    prev_start = last_word.start() if last_word else rel_start
     if kind == "year":
         return (prev_start, "in what year") if prev == "in" else (rel_start, "what year")
     if kind == "date":
