@@ -246,7 +246,9 @@ def make_idx(case: Case, device: str) -> torch.Tensor:
     return idx.to(device)
 
 
-def run_case(case: Case, device: str, dtype: torch.dtype, rounds: int) -> dict:
+def case_inputs(case: Case, device: str, dtype: torch.dtype):
+    """Seeded inputs of a case: x [T, in], A [N, r, in], B [N, out, r], scaling [N],
+    base weight W [out, in], adapter_idx [T] and an output gradient dy [T, out]."""
     torch.manual_seed(0)
     x = torch.randn(case.tokens, case.d_in, device=device, dtype=dtype)
     a = torch.randn(case.adapters, case.rank, case.d_in, device=device, dtype=dtype) / case.d_in ** 0.5
@@ -255,6 +257,11 @@ def run_case(case: Case, device: str, dtype: torch.dtype, rounds: int) -> dict:
     w = torch.randn(case.d_out, case.d_in, device=device, dtype=dtype) / case.d_in ** 0.5
     idx = make_idx(case, device)
     dy = torch.randn(case.tokens, case.d_out, device=device, dtype=dtype)
+    return x, a, b, s, w, idx, dy
+
+
+def run_case(case: Case, device: str, dtype: torch.dtype, rounds: int) -> dict:
+    x, a, b, s, w, idx, dy = case_inputs(case, device, dtype)
     kernels, skipped = kernel_contenders("lora_linear_delta", device)
     impls = {"loop": loop_lora_delta, "reference": reference.lora_linear_delta, **kernels}
     fns: dict[str, Callable] = {}
@@ -294,14 +301,7 @@ def run_case(case: Case, device: str, dtype: torch.dtype, rounds: int) -> dict:
 def run_projection_case(case: Case, device: str, dtype: torch.dtype, rounds: int) -> dict:
     """A whole LoRA projection y = x Wᵀ + delta: base GEMM + separate delta op (each
     backend) vs the fused Triton kernel (kernels/lora_linear.py), which needs CUDA."""
-    torch.manual_seed(0)
-    x = torch.randn(case.tokens, case.d_in, device=device, dtype=dtype)
-    a = torch.randn(case.adapters, case.rank, case.d_in, device=device, dtype=dtype) / case.d_in ** 0.5
-    b = torch.randn(case.adapters, case.d_out, case.rank, device=device, dtype=dtype) / case.rank ** 0.5
-    s = torch.full((case.adapters,), 2.0, device=device)
-    w = torch.randn(case.d_out, case.d_in, device=device, dtype=dtype) / case.d_in ** 0.5
-    idx = make_idx(case, device)
-    dy = torch.randn(case.tokens, case.d_out, device=device, dtype=dtype)
+    x, a, b, s, w, idx, dy = case_inputs(case, device, dtype)
     kernels, skipped = kernel_contenders("lora_linear_delta", device)
     impls = {f"base+{name}": (lambda x_, w_, a_, b_, impl=impl: x_ @ w_.t() + impl(x_, a_, b_, s, idx))
              for name, impl in {"loop": loop_lora_delta, "reference": reference.lora_linear_delta, **kernels}.items()}
