@@ -13,8 +13,11 @@ LoRA): one fused GEMM on the Triton backend; on the reference and C++ CPU backen
 F.linear + lora_linear_delta, the autograd graph this layer built before the op existed,
 so outputs and gradients are bit for bit unchanged there. It falls back to
 base_layer(x) + ops.lora_linear_delta when the base is not a plain, hook-free nn.Linear
-or the dtypes differ (see `_fusable`), or when `fused` is False. The per-token indices
-come from the shared AdapterContext.
+or the dtypes differ (see `_fusable`), or when `fused` is False. With one adapter per
+sequence and a bank in another dtype than x (fp32 adapters on a bf16 base, the mixed-
+precision training of lift_engine.precision) or low precision on CPU, it is
+ops.lora_linear_rows instead: two batched GEMMs, no per-token gather (`_row_path`).
+The indices come from the shared AdapterContext.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from torch import nn
 
 from lift_engine import ops
 from lift_engine.adapters.context import AdapterContext
+from lift_engine.ops.lora_linear_rows import lora_linear_rows
 
 
 def kaiming_uniform_bound(fan_in: int) -> float:
@@ -77,30 +81,48 @@ class LoRABankLinear(nn.Module):
         self.lora_b[n].zero_()
         self.scaling[n] = self.default_scaling
 
-    #: Call ops.lora_linear (base + LoRA in one op) when `_fusable`; False keeps the two-op path.
+    #: Use the one-op paths (ops.lora_linear when `_fusable`, ops.lora_linear_rows when `_row_path`);
+    #: False keeps the two-op path base_layer(x) + ops.lora_linear_delta.
     fused: bool = True
 
-    def _fusable(self, x: torch.Tensor) -> bool:
-        """The one-op path computes F.linear(x, W, b) itself, so the base must be a plain
+    def _plain_base(self) -> bool:
+        """The one-op paths compute F.linear(x, W, b) themselves, so the base must be a plain
         nn.Linear whose forward is exactly that (no subclass, no hooks, no patched forward,
-        e.g. by accelerate), and x, W and the bank must share one dtype (no casts)."""
+        e.g. by accelerate)."""
         base = self.base_layer
-        return (self.fused and type(base) is nn.Linear and not base._forward_hooks
-                and not base._forward_pre_hooks and "forward" not in base.__dict__
-                and x.dtype == base.weight.dtype == self.lora_a.dtype)
+        return (type(base) is nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
+                and "forward" not in base.__dict__)
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """ops.lora_linear takes x, W and the bank in one dtype (no casts)."""
+        return self.fused and self._plain_base() and x.dtype == self.base_layer.weight.dtype == self.lora_a.dtype
+
+    def _row_path(self, x: torch.Tensor) -> bool:
+        """ops.lora_linear_rows: one adapter per sequence ([B] indices for x [B, S, in]) and
+        either a bank in another dtype than x (fp32 master weights under a bf16 base) or
+        low precision on CPU, where the C++ kernels are fp32 only and the reference's
+        per-token gather is slow."""
+        idx = self.context.indices
+        if not (self.fused and idx is not None and idx.dim() == 1 and x.dim() == 3 and idx.shape[0] == x.shape[0]
+                and x.dtype == self.base_layer.weight.dtype and self._plain_base()):
+            return False
+        return x.dtype != self.lora_a.dtype or (x.device.type == "cpu" and x.dtype != torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] (leading dims [B, S] or [B]) → [..., out]."""
         ctx = self.context
         if not ctx.active:
             return self.base_layer(x)
+        base = self.base_layer
+        if self._row_path(x):
+            return lora_linear_rows(x, base.weight, base.bias, self.lora_a, self.lora_b, self.scaling,
+                                    ctx.indices.to(x.device))
         batch = x.shape[0] if x.dim() > 1 else 1
         seq = x.numel() // self.in_features // batch
         idx = ctx.token_indices(batch, seq, device=x.device)
         if self._fusable(x):  # same graph as below on the reference/C++ backends (ops/reference/lora_linear.py)
-            base = self.base_layer
             return ops.lora_linear(x, base.weight, base.bias, self.lora_a, self.lora_b, self.scaling, idx)
-        y = self.base_layer(x)
+        y = base(x)
         flat = x.reshape(-1, self.in_features)
         delta = ops.lora_linear_delta(flat.to(self.lora_a.dtype), self.lora_a, self.lora_b, self.scaling, idx)
         return y + delta.to(y.dtype).view(*x.shape[:-1], self.out_features)
