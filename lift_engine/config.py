@@ -85,6 +85,10 @@ class TrainConfig:
     batch_size: int = 1  # samples per optimizer step
     seed: int = 0
     checkpoint_every: int = 20  # optimizer steps between resumable checkpoints
+    # dtype of the frozen base's weights and activations while tuning (lift_engine.precision):
+    # "float32", or "bfloat16" (adapters and AdamW stay fp32; several times faster GEMMs on
+    # CPUs with AMX and on GPUs)
+    compute_dtype: str = "float32"
 
 
 @dataclass
@@ -120,6 +124,8 @@ class LiftConfig:
         """
         data = self.to_dict()
         data["train"].pop("checkpoint_every")
+        if data["train"].get("compute_dtype") == "float32":  # the default before the field existed:
+            data["train"].pop("compute_dtype")  # fp32 adapters made earlier keep their fingerprint
         for key in ("window", "max_new_tokens"):
             data["inference"].pop(key)
         blob = json.dumps(data, sort_keys=True, default=str).encode()

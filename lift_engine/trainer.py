@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from lift_engine.adapters.patching import AdapterHandle
 from lift_engine.checkpoint import load_checkpoint, partial_dir_for, remove_work_dir, save_checkpoint
 from lift_engine.config import LiftConfig
+from lift_engine.precision import compute_dtype, frozen_base_in
 from lift_engine.samples import IGNORE_INDEX, DocumentSamples, Sample, SampleRef
 
 # Measured on the 2-core development machine (DESIGN.md §8), quiet: the cpu preset's
@@ -56,6 +57,20 @@ def collate(samples: list[Sample], pad_id: int) -> tuple[torch.Tensor, torch.Ten
     return ids, mask, labels, docs
 
 
+def training_attention_mask(mask: torch.Tensor) -> None:
+    """The attention mask a right-padded training batch passes to the decoder: none.
+
+    Every pad key sits after all real tokens of its row, so the causal mask alone already
+    hides it from every real query, and a pad query's output never reaches a loss (it
+    feeds only later pad positions). Real tokens get the same outputs and gradients, and
+    attention runs the is_causal kernel, ~30% faster on CPU than with an explicit mask.
+    `mask` ([B, S], 1 = real) is taken to document the contract: it must be right-padded.
+    """
+    if mask.shape[1] and bool((mask[:, 1:] > mask[:, :-1]).any()):
+        raise ValueError("training batches must be right-padded")
+    return None
+
+
 def per_document_loss(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
     docs: torch.Tensor, num_docs: int,
@@ -65,7 +80,7 @@ def per_document_loss(
     input_ids, attention_mask, labels: [B, S]; docs: [B] slot of each row.
     Only positions whose next token carries a label go through the output projection.
     """
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=training_attention_mask(attention_mask)).last_hidden_state
     targets = labels[:, 1:]
     rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
     logits = model.get_output_embeddings()(hidden[rows, cols])
@@ -146,18 +161,10 @@ class DocumentTuner:
         losses: list[float] = []
         began = time.monotonic()
         bar = tqdm(total=len(steps), initial=start_step, desc="tuning", unit="step", disable=not progress, dynamic_ncols=True)
+        dtype = compute_dtype(self.cfg.train.compute_dtype)
         try:
-            for step in range(start_step, len(steps)):
-                batch_samples = [samples.build(ref) for ref in steps[step]]
-                loss = float(self.train_step(optimizer, batch_samples)[self.slot])
-                losses.append(loss)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}")
-                done = step + 1
-                if done % max(1, self.cfg.train.checkpoint_every) == 0 and done < len(steps):
-                    save_checkpoint(work_dir, job_key, done, self.handle.state_for_slot(self.slot), optimizer.state_dict())
-                    if on_checkpoint is not None:
-                        on_checkpoint(done)
+            with frozen_base_in(self.model, dtype):  # bf16 base while tuning, if configured (precision.py)
+                self._run_steps(optimizer, samples, steps, start_step, work_dir, job_key, losses, bar, on_checkpoint)
         finally:
             bar.close()
             self.model.eval()
@@ -166,6 +173,21 @@ class DocumentTuner:
             steps=len(steps), resumed_from=start_step, first_loss=losses[0] if losses else None,
             last_loss=losses[-1] if losses else None, seconds=time.monotonic() - began, losses=losses,
         )
+
+    def _run_steps(self, optimizer, samples: DocumentSamples, steps: list, start_step: int, work_dir, job_key: dict,
+                   losses: list[float], bar, on_checkpoint) -> None:
+        """Steps start_step… of the plan, appending each step's loss and checkpointing on schedule."""
+        for step in range(start_step, len(steps)):
+            batch_samples = [samples.build(ref) for ref in steps[step]]
+            loss = float(self.train_step(optimizer, batch_samples)[self.slot])
+            losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            done = step + 1
+            if done % max(1, self.cfg.train.checkpoint_every) == 0 and done < len(steps):
+                save_checkpoint(work_dir, job_key, done, self.handle.state_for_slot(self.slot), optimizer.state_dict())
+                if on_checkpoint is not None:
+                    on_checkpoint(done)
 
     @staticmethod
     def finish(out_dir) -> None:

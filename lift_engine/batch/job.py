@@ -43,9 +43,10 @@ from lift_engine.checkpoint import load_checkpoint, partial_dir_for, remove_work
 from lift_engine.config import LiftConfig
 from lift_engine.errors import InputError
 from lift_engine.fsutil import atomic_write_json
+from lift_engine.precision import compute_dtype, fp32_attention, frozen_base_in
 from lift_engine.prompts import PromptBuilder
 from lift_engine.samples import IGNORE_INDEX, DocumentSamples, Sample, SampleRef
-from lift_engine.trainer import clip_per_slot, collate
+from lift_engine.trainer import clip_per_slot, collate, training_attention_mask
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 STATUS_FILE = ".lift-batch-status.json"
@@ -132,6 +133,8 @@ class BatchTuneJob:
         self.model = base.model
         self.prompts = PromptBuilder(base.tokenizer, cfg.inference.use_chat_template)
         self.pad_id = _pad_id(base.tokenizer)
+        self.compute_dtype = compute_dtype(cfg.train.compute_dtype)
+        self._cast_cache: dict = {}  # the frozen base in compute_dtype, cast at the first step (precision.py)
         self.handle = attach_adapters(self.model, cfg.adapter, cfg, num_adapters=max_active, seed=cfg.train.seed)
         lr = cfg.train.lr_lora if cfg.adapter == "lora" else cfg.train.lr_gated_memory
         self.optimizer = SlotAdamW(self.handle.trainable_parameters(), lr=lr, betas=cfg.train.betas,
@@ -358,26 +361,36 @@ class BatchTuneJob:
         tokens = 0
         doc_tokens: dict[int, int] = {}
         try:
-            for batch_idx in plan.batches:
-                mb = [samples[i] for i in batch_idx]
-                if self.prefix_sharing:
-                    from lift_engine.batch.prefix import prefix_shared_token_loss
-
-                    token_loss, token_docs, used = prefix_shared_token_loss(self.model, self.handle, mb, self.pad_id,
-                                                                             self.logits_chunk)
-                else:
-                    token_loss, token_docs, used = plain_token_loss(self.model, self.handle, mb, self.pad_id, self.logits_chunk)
-                tokens += used
-                sums = torch.zeros(n, dtype=torch.float32).index_add(0, token_docs, token_loss)
-                (sums / denom).sum().backward()
-                loss_sums += sums.detach()
+            low = self.compute_dtype != torch.float32 and self.model.device.type == "cpu"
+            with frozen_base_in(self.model, self.compute_dtype, self._cast_cache), fp32_attention(self.model, low):
+                tokens = self._passes(plan, samples, denom, loss_sums)
             for s in samples:
                 doc_tokens[s.doc] = doc_tokens.get(s.doc, 0) + len(s.input_ids)
         finally:
             self.handle.set_indices(None)
             self.model.eval()
-        return {"losses": loss_sums / denom, "tokens": tokens, "loss_tokens": int(counts.sum()), "passes": len(plan.batches),
-                "checkpointing": plan.gradient_checkpointing, "doc_tokens": doc_tokens}
+        return {"losses": loss_sums / denom, "tokens": tokens, "loss_tokens": int(counts.sum()),
+                "passes": len(plan.batches), "checkpointing": plan.gradient_checkpointing, "doc_tokens": doc_tokens}
+
+    def _passes(self, plan, samples: list[Sample], denom: torch.Tensor, loss_sums: torch.Tensor) -> int:
+        """The memory plan's forward+backward passes; adds each slot's summed loss to loss_sums.
+        Returns the padded tokens that went through the model."""
+        n = self.handle.num_adapters
+        tokens = 0
+        for batch_idx in plan.batches:
+            mb = [samples[i] for i in batch_idx]
+            if self.prefix_sharing:
+                from lift_engine.batch.prefix import prefix_shared_token_loss
+
+                token_loss, token_docs, used = prefix_shared_token_loss(self.model, self.handle, mb, self.pad_id,
+                                                                         self.logits_chunk)
+            else:
+                token_loss, token_docs, used = plain_token_loss(self.model, self.handle, mb, self.pad_id, self.logits_chunk)
+            tokens += used
+            sums = torch.zeros(n, dtype=torch.float32).index_add(0, token_docs, token_loss)
+            (sums / denom).sum().backward()
+            loss_sums += sums.detach()
+        return tokens
 
     def _set_checkpointing(self, on: bool) -> None:
         if on == getattr(self, "_gc_on", False):
@@ -419,7 +432,7 @@ def plain_token_loss(model, handle, samples: list[Sample], pad_id: int, chunk: i
     """
     ids, mask, labels, docs = collate(samples, pad_id)
     handle.set_indices(docs)
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=training_attention_mask(mask)).last_hidden_state
     rows, cols, targets = loss_positions(labels)
     token_loss = chunked_token_loss(hidden[rows, cols], model.get_output_embeddings(), targets, chunk)
     return token_loss, docs[rows], int(ids.numel())

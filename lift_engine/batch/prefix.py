@@ -29,6 +29,7 @@ from transformers import DynamicCache
 
 from lift_engine.batch.loss import chunked_token_loss, loss_positions
 from lift_engine.samples import IGNORE_INDEX, Sample, SampleRef
+from lift_engine.trainer import training_attention_mask
 
 
 def shared_context_refs(refs: list[SampleRef]) -> list[SampleRef]:
@@ -75,7 +76,7 @@ def prefix_shared_token_loss(model, handle, samples: list[Sample], pad_id: int, 
         g_ids[row, :p] = torch.tensor(groups[slot][0].input_ids[:p])
         g_mask[row, :p] = 1
     handle.set_indices(torch.tensor(slots))
-    out = decoder(input_ids=g_ids.to(device), attention_mask=g_mask.to(device), use_cache=True)
+    out = decoder(input_ids=g_ids.to(device), attention_mask=training_attention_mask(g_mask), use_cache=True)
     prefix_cache = out.past_key_values
 
     # ---- suffix pass: every sample after its document's prefix

@@ -1,0 +1,112 @@
+"""Training precision: the frozen base in bf16 while adapters train in fp32.
+
+LIFT trains only the adapter; the base model is frozen. On a CPU with AMX (and on any
+GPU) a bf16 GEMM runs several times faster than an fp32 one, so `train.compute_dtype =
+"bfloat16"` casts the frozen base's *parameters* to bf16 for the duration of tuning:
+
+    frozen Linear / embedding / norm weights    bf16 (cast once, originals kept)
+    adapter banks (master weights, AdamW)       fp32, untouched
+    activations                                 bf16 (norms, softmax and the loss in fp32)
+    LoRA term                                   lift_engine.ops.lora_linear_rows: the fp32
+                                                bank is cast per step to the activations'
+                                                dtype (tiny), gradients land in fp32
+
+Buffers (rotary inv_freq) stay as they are, so positions keep fp32 precision. When the
+context exits, every cast parameter gets back its original tensor, bit for bit, so the
+model answers exactly as before (inference runs in the model's own dtype).
+
+This is mixed-precision training as HF Trainer's `bf16=True` does it on CPU, except that
+autocast re-casts frozen weights at every call (its cast cache keeps only leaf tensors
+that require grad); casting them once is where the speed comes from.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+#: train.compute_dtype values and the torch dtype each means.
+COMPUTE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a `train.compute_dtype` name (ValueError for anything else)."""
+    try:
+        return COMPUTE_DTYPES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"train.compute_dtype={name!r} is not one of {sorted(COMPUTE_DTYPES)}") from None
+
+
+@contextlib.contextmanager
+def frozen_base_in(model: nn.Module, dtype: torch.dtype, cache: dict | None = None) -> Iterator[int]:
+    """Cast every frozen floating-point parameter of `model` to `dtype` inside the block.
+
+    Trainable parameters (adapter banks) and buffers are left alone. `cache` (a dict the
+    caller keeps) holds the cast copies between blocks, so that a job entering this once
+    per step casts the weights only the first time; it is keyed by parameter identity and
+    checked against the original's storage, so a parameter given a new tensor is cast
+    again (an in-place edit of a frozen weight is not noticed: clear the cache then). Yields the
+    number of parameters cast; on exit (also on error) each gets its original tensor back.
+    """
+    cache = {} if cache is None else cache
+    saved: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+    try:
+        with torch.no_grad():
+            for param in model.parameters():  # tied weights are one Parameter: yielded once
+                if param.requires_grad or not param.is_floating_point() or param.dtype == dtype:
+                    continue
+                original = param.data
+                hit = cache.get(id(param))
+                if hit is None or hit[0].data_ptr() != original.data_ptr() or hit[0].shape != original.shape:
+                    hit = cache[id(param)] = (original, original.to(dtype))
+                saved[id(param)] = (param, original)
+                param.data = hit[1]
+        yield len(saved)
+    finally:
+        for param, original in saved.values():
+            param.data = original
+
+
+#: HF attention implementation name under which `fp32_attention` registers itself.
+FP32_SDPA = "lift_sdpa_fp32"
+
+
+def _sdpa_in_fp32(module, query, key, value, attention_mask, **kwargs):
+    """HF's sdpa attention on fp32 copies of q/k/v; output back in q's dtype.
+
+    On CPU, torch's flash-attention kernels are slower in bf16 than in fp32 (measured here,
+    [64, 9, 204, 64] forward+backward: 286 vs 160 ms causal): their softmax and
+    accumulation run in fp32 either way, without AMX for the small blocks.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+    return out.to(query.dtype), weights
+
+
+def _register_fp32_sdpa() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(FP32_SDPA, _sdpa_in_fp32)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(FP32_SDPA, sdpa_mask)
+
+
+@contextlib.contextmanager
+def fp32_attention(model: nn.Module, enabled: bool = True) -> Iterator[bool]:
+    """Inside the block, a model that uses HF "sdpa" attention runs it in fp32 (see
+    `_sdpa_in_fp32`); other implementations are left alone. Yields whether it switched."""
+    config = getattr(model, "config", None)
+    if not enabled or config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        yield False
+        return
+    _register_fp32_sdpa()
+    config._attn_implementation = FP32_SDPA
+    try:
+        yield True
+    finally:
+        config._attn_implementation = "sdpa"
