@@ -7,13 +7,16 @@ GPU) a bf16 GEMM runs several times faster than an fp32 one, so `train.compute_d
     frozen Linear / embedding / norm weights    bf16 (cast once, originals kept)
     adapter banks (master weights, AdamW)       fp32, untouched
     activations                                 bf16 (norms, softmax and the loss in fp32)
+    attention (sdpa, on CPU)                    fp32 (`fp32_attention`: torch's CPU flash
+                                                kernels are slower in bf16)
     LoRA term                                   lift_engine.ops.lora_linear_rows: the fp32
                                                 bank is cast per step to the activations'
                                                 dtype (tiny), gradients land in fp32
 
-Buffers (rotary inv_freq) stay as they are, so positions keep fp32 precision. When the
-context exits, every cast parameter gets back its original tensor, bit for bit, so the
-model answers exactly as before (inference runs in the model's own dtype).
+`training_precision` is the one entry point the trainers use. Buffers (rotary inv_freq)
+stay as they are, so positions keep fp32 precision. When the context exits, every cast
+parameter gets back its original tensor, bit for bit, so the model answers exactly as
+before (inference runs in the model's own dtype).
 
 This is mixed-precision training as HF Trainer's `bf16=True` does it on CPU, except that
 autocast re-casts frozen weights at every call (its cast cache keeps only leaf tensors
@@ -110,3 +113,13 @@ def fp32_attention(model: nn.Module, enabled: bool = True) -> Iterator[bool]:
         yield True
     finally:
         config._attn_implementation = "sdpa"
+
+
+@contextlib.contextmanager
+def training_precision(model: nn.Module, dtype: torch.dtype, cache: dict | None = None) -> Iterator[None]:
+    """What tuning in `dtype` means (the one entry point for the trainers): the frozen base
+    cast to it (`frozen_base_in`, with the caller's cache) and, for low precision on CPU,
+    sdpa attention computed in fp32 (`fp32_attention`). A no-op for float32."""
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    with frozen_base_in(model, dtype, cache), fp32_attention(model, dtype != torch.float32 and on_cpu):
+        yield

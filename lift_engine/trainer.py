@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from lift_engine.adapters.patching import AdapterHandle
 from lift_engine.checkpoint import load_checkpoint, partial_dir_for, remove_work_dir, save_checkpoint
 from lift_engine.config import LiftConfig
-from lift_engine.precision import compute_dtype, frozen_base_in
+from lift_engine.precision import compute_dtype, training_precision
 from lift_engine.samples import IGNORE_INDEX, DocumentSamples, Sample, SampleRef
 
 # Measured on the 2-core development machine (DESIGN.md §8), quiet: the cpu preset's
@@ -163,7 +163,7 @@ class DocumentTuner:
         bar = tqdm(total=len(steps), initial=start_step, desc="tuning", unit="step", disable=not progress, dynamic_ncols=True)
         dtype = compute_dtype(self.cfg.train.compute_dtype)
         try:
-            with frozen_base_in(self.model, dtype):  # bf16 base while tuning, if configured (precision.py)
+            with training_precision(self.model, dtype):  # bf16 base while tuning, if configured (precision.py)
                 self._run_steps(optimizer, samples, steps, start_step, work_dir, job_key, losses, bar, on_checkpoint)
         finally:
             bar.close()

@@ -242,3 +242,20 @@ def test_bf16_batched_tuning_trains_what_fp32_trains(model_dir, tmp_path, adapte
     lf = results["float32"].docs["a"].losses
     lh = results["bfloat16"].docs["a"].losses
     assert len(lf) == len(lh) and abs(lf[0] - lh[0]) < 0.02 * lf[0]
+
+
+def test_bf16_one_document_tuning_restores_the_base(model_dir, tmp_path):
+    """tune_document with a bf16 base: fp32 adapter, and the model answers afterwards
+    exactly as before tuning (every frozen weight back, bit for bit)."""
+    from lift_engine.pipeline import tune_document
+
+    base = load_base_model(str(model_dir))
+    before = {n: p.detach().clone() for n, p in base.model.named_parameters()}
+    tune_document(base, DOCUMENT[:200], tmp_path / "one", _tiny_cfg("lora", "bfloat16"), progress=False,
+                  log=lambda *a: None)
+    for n, p in base.model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, before[n]), n
+    tensors = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    assert tensors and all(t.dtype == torch.float32 for t in tensors.values())
+    assert any(float(t.abs().max()) > 0 for k, t in tensors.items() if "lora_B" in k)  # it trained
+    assert base.model.config._attn_implementation == "sdpa"

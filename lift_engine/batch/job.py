@@ -43,7 +43,7 @@ from lift_engine.checkpoint import load_checkpoint, partial_dir_for, remove_work
 from lift_engine.config import LiftConfig
 from lift_engine.errors import InputError
 from lift_engine.fsutil import atomic_write_json
-from lift_engine.precision import compute_dtype, fp32_attention, frozen_base_in
+from lift_engine.precision import compute_dtype, training_precision
 from lift_engine.prompts import PromptBuilder
 from lift_engine.samples import IGNORE_INDEX, DocumentSamples, Sample, SampleRef
 from lift_engine.trainer import clip_per_slot, collate, training_attention_mask
@@ -358,11 +358,9 @@ class BatchTuneJob:
         self._set_checkpointing(plan.gradient_checkpointing)
         self.model.train()
         loss_sums = torch.zeros(n, dtype=torch.float32)
-        tokens = 0
         doc_tokens: dict[int, int] = {}
         try:
-            low = self.compute_dtype != torch.float32 and self.model.device.type == "cpu"
-            with frozen_base_in(self.model, self.compute_dtype, self._cast_cache), fp32_attention(self.model, low):
+            with training_precision(self.model, self.compute_dtype, self._cast_cache):
                 tokens = self._passes(plan, samples, denom, loss_sums)
             for s in samples:
                 doc_tokens[s.doc] = doc_tokens.get(s.doc, 0) + len(s.input_ids)
