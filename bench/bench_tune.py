@@ -11,20 +11,26 @@ samples (segments + auxiliary tasks, LIFT plan), the same epochs and hyperparame
                          one forward/backward per step over every document's samples
     lift batched+prefix  the same with prefix sharing (one context split per document
                          per step, computed once)
+    … (bf16 base)        the lift methods with train.compute_dtype = "bfloat16": the frozen
+                         base's weights cast to bf16 once, adapters and AdamW in fp32
+                         (lift_engine/precision.py)
+    hf-trainer+peft (bf16 autocast)
+                         the baseline with TrainingArguments(bf16=True): torch.autocast,
+                         which re-casts the frozen weights at every call
 
 Reported per method and N: seconds, documents/hour, training tokens/s (tokens of the
 planned samples, counted the same way for every method), achieved GFLOP/s
 (4·P_linear·tokens + 4·V·H·loss tokens: forward + input-gradient backward of the frozen
 model's linear layers, plus the output head at loss positions; attention's quadratic
-term not counted) against this machine's measured fp32 matmul peak, and every method's
-ratio to the HF baseline. The run prints a markdown table and writes
+term not counted) against this machine's measured matmul peak in the method's dtype
+(fp32, or bf16 for the bf16 methods; the best of square and model-shaped GEMMs), and every method's ratio to the (fp32) HF baseline. The run prints a markdown table and writes
 bench/results/bench_tune.json and its chart bench/results/bench_tune.svg
 (bench_common.svg_bar_chart); `--plot-only JSON` redraws the chart of a results JSON.
 
 A shared CPU makes absolute times noisy; the ratios from one run are the result.
 
 Usage: .venv/bin/python bench/bench_tune.py [--model DIR] [--ns 1,4,16] [--doc-tokens 256]
-       [--methods hf,solo,batched,prefix]
+       [--methods hf,solo,batched,prefix]   (also: hf-bf16, solo-bf16, batched-bf16, prefix-bf16)
 """
 from __future__ import annotations
 
@@ -50,18 +56,32 @@ from lift_engine.samples import IGNORE_INDEX, DocumentSamples
 from bench_common import hardware, svg_bar_chart  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = {"hf": "hf-trainer+peft", "solo": "lift one-by-one", "batched": "lift batched", "prefix": "lift batched+prefix"}
+METHODS = {"hf": "hf-trainer+peft", "solo": "lift one-by-one", "batched": "lift batched", "prefix": "lift batched+prefix",
+           "hf-bf16": "hf-trainer+peft (bf16 autocast)", "solo-bf16": "lift one-by-one (bf16 base)",
+           "batched-bf16": "lift batched (bf16 base)", "prefix-bf16": "lift batched+prefix (bf16 base)"}
 
 
-def matmul_peak_gflops(n: int = 1024, seconds: float = 2.0) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    reps, began = 0, time.perf_counter()
-    while time.perf_counter() - began < seconds:
-        a @ b
-        reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - began) / 1e9
+def matmul_peak_gflops(shapes, seconds: float = 1.0, dtype: torch.dtype = torch.float32) -> float:
+    """Best GFLOP/s of [m, k] @ [k, n] over `shapes`: oneDNN's bf16 (AMX) GEMMs reach their
+    speed only on some shapes (here 1024³ ran at ~40% of the model's own GEMM shapes), so
+    the peak includes the model's linear-layer shapes and is the best of all."""
+    best = 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        reps, began = 0, time.perf_counter()
+        while time.perf_counter() - began < seconds:
+            a @ b
+            reps += 1
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - began) / 1e9)
+    return best
+
+
+def peak_shapes(model) -> list[tuple[int, int, int]]:
+    """Square 1024³ and 2048³, and the model's MLP/attention projections at 4096 tokens."""
+    hidden, inter = model.config.hidden_size, model.config.intermediate_size
+    return [(1024, 1024, 1024), (2048, 2048, 2048), (4096, hidden, inter), (4096, inter, hidden), (4096, hidden, hidden)]
 
 
 def bench_config(args):
@@ -102,7 +122,7 @@ def plan_tokens(base, cfg, texts) -> tuple[int, int, list[list]]:
     return total, loss, built
 
 
-def run_hf(base, cfg, built, workdir: Path) -> None:
+def run_hf(base, cfg, built, workdir: Path, bf16: bool = False) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
@@ -131,13 +151,22 @@ def run_hf(base, cfg, built, workdir: Path) -> None:
             learning_rate=cfg.train.lr_lora, adam_beta1=cfg.train.betas[0], adam_beta2=cfg.train.betas[1],
             weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.grad_clip, lr_scheduler_type="constant",
             warmup_steps=0, logging_strategy="no", save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
-            disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0, seed=cfg.train.seed,
+            disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0, seed=cfg.train.seed, bf16=bf16,
         )
         data = [{"input_ids": s.input_ids, "labels": s.labels} for s in doc]
         InOrder(model=model, args=targs, train_dataset=data, data_collator=collate).train()
         model.save_pretrained(str(workdir / f"hf-{i}" / "adapter"))
         model.unload()
         base.model.eval()
+
+
+def with_dtype(cfg, dtype: str):
+    """A copy of cfg with train.compute_dtype = dtype."""
+    from lift_engine.config import LiftConfig
+
+    out = LiftConfig.from_dict(cfg.to_dict())
+    out.train.compute_dtype = dtype
+    return out
 
 
 def run_solo(base, cfg, texts, workdir: Path) -> None:
@@ -169,7 +198,9 @@ def model_flops(model, tokens: int, loss_tokens: int) -> float:
 
 
 COLORS = {"hf-trainer+peft": "#9e9e9e", "lift one-by-one": "#64b5f6", "lift batched": "#1565c0",
-          "lift batched+prefix": "#2e7d32"}
+          "lift batched+prefix": "#2e7d32", "hf-trainer+peft (bf16 autocast)": "#616161",
+          "lift one-by-one (bf16 base)": "#90caf9", "lift batched (bf16 base)": "#7e57c2",
+          "lift batched+prefix (bf16 base)": "#81c784"}
 
 
 def svg_chart(report: dict, path: Path) -> Path:
@@ -212,8 +243,15 @@ def main() -> int:
     cfg = bench_config(args)
     ns = [int(x) for x in args.ns.split(",")]
     methods = [m for m in args.methods.split(",") if m]
-    peak = matmul_peak_gflops()
-    print(f"hardware: {hardware()}; fp32 matmul peak {peak:.1f} GFLOP/s", file=sys.stderr)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    shapes = peak_shapes(base.model)
+    peaks = {"float32": matmul_peak_gflops(shapes)}
+    if any(m.endswith("-bf16") for m in methods):
+        peaks["bfloat16"] = matmul_peak_gflops(shapes, dtype=torch.bfloat16)
+    print(f"hardware: {hardware()}; matmul peak " + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()) + " GFLOP/s",
+          file=sys.stderr)
     all_texts = make_documents(base.tokenizer, max(ns), args.doc_tokens, args.seed)
     results = []
     for n in ns:
@@ -221,28 +259,31 @@ def main() -> int:
         tokens, loss_tokens, built = plan_tokens(base, cfg, texts)
         flops = model_flops(base.model, tokens, loss_tokens)
         for m in methods:
+            dtype = "bfloat16" if m.endswith("-bf16") else "float32"
+            kind = m.removesuffix("-bf16")
             with tempfile.TemporaryDirectory() as tmp:
                 began = time.perf_counter()
                 extra = {}
-                if m == "hf":
-                    run_hf(base, cfg, built, Path(tmp))
-                elif m == "solo":
-                    run_solo(base, cfg, texts, Path(tmp))
+                if kind == "hf":
+                    run_hf(base, cfg, built, Path(tmp), bf16=dtype == "bfloat16")
+                elif kind == "solo":
+                    run_solo(base, with_dtype(cfg, dtype), texts, Path(tmp))
                 else:
-                    extra = run_batched(base, cfg, texts, Path(tmp), prefix=(m == "prefix"))
+                    extra = run_batched(base, with_dtype(cfg, dtype), texts, Path(tmp), prefix=(kind == "prefix"))
                 seconds = time.perf_counter() - began
-            row = {"n": n, "method": METHODS[m], "seconds": seconds, "docs_per_hour": n * 3600 / seconds,
+            row = {"n": n, "method": METHODS[m], "dtype": dtype, "seconds": seconds, "docs_per_hour": n * 3600 / seconds,
                    "tokens_per_s": tokens / seconds, "train_tokens": tokens, "loss_tokens": loss_tokens,
-                   "gflops": flops / seconds / 1e9, "fraction_of_peak": flops / seconds / 1e9 / peak, **extra}
+                   "gflops": flops / seconds / 1e9, "peak_gflops": peaks[dtype],
+                   "fraction_of_peak": flops / seconds / 1e9 / peaks[dtype], **extra}
             results.append(row)
-            print(f"N={n:<3} {row['method']:<20} {seconds:8.1f}s {row['docs_per_hour']:9.1f} docs/h "
+            print(f"N={n:<3} {row['method']:<34} {seconds:8.1f}s {row['docs_per_hour']:9.1f} docs/h "
                   f"{row['tokens_per_s']:8.1f} tok/s {row['gflops']:6.2f} GFLOP/s", file=sys.stderr, flush=True)
     base_name = METHODS["hf"] if "hf" in methods else METHODS[methods[0]]
     for row in results:
         ref = next(r for r in results if r["n"] == row["n"] and r["method"] == base_name)
         row["speedup_vs_" + base_name.replace(" ", "_")] = row["docs_per_hour"] / ref["docs_per_hour"]
     model_desc = {"id": base.model_id, "params": sum(p.numel() for p in base.model.parameters())}
-    report = {"hardware": hardware(), "matmul_peak_gflops": peak, "model": model_desc, "config": cfg.to_dict(),
+    report = {"hardware": hardware(), "matmul_peak_gflops": peaks["float32"], "matmul_peaks_gflops": peaks, "model": model_desc, "config": cfg.to_dict(),
               "doc_tokens": args.doc_tokens, "results": results}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -250,12 +291,13 @@ def main() -> int:
     svg_chart(report, out.with_suffix(".svg"))
     key = "speedup_vs_" + base_name.replace(" ", "_")
     print(f"\nmodel {base.model_id} ({model_desc['params'] / 1e6:.1f}M params); {report['hardware']['cpu']}, "
-          f"{report['hardware']['torch_threads']} threads; fp32 matmul peak {peak:.1f} GFLOP/s\n")
-    print(f"| N | method | s | docs/h | tokens/s | GFLOP/s | % of peak | × {base_name} |")
+          f"{report['hardware']['torch_threads']} threads; matmul peak "
+          + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()) + " GFLOP/s\n")
+    print(f"| N | method | s | docs/h | tokens/s | GFLOP/s | % of peak (dtype) | × {base_name} |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['n']} | {r['method']} | {r['seconds']:.1f} | {r['docs_per_hour']:.0f} | {r['tokens_per_s']:.0f} | "
-              f"{r['gflops']:.2f} | {100 * r['fraction_of_peak']:.1f} | {r[key]:.2f} |")
+              f"{r['gflops']:.2f} | {100 * r['fraction_of_peak']:.1f} ({'bf16' if r['dtype'] == 'bfloat16' else 'fp32'}) | {r[key]:.2f} |")
     print(f"\nwrote {out} and {out.with_suffix('.svg')}", file=sys.stderr)
     return 0
 

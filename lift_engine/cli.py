@@ -45,7 +45,8 @@ def _add_batch_options(p: argparse.ArgumentParser) -> None:
                    help="batched jobs: memory for a training step (default: 80%% of what is free)")
     p.add_argument("--prefix-sharing", action=argparse.BooleanOptionalAction, default=True,
                    help="batched jobs: one context split per document per step, computed once and shared by its "
-                        "samples (default: on; 1.2-1.4x faster in bench/bench_tune.py; --no-prefix-sharing gives "
+                        "samples (default: on; 1.2-1.4x faster in fp32 in bench/bench_tune.py, but slower than "
+                        "without it at 16 documents with --compute-dtype bfloat16; --no-prefix-sharing gives "
                         "each sample its own split, exactly what one-by-one `lift tune` trains on)")
 
 
