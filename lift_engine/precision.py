@@ -9,7 +9,6 @@ GPU) a bf16 GEMM runs several times faster than an fp32 one, so `train.compute_d
     activations                                 bf16 (norms, softmax and the loss in fp32)
     attention (sdpa, on CPU)                    fp32 (`fp32_attention`: torch's CPU flash
                                                 kernels are slower in bf16)
-    RMSNorm, silu(gate) · up                    torch.compile'd (lift_engine.compiled_elementwise)
     LoRA term                                   lift_engine.ops.lora_linear_rows: the fp32
                                                 bank is cast per step to the activations'
                                                 dtype (tiny), gradients land in fp32
@@ -30,8 +29,6 @@ from typing import Iterator
 
 import torch
 from torch import nn
-
-from lift_engine.compiled_elementwise import compiled_elementwise
 
 #: train.compute_dtype values and the torch dtype each means.
 COMPUTE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -121,10 +118,8 @@ def fp32_attention(model: nn.Module, enabled: bool = True) -> Iterator[bool]:
 @contextlib.contextmanager
 def training_precision(model: nn.Module, dtype: torch.dtype, cache: dict | None = None) -> Iterator[None]:
     """What tuning in `dtype` means (the one entry point for the trainers): the frozen base
-    cast to it (`frozen_base_in`, with the caller's cache), RMSNorm and the MLP's
-    silu(gate) · up compiled (`compiled_elementwise`) and, on CPU, sdpa attention computed
-    in fp32 (`fp32_attention`). A no-op for float32, whose results stay HF's eager ones."""
-    low = dtype != torch.float32
+    cast to it (`frozen_base_in`, with the caller's cache) and, for low precision on CPU,
+    sdpa attention computed in fp32 (`fp32_attention`). A no-op for float32."""
     on_cpu = next(model.parameters()).device.type == "cpu"
-    with frozen_base_in(model, dtype, cache), fp32_attention(model, low and on_cpu), compiled_elementwise(model, low):
+    with frozen_base_in(model, dtype, cache), fp32_attention(model, dtype != torch.float32 and on_cpu):
         yield
