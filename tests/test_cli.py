@@ -1,6 +1,7 @@
 """The `lift` command with good and bad input: one-line errors, non-zero exits, resume."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -142,3 +143,18 @@ def test_kill_9_then_rerun_resumes(tmp_path, model_dir, doc):
     assert "resumed at step" in result.stdout
     assert (out / "adapter_model.safetensors").is_file()
     assert not partial_dir_for(out).exists()
+
+
+def test_tune_with_a_bf16_base_records_it_and_rejects_unknown_dtypes(capsys, tmp_path, model_dir):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOCUMENT[:300])
+    out = tmp_path / "adapter"
+    code, stdout, err = run_main(capsys, "tune", doc, "-o", out, "--model", model_dir, "--compute-dtype", "bfloat16")
+    assert code == 0, err
+    manifest = json.loads((out / "lift_adapter.json").read_text())
+    assert manifest["lift_config"]["train"]["compute_dtype"] == "bfloat16"
+    with pytest.raises(SystemExit) as exc:  # argparse: usage line + one error line, exit 2
+        main(["tune", str(doc), "-o", str(tmp_path / "other"), "--model", str(model_dir), "--compute-dtype", "float8"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--compute-dtype" in err and "Traceback" not in err
+    assert not (tmp_path / "other").exists()
