@@ -86,8 +86,8 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 20  # optimizer steps between resumable checkpoints
     # dtype of the frozen base's weights and activations while tuning (lift_engine.precision):
-    # "float32", or "bfloat16" (adapters and AdamW stay fp32; several times faster GEMMs on
-    # CPUs with AMX and on GPUs)
+    # "float32", or "bfloat16" (adapters and AdamW stay fp32; bf16 GEMMs are several times
+    # faster on CPUs with AMX, measured in bench/README.md run 5, and on GPUs, not yet run)
     compute_dtype: str = "float32"
 
 

@@ -1,8 +1,8 @@
 """Training precision: the frozen base in bf16 while adapters train in fp32.
 
-LIFT trains only the adapter; the base model is frozen. On a CPU with AMX (and on any
-GPU) a bf16 GEMM runs several times faster than an fp32 one, so `train.compute_dtype =
-"bfloat16"` casts the frozen base's *parameters* to bf16 for the duration of tuning:
+LIFT trains only the adapter; the base model is frozen. On a CPU with AMX (and on GPUs'
+tensor cores; this path has not run on a GPU yet) a bf16 GEMM runs several times faster
+than an fp32 one, so `train.compute_dtype = "bfloat16"` casts the frozen base's *parameters* to bf16 for the duration of tuning:
 
     frozen Linear / embedding / norm weights    bf16 (cast once, originals kept)
     adapter banks (master weights, AdamW)       fp32, untouched
