@@ -30,6 +30,9 @@ from lift_engine.samples import IGNORE_INDEX, DocumentSamples, Sample, SampleRef
 # demo plan (~68k planned tokens) tuned the 135M default model in 352 s, ~194 tok/s in
 # fp32, i.e. about 6·135e6·194 ≈ 1.6e11 FLOP/s. Other jobs on the cores slow it 2–10×.
 ASSUMED_TRAIN_FLOPS = 1.6e11
+# train.compute_dtype = "bfloat16" (precision.py) on the same machine: the same demo plan
+# tuned in 255 s instead of 342 s.
+ASSUMED_SPEEDUP = {"float32": 1.0, "bfloat16": 342 / 255}
 
 
 @dataclass
@@ -114,10 +117,11 @@ def make_optimizer(handle: AdapterHandle, cfg: LiftConfig) -> torch.optim.Optimi
     )
 
 
-def estimate_seconds(model: torch.nn.Module, total_tokens: int) -> float:
-    """Rough time of `total_tokens` of forward+backward (6·params FLOP per token)."""
+def estimate_seconds(model: torch.nn.Module, total_tokens: int, compute_dtype: str = "float32") -> float:
+    """Rough time of `total_tokens` of forward+backward (6·params FLOP per token) when tuning
+    in `compute_dtype`."""
     params = sum(p.numel() for p in model.parameters())
-    return 6.0 * params * total_tokens / ASSUMED_TRAIN_FLOPS
+    return 6.0 * params * total_tokens / ASSUMED_TRAIN_FLOPS / ASSUMED_SPEEDUP.get(compute_dtype, 1.0)
 
 
 class DocumentTuner:
@@ -204,7 +208,7 @@ def plan_summary(samples: DocumentSamples, model: torch.nn.Module) -> dict:
         "qa_items": len(samples.qa_items),
         "samples": len(plan),
         "train_tokens": tokens,
-        "estimated_seconds": estimate_seconds(model, tokens),
+        "estimated_seconds": estimate_seconds(model, tokens, samples.cfg.train.compute_dtype),
     }
 
 

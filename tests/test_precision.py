@@ -259,3 +259,11 @@ def test_bf16_one_document_tuning_restores_the_base(model_dir, tmp_path):
     assert tensors and all(t.dtype == torch.float32 for t in tensors.values())
     assert any(float(t.abs().max()) > 0 for k, t in tensors.items() if "lora_B" in k)  # it trained
     assert base.model.config._attn_implementation == "sdpa"
+
+
+def test_time_estimate_follows_the_compute_dtype():
+    from lift_engine.trainer import ASSUMED_SPEEDUP, estimate_seconds
+
+    model = make_tiny_model("llama")
+    fp32, bf16 = estimate_seconds(model, 10_000), estimate_seconds(model, 10_000, "bfloat16")
+    assert bf16 == pytest.approx(fp32 / ASSUMED_SPEEDUP["bfloat16"]) and bf16 < fp32
