@@ -74,6 +74,8 @@ def test_lora_linear_rows_rejects_shapes_that_do_not_fit():
         lora_linear_rows(x[0], weight, b, lora_a, lora_b, scaling, rows)
     with pytest.raises(ValueError, match="do not fit"):
         lora_linear_rows(x, weight[:, :5], b, lora_a, lora_b, scaling, rows)
+    with pytest.raises(ValueError, match="do not fit"):
+        lora_linear_rows(x, weight, b, lora_a[:, :, :5], lora_b, scaling, rows)
 
 
 def test_lora_layer_takes_the_row_path_only_for_per_row_indices_in_mixed_precision(monkeypatch):

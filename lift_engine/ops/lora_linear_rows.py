@@ -27,6 +27,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from lift_engine.ops.reference.lora_linear import check_linear
+
 
 def lora_linear_rows(
     x: torch.Tensor,
@@ -47,11 +49,10 @@ def lora_linear_rows(
     if x.dim() != 3 or row_idx.dim() != 1 or row_idx.shape[0] != x.shape[0]:
         raise ValueError(f"lora_linear_rows needs x [B, S, in] and row_idx [B], got {tuple(x.shape)} and "
                          f"{tuple(row_idx.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or lora_a.shape[2] != x.shape[-1] \
-            or lora_b.shape[1] != weight.shape[0] or lora_b.shape[2] != lora_a.shape[1]:
-        raise ValueError(f"x {tuple(x.shape)}, weight {tuple(weight.shape)}, lora_a {tuple(lora_a.shape)} and "
-                         f"lora_b {tuple(lora_b.shape)} do not fit: expected weight [out, in], lora_a [N, r, in], "
-                         "lora_b [N, out, r]")
+    check_linear(x, weight, lora_b)  # the reference op's check of x, W and B
+    if lora_a.dim() != 3 or lora_a.shape[2] != x.shape[-1] or lora_b.shape[2] != lora_a.shape[1]:
+        raise ValueError(f"lora_a {tuple(lora_a.shape)} and lora_b {tuple(lora_b.shape)} do not fit x "
+                         f"{tuple(x.shape)}: expected lora_a [N, r, in], lora_b [N, out, r]")
     y = F.linear(x, weight, bias)
     present = row_idx >= 0
     safe = row_idx.clamp(min=0)
