@@ -25,6 +25,7 @@ that require grad); casting them once is where the speed comes from.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator
 
 import torch
@@ -92,7 +93,9 @@ def _sdpa_in_fp32(module, query, key, value, attention_mask, **kwargs):
     return out.to(query.dtype), weights
 
 
+@functools.cache
 def _register_fp32_sdpa() -> None:
+    """Register `_sdpa_in_fp32` (and sdpa's mask function) under FP32_SDPA, once per process."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
