@@ -23,7 +23,8 @@ planned samples, counted the same way for every method), achieved GFLOP/s
 (4·P_linear·tokens + 4·V·H·loss tokens: forward + input-gradient backward of the frozen
 model's linear layers, plus the output head at loss positions; attention's quadratic
 term not counted) against this machine's measured matmul peak in the method's dtype
-(fp32, or bf16 for the bf16 methods; the best of square and model-shaped GEMMs), and every method's ratio to the (fp32) HF baseline. The run prints a markdown table and writes
+(fp32, or bf16 for the bf16 methods; the best of square and model-shaped GEMMs), and
+every method's ratio to the (fp32) HF baseline. The run prints a markdown table and writes
 bench/results/bench_tune.json and its chart bench/results/bench_tune.svg
 (bench_common.svg_bar_chart); `--plot-only JSON` redraws the chart of a results JSON.
 
@@ -283,7 +284,8 @@ def main() -> int:
         ref = next(r for r in results if r["n"] == row["n"] and r["method"] == base_name)
         row["speedup_vs_" + base_name.replace(" ", "_")] = row["docs_per_hour"] / ref["docs_per_hour"]
     model_desc = {"id": base.model_id, "params": sum(p.numel() for p in base.model.parameters())}
-    report = {"hardware": hardware(), "matmul_peak_gflops": peaks["float32"], "matmul_peaks_gflops": peaks, "model": model_desc, "config": cfg.to_dict(),
+    report = {"hardware": hardware(), "matmul_peak_gflops": peaks["float32"], "matmul_peaks_gflops": peaks,
+              "model": model_desc, "config": cfg.to_dict(),
               "doc_tokens": args.doc_tokens, "results": results}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

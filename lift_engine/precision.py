@@ -2,7 +2,8 @@
 
 LIFT trains only the adapter; the base model is frozen. On a CPU with AMX (and on GPUs'
 tensor cores; this path has not run on a GPU yet) a bf16 GEMM runs several times faster
-than an fp32 one, so `train.compute_dtype = "bfloat16"` casts the frozen base's *parameters* to bf16 for the duration of tuning:
+than an fp32 one, so `train.compute_dtype = "bfloat16"` casts the frozen base's
+*parameters* to bf16 for the duration of tuning:
 
     frozen Linear / embedding / norm weights    bf16 (cast once, originals kept)
     adapter banks (master weights, AdamW)       fp32, untouched
