@@ -123,8 +123,12 @@ def fp32_attention(model: nn.Module, enabled: bool = True) -> Iterator[bool]:
 @contextlib.contextmanager
 def training_precision(model: nn.Module, dtype: torch.dtype, cache: dict | None = None) -> Iterator[None]:
     """What tuning in `dtype` means (the one entry point for the trainers): the frozen base
-    cast to it (`frozen_base_in`, with the caller's cache) and, for low precision on CPU,
-    sdpa attention computed in fp32 (`fp32_attention`). A no-op for float32."""
+    cast to it (`frozen_base_in`, with the caller's cache); for low precision on CPU, sdpa
+    attention computed in fp32 (`fp32_attention`); and in every dtype the model's norms and
+    SwiGLU MLPs on the fused ops (models/fused_blocks.py; exact to rounding)."""
+    from lift_engine.models.fused_blocks import fused_blocks
+
     on_cpu = next(model.parameters()).device.type == "cpu"
-    with frozen_base_in(model, dtype, cache), fp32_attention(model, dtype != torch.float32 and on_cpu):
+    with frozen_base_in(model, dtype, cache), fp32_attention(model, dtype != torch.float32 and on_cpu), \
+            fused_blocks(model):
         yield

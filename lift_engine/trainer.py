@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lift_engine.adapters.patching import AdapterHandle
+from lift_engine.batch.loss import chunked_token_loss
 from lift_engine.checkpoint import load_checkpoint, partial_dir_for, remove_work_dir, save_checkpoint
 from lift_engine.config import LiftConfig
 from lift_engine.precision import compute_dtype, training_precision
@@ -81,13 +81,14 @@ def per_document_loss(
     """Per-document mean next-token loss, [num_docs] (0 for a document with no tokens).
 
     input_ids, attention_mask, labels: [B, S]; docs: [B] slot of each row.
-    Only positions whose next token carries a label go through the output projection.
+    Only positions whose next token carries a label go through the output projection, in
+    chunks, with the loss's gradient computed in the same pass (batch/loss.py) — the same
+    loss the batched job uses, so one document trains alike either way.
     """
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=training_attention_mask(attention_mask)).last_hidden_state
     targets = labels[:, 1:]
     rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    logits = model.get_output_embeddings()(hidden[rows, cols])
-    token_loss = F.cross_entropy(logits.float(), targets[rows, cols], reduction="none")
+    token_loss = chunked_token_loss(hidden[rows, cols], model.get_output_embeddings(), targets[rows, cols])
     token_docs = docs[rows]
     sums = torch.zeros(num_docs, dtype=token_loss.dtype).index_add(0, token_docs, token_loss)
     counts = torch.zeros(num_docs, dtype=token_loss.dtype).index_add(0, token_docs, torch.ones_like(token_loss))

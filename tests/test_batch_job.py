@@ -142,15 +142,20 @@ def test_batched_job_gives_each_document_its_solo_adapter(model_dir, tmp_path, a
         job.close()
     solos = {name: adapter_tensors(tmp_path / "solo" / name, adapter) for name in DOCS}
     # All documents start from the same seeded init, so what separates two solo adapters is
-    # training: the tolerance below must be far smaller than that.
+    # training: the tolerance below must be far smaller than that (~600x here).
+    # Why 5e-5 and not less: batched and solo steps round differently (other GEMM shapes),
+    # and AdamW turns a gradient entry near zero into an update of about ±lr whose sign the
+    # rounding decides; the worst entry (a lora_B, lr 2e-3) moved by 9e-6 to 3.5e-5
+    # between backends (reference, C++) while everything else agreed to ~3e-6.
+    atol = 5e-5
     signal = max(float((solos["short"][k] - solos["long"][k]).abs().max()) for k in solos["short"])
-    assert signal > 200 * 1e-5, signal
+    assert signal > 200 * atol, signal
     for name in DOCS:
         assert progress[name]["status"] == "done"
         solo, batched = solos[name], adapter_tensors(tmp_path / "batch" / name, adapter)
         assert solo.keys() == batched.keys()
         for key in solo:
-            torch.testing.assert_close(batched[key], solo[key], rtol=1e-3, atol=1e-5, msg=f"{name} {key}")
+            torch.testing.assert_close(batched[key], solo[key], rtol=1e-3, atol=atol, msg=f"{name} {key}")
     assert sorted(p.name for p in (tmp_path / "batch").iterdir() if not p.name.startswith(".")) == sorted(DOCS)
     assert not [p for p in (tmp_path / "batch").iterdir() if p.name.endswith(".lift-partial")]
 

@@ -1,11 +1,13 @@
 // Python bindings of the C++ CPU kernels: module lift_engine._C_cpu.
-// Shape/dtype checks and allocation live here; the kernels take raw fp32 pointers.
+// Shape/dtype checks and allocation live here; the kernels take raw pointers (fp32, or
+// fp32/bf16 for the fused elementwise ops).
 // Autograd is wired in lift_engine/ops/cpu_backend.py.
 #include <torch/csrc/utils/pybind.h>
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 
 #include <string>
@@ -220,10 +222,114 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gm_bwd(
   return {dattn, dq, dw1, dw2, dw3, dw4};
 }
 
+// ---- fused elementwise ops: float32 or bfloat16 storage, float32 math ----
+
+// f(T{}) with T = float or lift_cpu::Bf16 after t's dtype; anything else is an error.
+template <class F>
+auto by_dtype(const Tensor& t, const char* name, F&& f) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  if (t.scalar_type() == at::kFloat) return f(float{});
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16, name, " must be float32 or bfloat16, got ",
+              t.scalar_type());
+  return f(lift_cpu::Bf16{});
+}
+template <class T>
+T* data(const Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+// t detached and contiguous, after checking it has x's dtype and the given shape.
+Tensor like(const Tensor& t, const Tensor& x, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == x.scalar_type(), name, " must be a CPU ",
+              x.scalar_type(), " tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  return t.detach().contiguous();
+}
+
+// rms_norm_fwd(x [R, H], w [H], eps) -> (y [R, H], rstd [R] float32)
+std::tuple<Tensor, Tensor> rms_norm_fwd(const Tensor& x_, const Tensor& w_, double eps) {
+  TORCH_CHECK(x_.dim() == 2, "x must be [rows, H], got ", x_.sizes());
+  const Tensor x = x_.detach().contiguous();
+  const Tensor w = like(w_, x, "weight", {x.size(1)});
+  Tensor y = at::empty_like(x), rstd = at::empty({x.size(0)}, fopts());
+  by_dtype(x, "x", [&](auto tag) {
+    using T = decltype(tag);
+    lift_cpu::rms_norm_fwd(data<T>(x), data<T>(w), x.size(0), x.size(1), static_cast<float>(eps),
+                           data<T>(y), rstd.data_ptr<float>(), threads());
+  });
+  return {y, rstd};
+}
+
+// rms_norm_bwd(dy, x [R, H], w [H], rstd [R], need_dw) -> (dx [R, H], dw [H] float32 or None)
+std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy_, const Tensor& x_, const Tensor& w_,
+                                        const Tensor& rstd_, bool need_dw) {
+  TORCH_CHECK(x_.dim() == 2, "x must be [rows, H], got ", x_.sizes());
+  const Tensor x = x_.detach().contiguous();
+  const Tensor dy = like(dy_, x, "grad", x.sizes()), w = like(w_, x, "weight", {x.size(1)});
+  const Tensor rstd = f32(rstd_, "rstd", 1);
+  TORCH_CHECK(rstd.size(0) == x.size(0), "rstd must be [rows]");
+  Tensor dx = at::empty_like(x), dw;
+  if (need_dw) dw = at::empty({x.size(1)}, fopts());
+  by_dtype(x, "x", [&](auto tag) {
+    using T = decltype(tag);
+    lift_cpu::rms_norm_bwd(data<T>(dy), data<T>(x), data<T>(w), rstd.data_ptr<float>(), x.size(0),
+                           x.size(1), data<T>(dx), ptr_or_null(dw), threads());
+  });
+  return {dx, dw};
+}
+
+// swiglu_fwd(g, u) -> silu(g) * u, any shape (g and u alike)
+Tensor swiglu_fwd(const Tensor& g_, const Tensor& u_) {
+  const Tensor g = g_.detach().contiguous(), u = like(u_, g, "up", g.sizes());
+  Tensor y = at::empty_like(g);
+  by_dtype(g, "gate", [&](auto tag) {
+    using T = decltype(tag);
+    lift_cpu::swiglu_fwd(data<T>(g), data<T>(u), g.numel(), data<T>(y), threads());
+  });
+  return y;
+}
+
+// swiglu_bwd(dy, g, u) -> (dg, du)
+std::tuple<Tensor, Tensor> swiglu_bwd(const Tensor& dy_, const Tensor& g_, const Tensor& u_) {
+  const Tensor g = g_.detach().contiguous(), u = like(u_, g, "up", g.sizes()),
+               dy = like(dy_, g, "grad", g.sizes());
+  Tensor dg = at::empty_like(g), du = at::empty_like(g);
+  by_dtype(g, "gate", [&](auto tag) {
+    using T = decltype(tag);
+    lift_cpu::swiglu_bwd(data<T>(dy), data<T>(g), data<T>(u), g.numel(), data<T>(dg), data<T>(du),
+                         threads());
+  });
+  return {dg, du};
+}
+
+// cross_entropy_with_grad_(z [R, V], targets [R] int64) -> loss [R] float32; z is overwritten
+// in place with softmax(z) - onehot(targets), the loss's gradient. z needs unit column stride.
+Tensor cross_entropy_with_grad_(Tensor& z, const Tensor& targets_) {
+  TORCH_CHECK(z.dim() == 2 && z.stride(1) == 1 && z.size(1) > 0,
+              "logits must be [rows, V] with V > 0 and unit column stride, got ", z.sizes());
+  TORCH_CHECK(targets_.device().is_cpu() && targets_.scalar_type() == at::kLong &&
+                  targets_.dim() == 1 && targets_.size(0) == z.size(0),
+              "targets must be an int64 CPU tensor [rows]");
+  const Tensor targets = targets_.contiguous();
+  const int64_t R = z.size(0), V = z.size(1);
+  const int64_t* t = targets.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r)
+    if (t[r] < 0 || t[r] >= V)
+      throw py::index_error("target " + std::to_string(t[r]) + " out of range for " +
+                            std::to_string(V) + " classes");
+  Tensor loss = at::empty({R}, fopts());
+  by_dtype(z, "logits", [&](auto tag) {
+    using T = decltype(tag);
+    lift_cpu::cross_entropy_with_grad(data<T>(z), z.stride(0), R, V, t, loss.data_ptr<float>(),
+                                      threads());
+  });
+  return loss;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C_cpu, m) {
-  m.doc() = "lift_engine C++ CPU kernels (multi-adapter LoRA, Gated-Memory epilogue), fp32";
+  m.doc() = "lift_engine C++ CPU kernels: multi-adapter LoRA and the Gated-Memory epilogue (fp32), "
+            "fused RMSNorm, SwiGLU and cross entropy (fp32 or bf16)";
   m.attr("gemm_backend") = lift_cpu::gemm_backend();
   m.def("plan", &plan, py::arg("adapter_idx"), py::arg("n_adapters"), py::arg("block"));
   m.def("shrink_fwd", &shrink_fwd);
@@ -234,4 +340,9 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("delta_bwd", &delta_bwd);
   m.def("gm_fwd", &gm_fwd);
   m.def("gm_bwd", &gm_bwd);
+  m.def("rms_norm_fwd", &rms_norm_fwd);
+  m.def("rms_norm_bwd", &rms_norm_bwd);
+  m.def("swiglu_fwd", &swiglu_fwd);
+  m.def("swiglu_bwd", &swiglu_bwd);
+  m.def("cross_entropy_with_grad_", &cross_entropy_with_grad_);
 }

@@ -1,6 +1,7 @@
 // Shared helpers of the C++ CPU kernels: raw-pointer GEMM, the task runner, per-thread
 // scratch, and the token grouping plan. No torch headers here: kernel files stay cheap to
-// compile (DESIGN.md §8). Everything is fp32; other dtypes are cast by the Python wrapper.
+// compile (DESIGN.md §8). The LoRA and Gated-Memory kernels are fp32 (other dtypes are cast
+// by the Python wrapper); the fused elementwise kernels also take bfloat16 storage (Bf16).
 #pragma once
 
 #include <algorithm>
@@ -10,6 +11,8 @@
 #include <vector>
 
 #include <omp.h>
+
+#include "fast_math.h"
 
 namespace lift_cpu {
 
@@ -63,6 +66,29 @@ void run_tasks(int64_t ntasks, int nthreads, F&& f) {
       if (i >= ntasks) break;
       f(i, tid);
     }
+  }
+}
+
+// Threads for splitting `rows` into contiguous ranges of at least `min_rows` rows.
+inline int row_range_threads(int64_t rows, int64_t min_rows, int nthreads) {
+  const int64_t by_size = std::max<int64_t>(1, rows / std::max<int64_t>(1, min_rows));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, by_size)));
+}
+// Runs f(r0, r1, thread) on row_range_threads(...) equal contiguous ranges covering
+// [0, rows) (serially as one range when nested in a parallel region). f must not throw.
+constexpr int64_t kMinRowsPerThread = 16;
+template <class F>
+void parallel_row_ranges(int64_t rows, int64_t min_rows, int nthreads, F&& f) {
+  if (rows <= 0) return;
+  const int nt = row_range_threads(rows, min_rows, nthreads);
+  if (nt <= 1 || omp_in_parallel()) {
+    f(0, rows, 0);
+    return;
+  }
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num();
+    f(rows * t / nt, rows * (t + 1) / nt, t);
   }
 }
 
@@ -177,5 +203,30 @@ void gated_memory_bwd(const float* dout, const float* attn, const float* q, cons
                       const float* mem, const float* p3, const float* gate, GMShape s,
                       int64_t n_adapters, const Plan& p, float* dattn, float* dq, float* dw1,
                       float* dw2, float* dw3, float* dw4, int nthreads);
+
+// ---- fused elementwise kernels, float32 or bfloat16 storage, float32 math ----
+// rms_norm_cpu.cpp: x, y [rows, H]; w [H]; rstd [rows] out. dw [H] (float) overwritten
+// with Σ_rows dy ⊙ x̂ unless null.
+void rms_norm_fwd(const float* x, const float* w, int64_t rows, int64_t H, float eps, float* y,
+                  float* rstd, int nthreads);
+void rms_norm_fwd(const Bf16* x, const Bf16* w, int64_t rows, int64_t H, float eps, Bf16* y,
+                  float* rstd, int nthreads);
+void rms_norm_bwd(const float* dy, const float* x, const float* w, const float* rstd,
+                  int64_t rows, int64_t H, float* dx, float* dw, int nthreads);
+void rms_norm_bwd(const Bf16* dy, const Bf16* x, const Bf16* w, const float* rstd, int64_t rows,
+                  int64_t H, Bf16* dx, float* dw, int nthreads);
+// swiglu_cpu.cpp: n elements each; y = silu(g) ⊙ u.
+void swiglu_fwd(const float* g, const float* u, int64_t n, float* y, int nthreads);
+void swiglu_fwd(const Bf16* g, const Bf16* u, int64_t n, Bf16* y, int nthreads);
+void swiglu_bwd(const float* dy, const float* g, const float* u, int64_t n, float* dg, float* du,
+                int nthreads);
+void swiglu_bwd(const Bf16* dy, const Bf16* g, const Bf16* u, int64_t n, Bf16* dg, Bf16* du,
+                int nthreads);
+// cross_entropy_cpu.cpp: z [rows, V] with row stride ld, targets [rows] in [0, V) (checked
+// by the caller); loss [rows] out, z overwritten with softmax(z) − onehot(targets).
+void cross_entropy_with_grad(float* z, int64_t ld, int64_t rows, int64_t V, const int64_t* targets,
+                             float* loss, int nthreads);
+void cross_entropy_with_grad(Bf16* z, int64_t ld, int64_t rows, int64_t V, const int64_t* targets,
+                             float* loss, int nthreads);
 
 }  // namespace lift_cpu

@@ -1,9 +1,8 @@
 // Elementwise and data-movement pieces of the kernels. Each is a leaf function with plain,
 // branch-free loops that GCC vectorises, compiled for AVX-512, AVX2 and baseline x86-64
 // and picked at load time (target_clones), so the package runs on any x86-64 CPU; the
-// transposes use an AVX 8×8 register transpose when the CPU has AVX2. exp is the Cephes
-// single-precision polynomial (~2 ulp over the clamped range), so no libm call blocks
-// vectorisation.
+// transposes use an AVX 8×8 register transpose when the CPU has AVX2. exp, sigmoid and
+// the multiversioning macro come from fast_math.h.
 #include <cstdint>
 #include <cstring>
 
@@ -12,40 +11,9 @@
 #endif
 
 #include "common.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LIFT_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define LIFT_HAVE_AVX_TRANSPOSE 1
-#else
-#define LIFT_MULTIVERSION
-#define LIFT_HAVE_AVX_TRANSPOSE 0
-#endif
+#include "fast_math.h"
 
 namespace lift_cpu {
-namespace {
-
-inline float exp_poly(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float fn = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-  float r = x - fn * 0.693359375f;
-  r = r - fn * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const int32_t e = static_cast<int32_t>(fn) + 127;
-  const uint32_t bits = static_cast<uint32_t>(e) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-inline float sigmoid_f(float x) { return 1.0f / (1.0f + exp_poly(-x)); }
-
-}  // namespace
 
 LIFT_MULTIVERSION
 void silu_forward(const float* x, float* y, int64_t n) {

@@ -9,15 +9,52 @@ forward and again (recomputed) in backward, so the live size is chunk × vocab:
     ∂loss/∂h[t] = g[t] · (softmax(h[t] Wᵀ + b) − onehot(y[t])) W
 
 Exact: the same numbers as F.cross_entropy on the full logits (to float rounding).
+
+When only h needs a gradient (LIFT: the head is frozen), the forward pass computes it
+too, as Liger-Kernel's fused linear cross entropy does: per chunk one GEMM for the
+logits, one fused pass (`ops.cross_entropy_with_grad_`: loss, and softmax − onehot in
+place of the logits) and one GEMM for (softmax − onehot) W, kept as [T, H]. The backward
+then only scales its rows by g[t]: no logits are recomputed, and none outlive their chunk.
+A trainable head (W or b needing a gradient) takes the recomputing path above.
 """
 from __future__ import annotations
 
 import torch
 
+from lift_engine import ops
+
 DEFAULT_CHUNK = 1024
 
 
+class _ChunkedTokenLossFrozenHead(torch.autograd.Function):
+    """The loss and its gradient for h in one pass (W and b need no gradient)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        unscaled = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # (softmax − onehot) W
+        for s in range(0, hidden.shape[0], chunk):
+            logits = hidden[s : s + chunk] @ weight.t()
+            if bias is not None:
+                logits += bias
+            out[s : s + chunk] = ops.cross_entropy_with_grad_(logits, targets[s : s + chunk])
+            if unscaled is not None:
+                unscaled[s : s + chunk] = (logits.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(unscaled)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (unscaled,) = ctx.saved_tensors
+        if unscaled is None:
+            return None, None, None, None, None
+        dh = (unscaled.float() * grad.float()[:, None]).to(unscaled.dtype)
+        return dh, None, None, None, None
+
+
 class _ChunkedTokenLoss(torch.autograd.Function):
+    """The loss, with logits recomputed in backward (for a head that trains)."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
@@ -62,7 +99,10 @@ def chunked_token_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: tor
     """Per-token cross entropy [T] (float32) of hidden [T, H] through `head` (an nn.Linear) against targets [T]."""
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32) + 0.0 * hidden.sum()
-    return _ChunkedTokenLoss.apply(hidden, head.weight, getattr(head, "bias", None), targets, max(1, int(chunk)))
+    bias = getattr(head, "bias", None)
+    head_trains = head.weight.requires_grad or (bias is not None and bias.requires_grad)
+    loss = _ChunkedTokenLoss if head_trains and torch.is_grad_enabled() else _ChunkedTokenLossFrozenHead
+    return loss.apply(hidden, head.weight, bias, targets, max(1, int(chunk)))
 
 
 def loss_positions(labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

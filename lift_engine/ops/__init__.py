@@ -2,6 +2,7 @@
 through these functions, which dispatch to a backend (see dispatch.py)."""
 from lift_engine.ops.dispatch import (
     BackendUnavailable,
+    cross_entropy_with_grad_,
     gated_memory_attention,
     gated_memory_blend,
     lora_expand,
@@ -9,10 +10,13 @@ from lift_engine.ops.dispatch import (
     lora_linear_delta,
     lora_shrink,
     resolve,
+    rms_norm,
+    swiglu,
 )
 
 __all__ = [
     "BackendUnavailable",
+    "cross_entropy_with_grad_",
     "gated_memory_attention",
     "gated_memory_blend",
     "lora_expand",
@@ -20,4 +24,6 @@ __all__ = [
     "lora_linear_delta",
     "lora_shrink",
     "resolve",
+    "rms_norm",
+    "swiglu",
 ]

@@ -1,5 +1,7 @@
 """C++ CPU backend (csrc/cpu, extension lift_engine._C_cpu): multi-adapter LoRA and the
-Gated-Memory epilogue, forward and backward, grouped by adapter (DESIGN.md §4–5).
+Gated-Memory epilogue, forward and backward, grouped by adapter (DESIGN.md §4–5); and the
+fused elementwise ops of a training step — RMSNorm, SwiGLU, cross entropy with its
+gradient — in fp32 or bf16 (see the section "fused elementwise ops" below).
 
 Importing this module raises ImportError when the extension is not built; dispatch.py
 then falls back to the reference and says so once.
@@ -14,7 +16,7 @@ Weight gradients go to one private slot per range of blocks and are reduced per 
 so no two threads write the same memory. The Gated-Memory backward reuses the forward's
 pre-activations (saved only when a gradient is needed).
 
-Kernels are fp32. float16/bfloat16 inputs go to the reference op unless
+The LoRA and Gated-Memory kernels are fp32. float16/bfloat16 inputs go to the reference op unless
 LIFT_CPU_LOW_PRECISION=1 (or `LOW_PRECISION = True`), which casts them to fp32 around the
 kernels (autograd casts the gradients back): measured on this machine, eager bf16
 (oneDNN, AMX) beats that cast path with one adapter, and loses to it with 16 (see
@@ -245,6 +247,69 @@ def gated_memory_blend(
     return out.to(attn_out.dtype)
 
 
+# ------------------------------------------------ fused elementwise ops (fp32 or bf16)
+# Float32 or bfloat16 storage, float32 math, one rounding per output (the references round
+# twice in bf16: within ~1 bf16 ulp of them). Anything else goes to the reference op.
+_FUSED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _use_fused(*tensors: torch.Tensor) -> bool:
+    dtype = tensors[0].dtype
+    return dtype in _FUSED_DTYPES and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        rows = x.reshape(-1, x.shape[-1])
+        y, rstd = _C.rms_norm_fwd(rows, weight, eps)
+        ctx.save_for_backward(rows, weight, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        rows, weight, rstd = ctx.saved_tensors
+        need_dx, need_dw = ctx.needs_input_grad[:2]
+        dx, dw = _C.rms_norm_bwd(dy.reshape(rows.shape), rows, weight, rstd, need_dw)
+        return (dx.view(dy.shape) if need_dx else None), (dw.to(weight.dtype) if need_dw else None), None
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return _C.swiglu_fwd(gate, up)
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        d_gate, d_up = _C.swiglu_bwd(dy, gate, up)
+        return d_gate, d_up
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [..., H]; weight: [H]; eps → weight ⊙ x · rsqrt(mean(x²) + eps), [..., H] (one C++ pass each way)."""
+    if x.dim() < 1 or weight.shape != x.shape[-1:] or x.numel() == 0 or not _use_fused(x, weight):
+        return reference.rms_norm(x, weight, eps)
+    return _RMSNorm.apply(x, weight, float(eps))
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up: [..., I] → silu(gate) ⊙ up (one C++ pass each way; σ recomputed in backward)."""
+    if gate.shape != up.shape or gate.numel() == 0 or not _use_fused(gate, up):
+        return reference.swiglu(gate, up)
+    return _SwiGLU.apply(gate, up)
+
+
+def cross_entropy_with_grad_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits: [R, V] (overwritten with softmax − onehot); targets: [R] int64 → loss [R] float32."""
+    if (logits.dim() != 2 or logits.stride(-1) != 1 or targets.shape != logits.shape[:1]
+            or not _use_fused(logits) or targets.dtype != torch.int64 or targets.device.type != "cpu"):
+        return reference.cross_entropy_with_grad_(logits, targets)
+    with torch.no_grad():
+        return _C.cross_entropy_with_grad_(logits, targets)
+
+
 # ------------------------------------------- backward entry points for custom_ops.py
 # Under torch.compile, lift_engine.ops.custom_ops calls `<op>_backward(..., needs)` of the
 # backend that ran the forward (no autograd inside a custom op). They recompute the plan
@@ -313,6 +378,9 @@ IMPLEMENTED = {
     "lora_expand": lora_expand,
     "lora_linear_delta": lora_linear_delta,
     "gated_memory_blend": gated_memory_blend,
+    "rms_norm": rms_norm,
+    "swiglu": swiglu,
+    "cross_entropy_with_grad_": cross_entropy_with_grad_,
 }
 BACKWARD = {
     "lora_shrink": lora_shrink_backward,

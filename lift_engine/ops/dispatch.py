@@ -27,6 +27,10 @@ import torch
 
 OPS = ("lora_shrink", "lora_expand", "lora_linear_delta", "lora_linear", "gated_memory_blend",
        "gated_memory_attention")
+# Fused elementwise ops of a training step (fused_blocks.py patches a model with them).
+# Same backend rules in eager mode; under torch.compile they are the reference, which
+# the compiler fuses itself, so they need no custom op.
+FUSED_OPS = ("rms_norm", "swiglu", "cross_entropy_with_grad_")
 BACKENDS = ("reference", "triton", "cuda", "cpu")
 
 # Module that implements each backend; imported lazily, only when chosen.
@@ -68,7 +72,7 @@ def requested_backend() -> str | None:
 
 def resolve(op: str, device: torch.device | str = "cpu") -> tuple[str, Callable]:
     """Return (backend name, function) for `op` on `device`."""
-    if op not in OPS:
+    if op not in OPS and op not in FUSED_OPS:
         raise KeyError(f"unknown op {op!r}")
     device_type = torch.device(device).type
     forced = requested_backend()
@@ -115,6 +119,8 @@ def _warn_once(op: str, backend: str, message: str) -> None:
 
 def _dispatching(op: str) -> Callable:
     def call(*args, **kwargs):
+        if torch.compiler.is_compiling() and op in FUSED_OPS:
+            return getattr(_load("reference"), op)(*args, **kwargs)
         if torch.compiler.is_compiling():  # one opaque node with a fake impl and a backward
             from lift_engine.ops import custom_ops
 
@@ -134,6 +140,9 @@ lora_linear_delta = _dispatching("lora_linear_delta")
 lora_linear = _dispatching("lora_linear")
 gated_memory_blend = _dispatching("gated_memory_blend")
 gated_memory_attention = _dispatching("gated_memory_attention")
+rms_norm = _dispatching("rms_norm")
+swiglu = _dispatching("swiglu")
+cross_entropy_with_grad_ = _dispatching("cross_entropy_with_grad_")
 
 
 # Register torch.ops.lift.* now (vLLM and compiled graphs look them up by name).

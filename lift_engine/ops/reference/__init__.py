@@ -3,6 +3,9 @@ from lift_engine.ops.reference.lora import lora_expand, lora_linear_delta, lora_
 from lift_engine.ops.reference.lora_linear import lora_linear
 from lift_engine.ops.reference.gated_memory_blend import gated_memory_blend
 from lift_engine.ops.reference.gated_memory_attention import gated_memory_attention, apply_rope
+from lift_engine.ops.reference.rms_norm import rms_norm
+from lift_engine.ops.reference.swiglu import swiglu
+from lift_engine.ops.reference.cross_entropy_with_grad import cross_entropy_with_grad_
 
 __all__ = [
     "lora_shrink",
@@ -12,4 +15,7 @@ __all__ = [
     "gated_memory_blend",
     "gated_memory_attention",
     "apply_rope",
+    "rms_norm",
+    "swiglu",
+    "cross_entropy_with_grad_",
 ]

@@ -1,0 +1,18 @@
+"""SwiGLU, the gated activation of Llama-style MLPs, reference implementation (DESIGN.md §5).
+
+    y = silu(gate) ⊙ up,   silu(g) = g · σ(g)
+
+as transformers' LlamaMLP computes it between its projections
+(`down_proj(act_fn(gate_proj(x)) * up_proj(x))` with act_fn = SiLU).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up: [..., I], same shape and dtype → [..., I]."""
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu needs gate and up of one shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
+    return F.silu(gate) * up

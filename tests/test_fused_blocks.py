@@ -1,0 +1,95 @@
+"""models/fused_blocks.py: a Llama-family model's norms and SwiGLU MLPs on the fused ops
+while it trains — same outputs and input gradients as the model's own code (fp32, and
+bf16 to bf16 rounding), only known classes patched, the patch gone afterwards; and the
+frozen-head loss that computes its gradient in the forward pass (batch/loss.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers_models import make_tiny_model
+from lift_engine.batch.loss import chunked_token_loss
+from lift_engine.models.fused_blocks import fusable_modules, fused_blocks
+from lift_engine.ops._native import status as native_status
+
+HAVE_KERNELS = native_status()["cpu"] == "loaded"
+
+
+def _forward_backward(model, ids, dtype):
+    emb = model.get_input_embeddings()(ids).detach().to(dtype).requires_grad_()
+    out = model(inputs_embeds=emb).logits.float()
+    out.pow(2).mean().backward()
+    return out.detach(), emb.grad
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 5e-2)])
+def test_fused_blocks_keep_outputs_and_gradients(arch, dtype, tol):
+    model = make_tiny_model(arch, dtype=dtype, hidden=72, intermediate=200, layers=2)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ids = torch.randint(3, 128, (3, 11))
+    ref_out, ref_grad = _forward_backward(model, ids, dtype)
+    with fused_blocks(model) as patched:
+        assert patched == 2 * 2 + 2 + 1  # two norms and one MLP per layer, plus the final norm
+        out, grad = _forward_backward(model, ids, dtype)
+    scale = float(ref_out.abs().max())
+    assert float((out - ref_out).abs().max()) <= tol * scale
+    assert float((grad.float() - ref_grad.float()).abs().max()) <= tol * float(ref_grad.float().abs().max())
+    assert not [m for m, _ in fusable_modules(model) if "forward" in m.__dict__]  # patch removed
+
+
+def test_fused_blocks_leave_unknown_norms_alone_and_restore_on_error():
+    class GemmaRMSNorm(torch.nn.Module):  # y = x̂ (1 + w): not Llama's formula
+        def __init__(self):
+            super().__init__()
+            self.weight, self.variance_epsilon = torch.nn.Parameter(torch.zeros(4)), 1e-6
+
+        def forward(self, x):
+            return x
+
+    model = make_tiny_model("llama")
+    model.model.extra = GemmaRMSNorm()
+    assert all(type(m).__name__ != "GemmaRMSNorm" for m, _ in fusable_modules(model))
+    with pytest.raises(RuntimeError, match="boom"):
+        with fused_blocks(model) as patched:
+            assert patched > 0 and "forward" in model.model.norm.__dict__
+            raise RuntimeError("boom")
+    assert "forward" not in model.model.norm.__dict__
+    with fused_blocks(model, enabled=False) as patched:
+        assert patched == 0
+
+
+def test_fused_blocks_skip_an_mlp_whose_activation_is_not_silu():
+    model = make_tiny_model("llama", hidden_act="gelu")
+    kinds = [kind for _, kind in fusable_modules(model)]
+    assert "mlp" not in kinds and kinds.count("norm") == 5
+
+
+# ------------------------------------------------------------------ loss with a frozen head
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+def test_frozen_head_loss_computes_the_gradient_in_forward_exactly(dtype, chunk):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=True).to(dtype).requires_grad_(False)
+    hidden = torch.randn(9, 16).to(dtype).requires_grad_()
+    targets = torch.randint(0, 50, (9,))
+    weights = torch.rand(9)
+    ours = chunked_token_loss(hidden, head, targets, chunk)
+    (ours * weights).sum().backward()
+    g_ours, hidden.grad = hidden.grad.clone(), None
+    ref = F.cross_entropy(head(hidden).float(), targets, reduction="none")
+    (ref * weights).sum().backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(g_ours.float(), hidden.grad.float(), rtol=tol, atol=tol * float(hidden.grad.abs().max()))
+
+
+def test_frozen_head_loss_without_grad_gives_the_loss_only():
+    torch.manual_seed(1)
+    head = torch.nn.Linear(8, 11, bias=False).requires_grad_(False)
+    hidden, targets = torch.randn(5, 8), torch.randint(0, 11, (5,))
+    with torch.no_grad():
+        loss = chunked_token_loss(hidden, head, targets, 2)
+    torch.testing.assert_close(loss, F.cross_entropy(head(hidden), targets, reduction="none"), rtol=1e-5, atol=1e-6)
