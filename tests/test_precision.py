@@ -42,25 +42,25 @@ def _reference(x, weight, bias, lora_a, lora_b, scaling, rows):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_lora_linear_rows_matches_the_reference_op(dtype, tol, bias):
-    """Outputs and gradients (x, A, B, and W/bias when they require grad) against the
-    token-level reference op; bf16 activations with an fp32 bank: grads land in fp32."""
+    """Outputs and gradients (x, A, B, scaling, and W/bias when they require grad) against
+    the token-level reference op; bf16 activations with an fp32 bank: grads land in fp32."""
     x, weight, b, lora_a, lora_b, scaling, rows = _rows_case(dtype, bias)
-    leaves = [t.requires_grad_() for t in (x, weight, lora_a, lora_b) + ((b,) if bias else ())]
+    leaves = [t.requires_grad_() for t in (x, weight, lora_a, lora_b, scaling) + ((b,) if bias else ())]
     out = lora_linear_rows(x, weight, b, lora_a, lora_b, scaling, rows)
     assert out.dtype == dtype and out.shape == (5, 7, 11)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
     got = torch.autograd.grad((out.float() * grad_out).sum(), leaves)
     ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
-    rx, rw, ra, rb = ref_leaves[:4]
-    rbias = ref_leaves[4] if bias else None
-    want_out = _reference(rx, rw, rbias, ra, rb, scaling, rows)
+    rx, rw, ra, rb, rs = ref_leaves[:5]
+    rbias = ref_leaves[5] if bias else None
+    want_out = _reference(rx, rw, rbias, ra, rb, rs, rows)
     want = torch.autograd.grad((want_out * grad_out).sum(), ref_leaves)
     scale = float(want_out.detach().abs().max())
     torch.testing.assert_close(out.detach().float(), want_out.detach(), rtol=tol, atol=tol * scale)
-    for name, g, w, leaf in zip(("x", "weight", "lora_a", "lora_b", "bias"), got, want, leaves):
+    for name, g, w, leaf in zip(("x", "weight", "lora_a", "lora_b", "scaling", "bias"), got, want, leaves):
         assert g.dtype == leaf.dtype, name
         torch.testing.assert_close(g.float(), w, rtol=tol, atol=tol * float(w.abs().max()), msg=name)
-    assert got[2][1].abs().max() == 0 and got[3][1].abs().max() == 0  # adapter 1 was in no row
+    assert got[2][1].abs().max() == 0 and got[3][1].abs().max() == 0 and got[4][1] == 0  # adapter 1: in no row
     # the base-only row is exactly the base linear
     base_row = torch.nn.functional.linear(x[1].detach(), weight.detach(), None if b is None else b.detach())
     torch.testing.assert_close(out[1].detach(), base_row)
