@@ -32,6 +32,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from lift_engine.models.fused_blocks import fused_blocks
+
 #: train.compute_dtype values and the torch dtype each means.
 COMPUTE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -126,8 +128,6 @@ def training_precision(model: nn.Module, dtype: torch.dtype, cache: dict | None 
     cast to it (`frozen_base_in`, with the caller's cache); for low precision on CPU, sdpa
     attention computed in fp32 (`fp32_attention`); and in every dtype the model's norms and
     SwiGLU MLPs on the fused ops (models/fused_blocks.py; exact to rounding)."""
-    from lift_engine.models.fused_blocks import fused_blocks
-
     on_cpu = next(model.parameters()).device.type == "cpu"
     with frozen_base_in(model, dtype, cache), fp32_attention(model, dtype != torch.float32 and on_cpu), \
             fused_blocks(model):

@@ -27,12 +27,20 @@ def _leaf(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).detach().requires_grad_()
 
 
-def _ref_grads(fn, inputs, dy):
-    """The reference run in fp32 on the same (exactly upcast) values: (out, grads)."""
+def _check_kernel(kernel, ref_fn, inputs, dtype, names):
+    """kernel(*inputs) against ref_fn run in fp32 on the same (exactly upcast) values:
+    output dtype, shape and values, and each input's gradient (`names` label them)."""
+    y = kernel(*inputs)
+    assert y.dtype == dtype and y.shape == inputs[0].shape
+    dy = torch.randn(y.shape).to(dtype)
+    y.backward(dy)
     leaves = [t.detach().float().requires_grad_() for t in inputs]
-    out = fn(*leaves)
-    out.backward(dy.float())
-    return out, [t.grad for t in leaves]
+    ref = ref_fn(*leaves)
+    ref.backward(dy.float())
+    assert_close(y, ref, dtype, name="y")
+    if y.numel():
+        for name, got, want in zip(names, inputs, leaves):
+            assert_close(got.grad, want.grad, dtype, "grad", name=name)
 
 
 # ------------------------------------------------------------------ references
@@ -69,15 +77,8 @@ def test_rms_norm_kernel_matches_reference(dtype, shape):
     torch.manual_seed(1)
     x = _leaf(torch.randn(shape) * 3, dtype)
     w = _leaf(1 + 0.2 * torch.randn(shape[-1]), dtype)
-    y = cpu_backend.rms_norm(x, w, 1e-5)
-    assert y.dtype == dtype and y.shape == x.shape
-    dy = torch.randn(shape).to(dtype)
-    y.backward(dy)
-    ref, (dx, dw) = _ref_grads(lambda a, b: reference.rms_norm(a, b, 1e-5), (x, w), dy)
-    assert_close(y, ref, dtype, name="y")
-    if x.numel():
-        assert_close(x.grad, dx, dtype, "grad", name="dx")
-        assert_close(w.grad, dw, dtype, "grad", name="dw")
+    _check_kernel(lambda a, b: cpu_backend.rms_norm(a, b, 1e-5), lambda a, b: reference.rms_norm(a, b, 1e-5),
+                  (x, w), dtype, ("dx", "dw"))
 
 
 @needs_kernels
@@ -87,15 +88,7 @@ def test_swiglu_kernel_matches_reference(dtype, shape):
     torch.manual_seed(2)
     g = _leaf(torch.randn(shape) * 4, dtype)
     u = _leaf(torch.randn(shape), dtype)
-    y = cpu_backend.swiglu(g, u)
-    assert y.dtype == dtype and y.shape == g.shape
-    dy = torch.randn(shape).to(dtype)
-    y.backward(dy)
-    ref, (dg, du) = _ref_grads(reference.swiglu, (g, u), dy)
-    assert_close(y, ref, dtype, name="y")
-    if g.numel():
-        assert_close(g.grad, dg, dtype, "grad", name="dgate")
-        assert_close(u.grad, du, dtype, "grad", name="dup")
+    _check_kernel(cpu_backend.swiglu, reference.swiglu, (g, u), dtype, ("dgate", "dup"))
 
 
 @needs_kernels

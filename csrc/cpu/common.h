@@ -75,21 +75,14 @@ inline int row_range_threads(int64_t rows, int64_t min_rows, int nthreads) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, by_size)));
 }
 // Runs f(r0, r1, thread) on row_range_threads(...) equal contiguous ranges covering
-// [0, rows) (serially as one range when nested in a parallel region). f must not throw.
+// [0, rows), one range per task of run_tasks (serially when nested in a parallel region).
+// f must not throw.
 constexpr int64_t kMinRowsPerThread = 16;
 template <class F>
 void parallel_row_ranges(int64_t rows, int64_t min_rows, int nthreads, F&& f) {
   if (rows <= 0) return;
   const int nt = row_range_threads(rows, min_rows, nthreads);
-  if (nt <= 1 || omp_in_parallel()) {
-    f(0, rows, 0);
-    return;
-  }
-#pragma omp parallel num_threads(nt)
-  {
-    const int t = omp_get_thread_num();
-    f(rows * t / nt, rows * (t + 1) / nt, t);
-  }
+  run_tasks(nt, nt, [&](int64_t i, int tid) { f(rows * i / nt, rows * (i + 1) / nt, tid); });
 }
 
 // Per-thread scratch buffer `slot` (0..11) of at least n floats; reused across calls.

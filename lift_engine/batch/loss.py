@@ -34,9 +34,7 @@ class _ChunkedTokenLossFrozenHead(torch.autograd.Function):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         unscaled = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # (softmax − onehot) W
         for s in range(0, hidden.shape[0], chunk):
-            logits = hidden[s : s + chunk] @ weight.t()
-            if bias is not None:
-                logits += bias
+            logits = _logits(hidden[s : s + chunk], weight, bias)
             out[s : s + chunk] = ops.cross_entropy_with_grad_(logits, targets[s : s + chunk])
             if unscaled is not None:
                 unscaled[s : s + chunk] = (logits.to(weight.dtype) @ weight).to(hidden.dtype)
@@ -59,7 +57,7 @@ class _ChunkedTokenLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, chunk):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
-            logits = _logits(hidden[s : s + chunk], weight, bias)
+            logits = _logits(hidden[s : s + chunk], weight, bias).float()
             out[s : s + chunk] = torch.logsumexp(logits, dim=-1) - logits.gather(1, targets[s : s + chunk, None]).squeeze(1)
         ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets)
         ctx.has_bias, ctx.chunk = bias is not None, chunk
@@ -76,7 +74,7 @@ class _ChunkedTokenLoss(torch.autograd.Function):
         chunk = ctx.chunk
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s : s + chunk]
-            probs = torch.softmax(_logits(h, weight, bias), dim=-1)
+            probs = torch.softmax(_logits(h, weight, bias).float(), dim=-1)
             probs[torch.arange(h.shape[0], device=h.device), targets[s : s + chunk]] -= 1.0
             probs.mul_(grad[s : s + chunk, None].float())
             if need_h:
@@ -89,10 +87,11 @@ class _ChunkedTokenLoss(torch.autograd.Function):
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """h Wᵀ + b in the GEMM's dtype, [rows, V]."""
     logits = h @ weight.t()
     if bias is not None:
-        logits = logits + bias
-    return logits.float()
+        logits += bias
+    return logits
 
 
 def chunked_token_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:

@@ -53,11 +53,14 @@ def supports(device_type: str) -> str | None:
     return None if device_type == "cpu" else "the C++ CPU kernels run on CPU tensors only"
 
 
-def _use_kernel(*tensors: torch.Tensor) -> bool:
+def _cpu_tensors_of(dtypes, *tensors: torch.Tensor) -> bool:
+    """All tensors on the CPU, in one dtype, which is one of `dtypes`."""
     dtype = tensors[0].dtype
-    if not (dtype == torch.float32 or (LOW_PRECISION and dtype in _LOW_PRECISION_DTYPES)):
-        return False
-    return all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+    return dtype in dtypes and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+
+
+def _use_kernel(*tensors: torch.Tensor) -> bool:
+    return _cpu_tensors_of((torch.float32, *(_LOW_PRECISION_DTYPES if LOW_PRECISION else ())), *tensors)
 
 
 def _check_tokens(x: torch.Tensor, idx: torch.Tensor) -> None:
@@ -254,8 +257,7 @@ _FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _use_fused(*tensors: torch.Tensor) -> bool:
-    dtype = tensors[0].dtype
-    return dtype in _FUSED_DTYPES and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+    return _cpu_tensors_of(_FUSED_DTYPES, *tensors)
 
 
 class _RMSNorm(torch.autograd.Function):

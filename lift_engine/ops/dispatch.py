@@ -119,10 +119,10 @@ def _warn_once(op: str, backend: str, message: str) -> None:
 
 def _dispatching(op: str) -> Callable:
     def call(*args, **kwargs):
-        if torch.compiler.is_compiling() and op in FUSED_OPS:
-            return getattr(_load("reference"), op)(*args, **kwargs)
-        if torch.compiler.is_compiling():  # one opaque node with a fake impl and a backward
-            from lift_engine.ops import custom_ops
+        if torch.compiler.is_compiling():
+            if op in FUSED_OPS:  # plain PyTorch: the compiler fuses it itself
+                return getattr(_load("reference"), op)(*args, **kwargs)
+            from lift_engine.ops import custom_ops  # one opaque node with a fake impl and a backward
 
             return custom_ops.call(op, *args, **kwargs)
         tensor = next(a for a in args if isinstance(a, torch.Tensor))

@@ -60,7 +60,7 @@ class _LoraLinearRows(torch.autograd.Function):
         dh = torch.bmm(dy, b) * scale_rows.to(dy.dtype)  # [B, S, r]
         dx = dw = dbias = da = db = ds = None
         if need_x:
-            dx = torch.matmul(dy, weight.to(dy.dtype))
+            dx = torch.matmul(dy, weight)
             dx.baddbmm_(dh, a)
         if need_w:
             dw = (dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype)
