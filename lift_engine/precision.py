@@ -8,8 +8,10 @@ than an fp32 one, so `train.compute_dtype = "bfloat16"` casts the frozen base's
     frozen Linear / embedding / norm weights    bf16 (cast once, originals kept)
     adapter banks (master weights, AdamW)       fp32, untouched
     activations                                 bf16 (norms, softmax and the loss in fp32)
-    attention (sdpa, on CPU)                    fp32 (`fp32_attention`: torch's CPU flash
-                                                kernels are slower in bf16)
+    attention (sdpa, on CPU)                    bf16 on AMX (`training_attention`: the C++
+                                                brgemm kernel, fp32 softmax); fp32 sdpa
+                                                where it cannot run (torch's CPU flash
+                                                kernels are slower in bf16 than in fp32)
     LoRA term                                   lift_engine.ops.lora_linear_rows: the fp32
                                                 bank is cast per step to the activations'
                                                 dtype (tiny), gradients land in fp32
@@ -77,8 +79,11 @@ def frozen_base_in(model: nn.Module, dtype: torch.dtype, cache: dict | None = No
             param.data = original
 
 
-#: HF attention implementation name under which `fp32_attention` registers itself.
-FP32_SDPA = "lift_sdpa_fp32"
+#: HF attention implementation name under which `training_attention` registers itself.
+TRAINING_ATTENTION = "lift_training_attention"
+
+#: HF attention options the C++ kernel does not implement: calls that set them go to sdpa.
+_SDPA_ONLY_KWARGS = ("sliding_window", "softcap", "position_bias", "cache", "s_aux")
 
 
 def _sdpa_in_fp32(module, query, key, value, attention_mask, **kwargs):
@@ -96,26 +101,61 @@ def _sdpa_in_fp32(module, query, key, value, attention_mask, **kwargs):
     return out.to(query.dtype), weights
 
 
+def _lift_attention_call(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                         **kwargs):
+    """HF's sdpa semantics as (q, k, v, mask [B, Lq, Lk] or None, causal) for `ops.attention`,
+    or None when the call needs something the op does not do (dropout, a float or per-head
+    mask, sliding windows, soft-capping, attention weights)."""
+    if dropout or kwargs.get("output_attentions") or any(kwargs.get(name) is not None for name in _SDPA_ONLY_KWARGS):
+        return None
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        causal = q_len > 1 and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        if causal and kv_len > q_len:  # sdpa's top-left causal alignment: HF crops the keys (empty static cache)
+            key, value = key[:, :, :q_len], value[:, :, :q_len]
+        return query, key, value, None, bool(causal)
+    if attention_mask.dtype != torch.bool or attention_mask.dim() != 4 or attention_mask.shape[1] != 1:
+        return None
+    return query, key, value, attention_mask[:, 0], False
+
+
+def _training_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                        **kwargs):
+    """HF attention for low-precision tuning on CPU: `ops.attention` (the C++ bf16 AMX kernel)
+    where a backend kernel takes the call, else sdpa on fp32 copies (`_sdpa_in_fp32`).
+    Returns (attn_output [B, Lq, Hq, D], None) as HF's attention functions do."""
+    from lift_engine import ops
+
+    call = _lift_attention_call(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    if call is not None and ops.resolve("attention", query.device)[0] != "reference":
+        q, k, v, mask, causal = call
+        scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+        return ops.attention(q, k, v, mask, causal, scale).transpose(1, 2).contiguous(), None
+    return _sdpa_in_fp32(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                         is_causal=is_causal, **kwargs)
+
+
 @functools.cache
-def _register_fp32_sdpa() -> None:
-    """Register `_sdpa_in_fp32` (and sdpa's mask function) under FP32_SDPA, once per process."""
+def _register_training_attention() -> None:
+    """Register `_training_attention` (and sdpa's mask function: bool masks) once per process."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    AttentionInterface.register(FP32_SDPA, _sdpa_in_fp32)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(FP32_SDPA, sdpa_mask)
+    AttentionInterface.register(TRAINING_ATTENTION, _training_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(TRAINING_ATTENTION, sdpa_mask)
 
 
 @contextlib.contextmanager
-def fp32_attention(model: nn.Module, enabled: bool = True) -> Iterator[bool]:
-    """Inside the block, a model that uses HF "sdpa" attention runs it in fp32 (see
-    `_sdpa_in_fp32`); other implementations are left alone. Yields whether it switched."""
+def training_attention(model: nn.Module, enabled: bool = True) -> Iterator[bool]:
+    """Inside the block, a model that uses HF "sdpa" attention runs `_training_attention`
+    instead (the bf16 AMX kernel, or sdpa in fp32); other implementations are left alone.
+    Yields whether it switched."""
     config = getattr(model, "config", None)
     if not enabled or config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         yield False
         return
-    _register_fp32_sdpa()
-    config._attn_implementation = FP32_SDPA
+    _register_training_attention()
+    config._attn_implementation = TRAINING_ATTENTION
     try:
         yield True
     finally:
@@ -126,9 +166,10 @@ def fp32_attention(model: nn.Module, enabled: bool = True) -> Iterator[bool]:
 def training_precision(model: nn.Module, dtype: torch.dtype, cache: dict | None = None) -> Iterator[None]:
     """What tuning in `dtype` means (the one entry point for the trainers): the frozen base
     cast to it (`frozen_base_in`, with the caller's cache); for low precision on CPU, sdpa
-    attention computed in fp32 (`fp32_attention`); and in every dtype the model's norms and
+    attention replaced by `training_attention` (the bf16 AMX kernel, else fp32 sdpa); and in
+    every dtype the model's norms and
     SwiGLU MLPs on the fused ops (models/fused_blocks.py; exact to rounding)."""
     on_cpu = next(model.parameters()).device.type == "cpu"
-    with frozen_base_in(model, dtype, cache), fp32_attention(model, dtype != torch.float32 and on_cpu), \
+    with frozen_base_in(model, dtype, cache), training_attention(model, dtype != torch.float32 and on_cpu), \
             fused_blocks(model):
         yield

@@ -15,7 +15,7 @@ from lift_engine.config import LiftConfig, make_config
 from lift_engine.models.loading import load_base_model
 from lift_engine.ops.lora_linear_rows import lora_linear_rows
 from lift_engine.ops.reference import lora_linear
-from lift_engine.precision import compute_dtype, fp32_attention, frozen_base_in
+from lift_engine.precision import compute_dtype, frozen_base_in
 from lift_engine.trainer import training_attention_mask
 
 
@@ -172,23 +172,6 @@ def test_right_padded_batches_need_no_attention_mask():
     left = mask.flip(1)
     with pytest.raises(ValueError, match="right-padded"):
         training_attention_mask(left)
-
-
-def test_fp32_attention_matches_and_restores_the_implementation():
-    model = make_tiny_model("llama", attn_implementation="sdpa", dtype=torch.bfloat16)
-    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(4))
-    mask = torch.ones(2, 8, dtype=torch.long)
-    mask[1, :3] = 0  # a real mask through the registered mask function too
-    with torch.no_grad():
-        plain = model(ids, attention_mask=mask).logits.float()
-        with fp32_attention(model) as switched:
-            assert switched and model.config._attn_implementation != "sdpa"
-            upcast = model(ids, attention_mask=mask).logits.float()
-    assert model.config._attn_implementation == "sdpa"
-    torch.testing.assert_close(upcast, plain, rtol=3e-2, atol=3e-2 * plain.abs().max())
-    eager = make_tiny_model("llama", attn_implementation="eager")
-    with fp32_attention(eager) as switched:
-        assert not switched and eager.config._attn_implementation == "eager"
 
 
 # ------------------------------------------------------------------ bf16 tuning end to end

@@ -12,6 +12,7 @@
 
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "common.h"
 
@@ -325,11 +326,83 @@ Tensor cross_entropy_with_grad_(Tensor& z, const Tensor& targets_) {
   return loss;
 }
 
+// ---- attention (bf16, AMX) ----
+Tensor bf16_heads(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 4, name,
+              " must be a bfloat16 CPU tensor [B, H, L, D], got ", t.scalar_type(), " ", t.sizes());
+  return t.stride(3) == 1 ? t.detach() : t.detach().contiguous();
+}
+lift_cpu::HeadStrides strides_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+// Checks q, k, v (and the mask) and fills the kernel's arguments; `keep` holds the views.
+lift_cpu::AttentionArgs attention_args(const Tensor& q_, const Tensor& k_, const Tensor& v_,
+                                       const c10::optional<Tensor>& mask_, bool causal, double scale,
+                                       std::vector<Tensor>& keep) {
+  keep = {bf16_heads(q_, "q"), bf16_heads(k_, "k"), bf16_heads(v_, "v")};
+  const Tensor &q = keep[0], &k = keep[1], &v = keep[2];
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3), Hkv = k.size(1), Lk = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D && Hkv > 0 && Hq % Hkv == 0,
+              "k and v must be [B, Hkv, Lk, D] with Hq a multiple of Hkv: q ", q.sizes(), ", k ", k.sizes(),
+              ", v ", v.sizes());
+  TORCH_CHECK(D > 0 && D % 16 == 0, "head dim must be a multiple of 16, got ", D);
+  TORCH_CHECK(Lq > 0 && Lk > 0, "empty attention: Lq ", Lq, ", Lk ", Lk);
+  lift_cpu::AttentionArgs a{{B, Hq, Hkv, Lq, Lk, D}, nullptr, nullptr, nullptr, strides_of(q), strides_of(k),
+                            strides_of(v), nullptr, 0, 0, causal, static_cast<float>(scale)};
+  a.q = data<lift_cpu::Bf16>(q);
+  a.k = data<lift_cpu::Bf16>(k);
+  a.v = data<lift_cpu::Bf16>(v);
+  if (mask_.has_value()) {
+    Tensor mask = mask_->detach();
+    TORCH_CHECK(mask.device().is_cpu() && mask.scalar_type() == at::kBool && mask.dim() == 3 &&
+                    (mask.size(0) == B || mask.size(0) == 1) && mask.size(1) == Lq && mask.size(2) == Lk,
+                "mask must be a bool CPU tensor [B or 1, Lq, Lk] = [", B, ", ", Lq, ", ", Lk, "], got ",
+                mask.scalar_type(), " ", mask.sizes());
+    if (mask.stride(2) != 1) mask = mask.contiguous();
+    keep.push_back(mask);
+    a.mask = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
+    a.mask_sb = mask.size(0) == 1 ? 0 : mask.stride(0);
+    a.mask_sq = mask.stride(1);
+  }
+  return a;
+}
+
+// attention_fwd(q, k, v, mask or None, causal, scale) -> (out [B, Hq, Lq, D] bf16, lse [B, Hq, Lq] f32)
+std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                         const c10::optional<Tensor>& mask, bool causal, double scale) {
+  std::vector<Tensor> keep;
+  const auto a = attention_args(q, k, v, mask, causal, scale, keep);
+  const auto& s = a.shape;
+  Tensor out = at::empty({s.B, s.Hq, s.Lq, s.D}, q.options().dtype(at::kBFloat16));
+  Tensor lse = at::empty({s.B, s.Hq, s.Lq}, fopts());
+  lift_cpu::attention_fwd(a, data<lift_cpu::Bf16>(out), lse.data_ptr<float>(), threads());
+  return {out, lse};
+}
+
+// attention_bwd(dout, q, k, v, out, lse, mask or None, causal, scale) -> (dq, dk, dv)
+std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_, const Tensor& q, const Tensor& k,
+                                                 const Tensor& v, const Tensor& out_, const Tensor& lse_,
+                                                 const c10::optional<Tensor>& mask, bool causal, double scale) {
+  std::vector<Tensor> keep;
+  const auto a = attention_args(q, k, v, mask, causal, scale, keep);
+  const auto& s = a.shape;
+  const Tensor out = like(out_, keep[0], "out", {s.B, s.Hq, s.Lq, s.D});
+  const Tensor dout = like(dout_, keep[0], "grad", {s.B, s.Hq, s.Lq, s.D});
+  const Tensor lse = f32(lse_, "lse", 3);
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({s.B, s.Hq, s.Lq}), "lse must be [B, Hq, Lq]");
+  const auto bopts = q.options().dtype(at::kBFloat16);
+  Tensor dq = at::empty({s.B, s.Hq, s.Lq, s.D}, bopts), dk = at::empty({s.B, s.Hkv, s.Lk, s.D}, bopts),
+         dv = at::empty({s.B, s.Hkv, s.Lk, s.D}, bopts);
+  lift_cpu::attention_bwd(a, data<lift_cpu::Bf16>(out), data<lift_cpu::Bf16>(dout), lse.data_ptr<float>(),
+                          data<lift_cpu::Bf16>(dq), data<lift_cpu::Bf16>(dk), data<lift_cpu::Bf16>(dv),
+                          threads());
+  return {dq, dk, dv};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C_cpu, m) {
   m.doc() = "lift_engine C++ CPU kernels: multi-adapter LoRA and the Gated-Memory epilogue (fp32), "
-            "fused RMSNorm, SwiGLU and cross entropy (fp32 or bf16)";
+            "fused RMSNorm, SwiGLU and cross entropy (fp32 or bf16), bf16 attention on AMX";
   m.attr("gemm_backend") = lift_cpu::gemm_backend();
   m.def("plan", &plan, py::arg("adapter_idx"), py::arg("n_adapters"), py::arg("block"));
   m.def("shrink_fwd", &shrink_fwd);
@@ -345,4 +418,7 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("swiglu_fwd", &swiglu_fwd);
   m.def("swiglu_bwd", &swiglu_bwd);
   m.def("cross_entropy_with_grad_", &cross_entropy_with_grad_);
+  m.def("attention_available", &lift_cpu::attention_amx_available);
+  m.def("attention_fwd", &attention_fwd);
+  m.def("attention_bwd", &attention_bwd);
 }

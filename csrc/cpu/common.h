@@ -222,4 +222,31 @@ void cross_entropy_with_grad(float* z, int64_t ld, int64_t rows, int64_t V, cons
 void cross_entropy_with_grad(Bf16* z, int64_t ld, int64_t rows, int64_t V, const int64_t* targets,
                              float* loss, int nthreads);
 
+// ---- attention_cpu.cpp: causal / masked GQA attention, bfloat16 on AMX (brgemm) ----
+// q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D] at the given element strides (D contiguous);
+// mask [B, Lq, Lk] bytes (1 = may attend) at strides (mask_sb, mask_sq), or null; causal:
+// key j ≤ i + Lk − Lq. Hq a multiple of Hkv, D a multiple of 16.
+struct AttentionShape {
+  int64_t B, Hq, Hkv, Lq, Lk, D;
+};
+struct HeadStrides {
+  int64_t b, h, l;
+};
+struct AttentionArgs {
+  AttentionShape shape;
+  const Bf16 *q, *k, *v;
+  HeadStrides q_st, k_st, v_st;
+  const uint8_t* mask;
+  int64_t mask_sb, mask_sq;
+  bool causal;
+  float scale;
+};
+// Whether this CPU runs the kernels (oneDNN packs bf16 for AMX/AVX512-BF16 brgemm here).
+bool attention_amx_available();
+// out [B, Hq, Lq, D] contiguous; lse [B, Hq, Lq] (log Σ exp of the scaled scores, −inf: no key).
+void attention_fwd(const AttentionArgs& a, Bf16* out, float* lse, int nthreads);
+// out, dout, dq [B, Hq, Lq, D] and dk, dv [B, Hkv, Lk, D], all contiguous.
+void attention_bwd(const AttentionArgs& a, const Bf16* out, const Bf16* dout, const float* lse, Bf16* dq,
+                   Bf16* dk, Bf16* dv, int nthreads);
+
 }  // namespace lift_cpu

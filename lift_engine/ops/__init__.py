@@ -2,6 +2,7 @@
 through these functions, which dispatch to a backend (see dispatch.py)."""
 from lift_engine.ops.dispatch import (
     BackendUnavailable,
+    attention,
     cross_entropy_with_grad_,
     gated_memory_attention,
     gated_memory_blend,
@@ -16,6 +17,7 @@ from lift_engine.ops.dispatch import (
 
 __all__ = [
     "BackendUnavailable",
+    "attention",
     "cross_entropy_with_grad_",
     "gated_memory_attention",
     "gated_memory_blend",

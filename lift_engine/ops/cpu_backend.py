@@ -1,7 +1,8 @@
 """C++ CPU backend (csrc/cpu, extension lift_engine._C_cpu): multi-adapter LoRA and the
 Gated-Memory epilogue, forward and backward, grouped by adapter (DESIGN.md §4–5); and the
 fused elementwise ops of a training step — RMSNorm, SwiGLU, cross entropy with its
-gradient — in fp32 or bf16 (see the section "fused elementwise ops" below).
+gradient — in fp32 or bf16 (see the section "fused elementwise ops" below); and bf16
+attention on AMX (section "attention").
 
 Importing this module raises ImportError when the extension is not built; dispatch.py
 then falls back to the reference and says so once.
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 
 from lift_engine.ops import reference
 from lift_engine.ops._native import load
+from lift_engine.ops.reference.attention import check_attention
 from lift_engine.ops.reference.lora_linear import check_linear
 
 _C = load("cpu")  # ImportError with the reason when not built
@@ -312,6 +314,50 @@ def cross_entropy_with_grad_(logits: torch.Tensor, targets: torch.Tensor) -> tor
         return _C.cross_entropy_with_grad_(logits, targets)
 
 
+# ------------------------------------------- attention (bf16 on AMX)
+# csrc/cpu/attention_cpu.cpp: causal/masked GQA attention with oneDNN's brgemm micro-kernels,
+# forward and backward, for bf16 q/k/v with a head dim that is a multiple of 16 on a CPU
+# where oneDNN packs bf16 (AMX / AVX512-BF16); other inputs go to the reference, and on a
+# CPU without those the op is not exposed at all. The
+# trainers route only bf16 attention here (precision.training_attention): fp32 keeps
+# torch's sdpa, whose fp32 flash kernels beat the reference's plain math.
+_ATTENTION_AVAILABLE = bool(_C.attention_available())
+
+
+def _use_attention_kernel(q, k, v, mask) -> bool:
+    return (_cpu_tensors_of((torch.bfloat16,), q, k, v) and q.dim() == 4
+            and q.shape[-1] % 16 == 0 and q.shape[2] > 0 and k.dim() == 4 and k.shape[2] > 0
+            and (mask is None or mask.device.type == "cpu"))
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, causal, scale):
+        out, lse = _C.attention_fwd(q, k, v, mask, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.causal, ctx.scale = causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        dq, dk, dv = _C.attention_bwd(dout.contiguous(), q, k, v, out, lse, mask, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, causal: bool, scale: float) -> torch.Tensor:
+    """q: [B, Hq, Lq, D]; k, v: [B, Hkv, Lk, D]; mask: bool [B or 1, Lq, Lk] or None → [B, Hq, Lq, D]
+    (the C++ AMX kernel for bf16, else the reference)."""
+    if not _use_attention_kernel(q, k, v, mask):
+        return reference.attention(q, k, v, mask, causal, scale)
+    check_attention(q, k, v, mask)
+    return _Attention.apply(q, k, v, mask, bool(causal), float(scale))
+
+
+if not _ATTENTION_AVAILABLE:  # not exposed: dispatch falls back, and the trainers keep fp32 sdpa
+    del attention
+
+
 # ------------------------------------------- backward entry points for custom_ops.py
 # Under torch.compile, lift_engine.ops.custom_ops calls `<op>_backward(..., needs)` of the
 # backend that ran the forward (no autograd inside a custom op). They recompute the plan
@@ -384,6 +430,8 @@ IMPLEMENTED = {
     "swiglu": swiglu,
     "cross_entropy_with_grad_": cross_entropy_with_grad_,
 }
+if _ATTENTION_AVAILABLE:
+    IMPLEMENTED["attention"] = attention
 BACKWARD = {
     "lora_shrink": lora_shrink_backward,
     "lora_expand": lora_expand_backward,

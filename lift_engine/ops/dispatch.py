@@ -27,10 +27,11 @@ import torch
 
 OPS = ("lora_shrink", "lora_expand", "lora_linear_delta", "lora_linear", "gated_memory_blend",
        "gated_memory_attention")
-# Fused elementwise ops of a training step (fused_blocks.py patches a model with them).
-# Same backend rules in eager mode; under torch.compile they are the reference, which
-# the compiler fuses itself, so they need no custom op.
-FUSED_OPS = ("rms_norm", "swiglu", "cross_entropy_with_grad_")
+# Fused ops of a training step: elementwise ones (fused_blocks.py patches a model with
+# them) and attention (precision.training_attention routes HF attention to it). Same
+# backend rules in eager mode; under torch.compile they are the reference, which the
+# compiler fuses itself, so they need no custom op.
+FUSED_OPS = ("rms_norm", "swiglu", "cross_entropy_with_grad_", "attention")
 BACKENDS = ("reference", "triton", "cuda", "cpu")
 
 # Module that implements each backend; imported lazily, only when chosen.
@@ -143,6 +144,7 @@ gated_memory_attention = _dispatching("gated_memory_attention")
 rms_norm = _dispatching("rms_norm")
 swiglu = _dispatching("swiglu")
 cross_entropy_with_grad_ = _dispatching("cross_entropy_with_grad_")
+attention = _dispatching("attention")
 
 
 # Register torch.ops.lift.* now (vLLM and compiled graphs look them up by name).

@@ -6,6 +6,7 @@ from lift_engine.ops.reference.gated_memory_attention import gated_memory_attent
 from lift_engine.ops.reference.rms_norm import rms_norm
 from lift_engine.ops.reference.swiglu import swiglu
 from lift_engine.ops.reference.cross_entropy_with_grad import cross_entropy_with_grad_
+from lift_engine.ops.reference.attention import attention
 
 __all__ = [
     "lora_shrink",
@@ -18,4 +19,5 @@ __all__ = [
     "rms_norm",
     "swiglu",
     "cross_entropy_with_grad_",
+    "attention",
 ]
