@@ -20,6 +20,7 @@
 // brgemm's packed B operand must be 16, 32, 48 or 64 columns wide, and K even, so keys
 // are padded to a multiple of 16 (zeros) and the head dim must be a multiple of 16.
 #include <ATen/native/CPUBlas.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -100,64 +101,100 @@ struct KeyRule {
   const uint8_t* row(int64_t b, int64_t i) const { return mask ? mask + b * mask_sb + i * mask_sq : nullptr; }
 };
 
-// Softmax of one score row in place (fp32, scaled, keys ≥ limit or masked out → 0), its
-// bf16 copy in p_out; returns log Σ exp (−inf when no key is visible).
-LIFT_MULTIVERSION
-float softmax_row(float* s, int64_t nk, int64_t limit, const uint8_t* mask, float scale, Bf16* p_out) {
-  float m = kNegInf;
+// ---- score rows, AVX-512 (every CPU that passes attention_amx_available() has it) ----
+#define LIFT_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+// exp(x) on 16 lanes: the Cephes polynomial of fast_math.h's exp_poly, 2ⁿ by scalef (which
+// underflows to 0 instead of needing a clamp).
+LIFT_AVX512_BF16 inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Lanes j0..j0+15 that a query sees: j < limit (≤ Lk) and mask[j] when there is a mask.
+LIFT_AVX512_BF16 inline __mmask16 visible16(int64_t j0, int64_t limit, const uint8_t* mask) {
+  if (j0 >= limit) return 0;
+  __mmask16 k = j0 + 16 <= limit ? __mmask16(0xFFFF) : __mmask16((1u << (limit - j0)) - 1);
   if (mask != nullptr) {
-#pragma omp simd
-    for (int64_t j = 0; j < limit; ++j) s[j] = mask[j] ? s[j] : kNegInf;
+    const __m128i bytes = _mm_maskz_loadu_epi8(k, mask + j0);  // masked: never reads past the row
+    k &= _mm_test_epi8_mask(bytes, bytes);
   }
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < limit; ++j) {
-    s[j] *= scale;
-    m = std::max(m, s[j]);
-  }
+  return k;
+}
+
+LIFT_AVX512_BF16 inline void store_bf16_16(Bf16* dst, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// Forward softmax of one score row s [nk] (nk a multiple of 16; raw q·k): writes the
+// unnormalised probabilities exp(scale·s − max) to p_out in bf16 (0 on keys not seen)
+// and returns log Σ exp of the scaled scores (−inf when no key is seen); *inv_sum gets
+// 1 / Σ (0 then), applied to the output row after the P·V GEMM.
+LIFT_AVX512_BF16
+float softmax_row(const float* s, int64_t nk, int64_t limit, const uint8_t* mask, float scale, Bf16* p_out,
+                  float* inv_sum) {
+  const __m512 neg_inf = _mm512_set1_ps(kNegInf);
+  __m512 vmax = neg_inf;
+  for (int64_t j0 = 0; j0 < limit; j0 += 16)
+    vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(neg_inf, visible16(j0, limit, mask), s + j0));
+  const float m = _mm512_reduce_max_ps(vmax);  // of raw scores: scale > 0
   if (m == kNegInf) limit = 0;
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < limit; ++j) {
-    const float e = exp_poly(s[j] - m);  // clamped: a masked key (−inf) gives ~1e-38, zeroed here
-    s[j] = s[j] == kNegInf ? 0.f : e;
-    sum += s[j];
+  const __m512 vscale = _mm512_set1_ps(scale), shift = _mm512_set1_ps(m * scale);
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t j0 = 0; j0 < nk; j0 += 16) {
+    const __mmask16 k = visible16(j0, limit, mask);
+    const __m512 e = k == 0 ? _mm512_setzero_ps()
+                            : _mm512_maskz_mov_ps(k, exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j0), vscale, shift)));
+    vsum = _mm512_add_ps(vsum, e);
+    store_bf16_16(p_out + j0, e);
   }
-  const float inv = limit > 0 ? 1.f / sum : 0.f;
-#pragma omp simd
-  for (int64_t j = 0; j < limit; ++j) {
-    s[j] *= inv;
-    p_out[j] = from_float<Bf16>(s[j]);
+  if (limit == 0) {
+    *inv_sum = 0.f;
+    return kNegInf;
   }
-  for (int64_t j = limit; j < nk; ++j) {
-    s[j] = 0.f;
-    p_out[j] = Bf16{0};
-  }
-  return limit > 0 ? m + std::log(sum) : kNegInf;
+  const float sum = _mm512_reduce_add_ps(vsum);
+  *inv_sum = 1.f / sum;
+  return m * scale + std::log(sum);
 }
 
-// P row from the saved log Σ exp: p = exp(scale · s − lse) on visible keys, else 0.
-LIFT_MULTIVERSION
-void probs_row(float* s, int64_t nk, int64_t limit, const uint8_t* mask, float scale, float lse, Bf16* p_out) {
+// Backward of one score row: p = exp(scale·s − lse) on seen keys (else 0) and
+// dS = p · (dp − delta) · scale, both to bf16 (delta = Σ_d dO·O of the row).
+LIFT_AVX512_BF16
+void score_grad_row(const float* s, const float* dp, int64_t nk, int64_t limit, const uint8_t* mask, float scale,
+                    float lse, float delta, Bf16* p_out, Bf16* ds_out) {
   if (lse == kNegInf) limit = 0;
-#pragma omp simd
-  for (int64_t j = 0; j < limit; ++j) s[j] = exp_poly(s[j] * scale - lse);
-  if (mask != nullptr) {
-#pragma omp simd
-    for (int64_t j = 0; j < limit; ++j) s[j] = mask[j] ? s[j] : 0.f;
-  }
-#pragma omp simd
-  for (int64_t j = 0; j < limit; ++j) p_out[j] = from_float<Bf16>(s[j]);
-  for (int64_t j = limit; j < nk; ++j) {
-    s[j] = 0.f;
-    p_out[j] = Bf16{0};
+  const __m512 vscale = _mm512_set1_ps(scale), vlse = _mm512_set1_ps(lse), vdelta = _mm512_set1_ps(delta);
+  for (int64_t j0 = 0; j0 < nk; j0 += 16) {
+    const __mmask16 k = visible16(j0, limit, mask);
+    __m512 p = _mm512_setzero_ps(), ds = _mm512_setzero_ps();
+    if (k != 0) {
+      p = _mm512_maskz_mov_ps(k, exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j0), vscale, vlse)));
+      ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dp + j0), vdelta)), vscale);
+    }
+    store_bf16_16(p_out + j0, p);
+    store_bf16_16(ds_out + j0, ds);
   }
 }
 
-// dS row: ds = p · (dp − delta) · scale, to bf16.
-LIFT_MULTIVERSION
-void dscores_row(const float* p, const float* dp, int64_t nk, float delta, float scale, Bf16* ds_out) {
-#pragma omp simd
-  for (int64_t j = 0; j < nk; ++j) ds_out[j] = from_float<Bf16>(p[j] * (dp[j] - delta) * scale);
+// dst rows (bf16, row stride ldd) = src rows [R, C] (fp32) · row_scale[r].
+LIFT_AVX512_BF16
+void store_rows_scaled(const float* src, int64_t R, int64_t C, const float* row_scale, Bf16* dst, int64_t ldd) {
+  for (int64_t r = 0; r < R; ++r) {
+    const __m512 f = _mm512_set1_ps(row_scale[r]);
+    for (int64_t c = 0; c < C; c += 16)  // C: the head dim, a multiple of 16
+      store_bf16_16(dst + r * ldd + c, _mm512_mul_ps(_mm512_loadu_ps(src + r * C + c), f));
+  }
 }
 
 LIFT_MULTIVERSION
@@ -207,7 +244,12 @@ void pack_rows(Rows src, int64_t Lk, int64_t Lk_pad, int64_t D, std::vector<Bf16
 
 }  // namespace
 
-bool attention_amx_available() { return at::native::cpublas::could_pack(at::kBFloat16); }
+bool attention_amx_available() {
+  // oneDNN can also pack bf16 for AVX2-VNNI CPUs; the score-row code above needs AVX-512.
+  return at::native::cpublas::could_pack(at::kBFloat16) && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bf16");
+}
 
 void attention_fwd(const AttentionArgs& a, Bf16* out, float* lse, int nthreads) {
   const AttentionShape& s = a.shape;
@@ -219,6 +261,7 @@ void attention_fwd(const AttentionArgs& a, Bf16* out, float* lse, int nthreads) 
     pack_transposed({a.k + b * a.k_st.b + hk * a.k_st.h, a.k_st.l}, s.Lk, Lk_pad, D, head.kt);
     pack_rows({a.v + b * a.v_st.b + hk * a.v_st.h, a.v_st.l}, s.Lk, Lk_pad, D, head.v);
     std::vector<float> scores(kQBlock * Lk_pad), o(kQBlock * D);
+    float inv_sum[kQBlock];
     std::vector<Bf16> p(kQBlock * Lk_pad);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hk * G + g;
@@ -231,10 +274,10 @@ void attention_fwd(const AttentionArgs& a, Bf16* out, float* lse, int nthreads) 
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = i0 + r;
           lse_head[i] = softmax_row(scores.data() + r * nk, nk, rule.limit(i), rule.row(b, i), a.scale,
-                                    p.data() + r * nk);
+                                    p.data() + r * nk, inv_sum + r);
         }
         gemm(rows, D, nk, p.data(), nk, head.v.data(), Lk_pad, D, o.data(), D, false);
-        store_rows(o.data(), rows, D, o_head + i0 * D, D);
+        store_rows_scaled(o.data(), rows, D, inv_sum, o_head + i0 * D, D);
       }
     }
     at::native::cpublas::brgemm_release(true);
@@ -278,10 +321,9 @@ void attention_bwd(const AttentionArgs& a, const Bf16* out, const Bf16* dout, co
         gemm(rows, nk, D, do_blk, D, head.vt.data(), D, Lk_pad, dp.data(), nk, false);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = i0 + r;
-          float* pr = p.data() + r * nk;
-          probs_row(pr, nk, rule.limit(i), rule.row(b, i), a.scale, lse_head[i], p_bf.data() + r * nk);
           const float delta = dot_row(do_blk + r * D, o_head + i * D, D);
-          dscores_row(pr, dp.data() + r * nk, nk, delta, a.scale, ds_bf.data() + r * nk);
+          score_grad_row(p.data() + r * nk, dp.data() + r * nk, nk, rule.limit(i), rule.row(b, i), a.scale,
+                         lse_head[i], delta, p_bf.data() + r * nk, ds_bf.data() + r * nk);
         }
         // dQ = dS · K
         gemm(rows, D, nk, ds_bf.data(), nk, head.k.data(), Lk_pad, D, dq_blk.data(), D, false);
