@@ -1,8 +1,12 @@
-"""models/fused_blocks.py: a Llama-family model's norms and SwiGLU MLPs on the fused ops
-while it trains — same outputs and input gradients as the model's own code (fp32, and
-bf16 to bf16 rounding), only known classes patched, the patch gone afterwards; and the
+"""models/fused_blocks.py: a Llama-family model's norms, SwiGLU MLPs and RoPE on the fused
+ops while it trains — same outputs and input gradients as the model's own code (fp32, and
+bf16 to bf16 rounding), only known classes patched, the patch gone afterwards (RoPE's
+process-wide binding counted over nested blocks); and the
 frozen-head loss that computes its gradient in the forward pass (batch/loss.py)."""
 from __future__ import annotations
+
+import copy
+import sys
 
 import pytest
 import torch
@@ -10,7 +14,7 @@ import torch.nn.functional as F
 
 from helpers_models import make_tiny_model
 from lift_engine.batch.loss import chunked_token_loss
-from lift_engine.models.fused_blocks import fusable_modules, fused_blocks
+from lift_engine.models.fused_blocks import ROPE_FUNCTION, fusable_modules, fused_blocks, rope_modules
 from lift_engine.ops._native import status as native_status
 
 HAVE_KERNELS = native_status()["cpu"] == "loaded"
@@ -26,17 +30,32 @@ def _forward_backward(model, ids, dtype):
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 5e-2)])
 def test_fused_blocks_keep_outputs_and_gradients(arch, dtype, tol):
+    """fp32: the same numbers to 2e-5. bf16: both run with bf16 roundings in different
+    places (the fused ops round once per output, HF's chains after every step), so each
+    is compared with the model run in fp32 on the same weights: the fused error must stay
+    within twice HF's own (plus 1% of the scale), and both within `tol` of each other."""
     model = make_tiny_model(arch, dtype=dtype, hidden=72, intermediate=200, layers=2)
     for p in model.parameters():
         p.requires_grad_(False)
     ids = torch.randint(3, 128, (3, 11))
     ref_out, ref_grad = _forward_backward(model, ids, dtype)
+    (modeling,) = rope_modules(model)
+    original = getattr(sys.modules[modeling], ROPE_FUNCTION)
     with fused_blocks(model) as patched:
-        assert patched == 2 * 2 + 2 + 1  # two norms and one MLP per layer, plus the final norm
+        # two norms and one MLP per layer, the final norm, and the modeling module's RoPE
+        assert patched == 2 * 2 + 2 + 1 + 1
+        assert getattr(sys.modules[modeling], ROPE_FUNCTION).lift_original is original
         out, grad = _forward_backward(model, ids, dtype)
-    scale = float(ref_out.abs().max())
+    assert getattr(sys.modules[modeling], ROPE_FUNCTION) is original
+    scale, grad_scale = float(ref_out.abs().max()), float(ref_grad.float().abs().max())
+    if dtype == torch.bfloat16:
+        truth_out, truth_grad = _forward_backward(copy.deepcopy(model).float(), ids, torch.float32)
+        for ours, hf, truth, size in ((out, ref_out, truth_out, scale), (grad, ref_grad, truth_grad, grad_scale)):
+            hf_error = float((hf.float() - truth).abs().max())
+            assert float((ours.float() - truth).abs().max()) <= 2 * hf_error + 0.01 * size
+        tol = 2 * tol  # each within its rounding of fp32, so within twice that of each other
     assert float((out - ref_out).abs().max()) <= tol * scale
-    assert float((grad.float() - ref_grad.float()).abs().max()) <= tol * float(ref_grad.float().abs().max())
+    assert float((grad.float() - ref_grad.float()).abs().max()) <= tol * grad_scale
     assert not [m for m, _ in fusable_modules(model) if "forward" in m.__dict__]  # patch removed
 
 
@@ -59,6 +78,21 @@ def test_fused_blocks_leave_unknown_norms_alone_and_restore_on_error():
     assert "forward" not in model.model.norm.__dict__
     with fused_blocks(model, enabled=False) as patched:
         assert patched == 0
+
+
+def test_rope_binding_is_counted_over_nested_blocks_and_restored_on_error():
+    model, other = make_tiny_model("llama"), make_tiny_model("llama")
+    module = sys.modules[rope_modules(model)[0]]
+    original = getattr(module, ROPE_FUNCTION)
+    with fused_blocks(model):
+        fused = getattr(module, ROPE_FUNCTION)
+        assert fused is not original
+        with pytest.raises(RuntimeError, match="inner"):
+            with fused_blocks(other):
+                assert getattr(module, ROPE_FUNCTION) is fused  # bound once, not wrapped twice
+                raise RuntimeError("inner")
+        assert getattr(module, ROPE_FUNCTION) is fused  # the outer block still needs it
+    assert getattr(module, ROPE_FUNCTION) is original
 
 
 def test_fused_blocks_skip_an_mlp_whose_activation_is_not_silu():

@@ -1,4 +1,4 @@
-"""Fused elementwise ops (rms_norm, swiglu, cross_entropy_with_grad_): the C++ CPU
+"""Fused elementwise ops (rms_norm, swiglu, rotary, cross_entropy_with_grad_): the C++ CPU
 kernels against the pure-PyTorch references, outputs and gradients, fp32 and bf16
 (tolerances: tests/kernel_tolerances.py), odd shapes, errors and fallbacks; and the
 dispatch rules for them (torch.compile sees the reference).
@@ -150,6 +150,53 @@ def test_fused_ops_fall_back_to_the_reference_for_other_dtypes_and_mixed_inputs(
     assert torch.equal(cpu_backend.rms_norm(xb, wf, 1e-6), reference.rms_norm(xb, wf, 1e-6))
     g, u = torch.randn(5, dtype=torch.float16), torch.randn(5, dtype=torch.float16)
     assert torch.equal(cpu_backend.swiglu(g, u), reference.swiglu(g, u))
+
+
+# ------------------------------------------------------------------ rotary
+def _rope_tables(batch, L, D, dtype, seed):
+    """cos/sin as HF's rotary embedding builds them: the two halves equal (cat(freqs, freqs))."""
+    g = torch.Generator().manual_seed(seed)
+    positions = torch.randint(0, 500, (batch, L), generator=g).float()
+    freqs = positions[..., None] / (10000.0 ** (torch.arange(0, D, 2).float() / D))
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,H,L,D,table_batch", [(2, 9, 37, 64, 2), (3, 1, 1, 2, 1), (1, 3, 204, 64, 1),
+                                                 (2, 4, 5, 30, 2)])
+def test_rotary_kernel_matches_reference(dtype, B, H, L, D, table_batch):
+    torch.manual_seed(B + L)
+    cos, sin = _rope_tables(table_batch, L, D, dtype, seed=L)
+    x = _leaf(torch.randn(B, L, H, D).transpose(1, 2), dtype)  # HF's transposed [B, H, L, D] view
+    assert not x.is_contiguous() or H == 1 or L == 1
+    _check_kernel(lambda t: cpu_backend.rotary(t, cos, sin), lambda t: reference.rotary(t, cos.float(), sin.float()),
+                  [x], dtype, ["x"])
+
+
+@needs_kernels
+def test_rotary_kernel_backward_uses_each_half_of_the_tables():
+    # general tables (halves differ): the backward must take sin[h:] for dx[:h] and sin[:h] for dx[h:]
+    torch.manual_seed(3)
+    cos, sin = torch.randn(2, 7, 8), torch.randn(2, 7, 8)
+    x = _leaf(torch.randn(2, 3, 7, 8), torch.float32)
+    _check_kernel(lambda t: cpu_backend.rotary(t, cos, sin), lambda t: reference.rotary(t, cos, sin),
+                  [x], torch.float32, ["x"])
+
+
+@needs_kernels
+def test_rotary_errors_and_fallbacks():
+    x, (cos, sin) = torch.randn(2, 3, 7, 8), _rope_tables(2, 7, 8, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="rotary needs"):
+        cpu_backend.rotary(x, cos[:, :5], sin[:, :5])
+    with pytest.raises(ValueError, match="rotary needs"):
+        cpu_backend.rotary(torch.randn(2, 3, 7, 7), torch.randn(2, 7, 7), torch.randn(2, 7, 7))
+    xh = x.half()  # fp16, and tables that want a gradient, go to the reference
+    assert torch.equal(cpu_backend.rotary(xh, cos.half(), sin.half()), reference.rotary(xh, cos.half(), sin.half()))
+    grad_cos = cos.clone().requires_grad_()
+    cpu_backend.rotary(x, grad_cos, sin).sum().backward()
+    assert grad_cos.grad is not None
 
 
 @needs_kernels

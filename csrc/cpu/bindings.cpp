@@ -326,6 +326,25 @@ Tensor cross_entropy_with_grad_(Tensor& z, const Tensor& targets_) {
   return loss;
 }
 
+// rotary(x [B, H, L, D], cos, sin [B or 1, L, D], backward) -> [B, H, L, D] contiguous: RoPE of
+// x (backward: the gradient of x, given the output's gradient as x).
+Tensor rotary(const Tensor& x_, const Tensor& cos_, const Tensor& sin_, bool backward) {
+  TORCH_CHECK(x_.dim() == 4, "x must be [B, H, L, D], got ", x_.sizes());
+  const Tensor x = x_.stride(3) == 1 ? x_.detach() : x_.detach().contiguous();
+  const int64_t B = x.size(0), H = x.size(1), L = x.size(2), D = x.size(3);
+  TORCH_CHECK(D % 2 == 0, "head dim must be even, got ", D);
+  TORCH_CHECK(cos_.dim() == 3 && (cos_.size(0) == 1 || cos_.size(0) == B), "cos must be [B or 1, L, D], got ",
+              cos_.sizes());
+  const Tensor cos = like(cos_, x, "cos", {cos_.size(0), L, D}), sin = like(sin_, x, "sin", cos.sizes());
+  const lift_cpu::RotaryArgs a{B, H, L, D, x.stride(0), x.stride(1), x.stride(2), cos.size(0)};
+  Tensor y = at::empty({B, H, L, D}, x.options());
+  by_dtype(x, "x", [&](auto tag) {
+    using T = decltype(tag);
+    lift_cpu::rotary(data<T>(x), a, data<T>(cos), data<T>(sin), data<T>(y), backward, threads());
+  });
+  return y;
+}
+
 // ---- attention (bf16, AMX) ----
 Tensor bf16_heads(const Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 4, name,
@@ -402,7 +421,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_, const Tens
 
 PYBIND11_MODULE(_C_cpu, m) {
   m.doc() = "lift_engine C++ CPU kernels: multi-adapter LoRA and the Gated-Memory epilogue (fp32), "
-            "fused RMSNorm, SwiGLU and cross entropy (fp32 or bf16), bf16 attention on AMX";
+            "fused RMSNorm, SwiGLU, RoPE and cross entropy (fp32 or bf16), bf16 attention on AMX";
   m.attr("gemm_backend") = lift_cpu::gemm_backend();
   m.def("plan", &plan, py::arg("adapter_idx"), py::arg("n_adapters"), py::arg("block"));
   m.def("shrink_fwd", &shrink_fwd);
@@ -418,6 +437,7 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("swiglu_fwd", &swiglu_fwd);
   m.def("swiglu_bwd", &swiglu_bwd);
   m.def("cross_entropy_with_grad_", &cross_entropy_with_grad_);
+  m.def("rotary", &rotary);
   m.def("attention_available", &lift_cpu::attention_amx_available);
   m.def("attention_fwd", &attention_fwd);
   m.def("attention_bwd", &attention_bwd);

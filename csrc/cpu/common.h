@@ -222,6 +222,19 @@ void cross_entropy_with_grad(float* z, int64_t ld, int64_t rows, int64_t V, cons
 void cross_entropy_with_grad(Bf16* z, int64_t ld, int64_t rows, int64_t V, const int64_t* targets,
                              float* loss, int nthreads);
 
+// rotary_cpu.cpp: RoPE over x [B, H, L, D] (element strides x_sb, x_sh, x_sl; D even and
+// contiguous) with cos/sin tables [table_batch (1 or B), L, D]; y [B, H, L, D] contiguous.
+// backward: y = the gradient of x given the output's gradient in x.
+struct RotaryArgs {
+  int64_t B, H, L, D;
+  int64_t x_sb, x_sh, x_sl;
+  int64_t table_batch;
+};
+void rotary(const float* x, const RotaryArgs& a, const float* cos, const float* sin, float* y, bool backward,
+            int nthreads);
+void rotary(const Bf16* x, const RotaryArgs& a, const Bf16* cos, const Bf16* sin, Bf16* y, bool backward,
+            int nthreads);
+
 // ---- attention_cpu.cpp: causal / masked GQA attention, bfloat16 on AMX (brgemm) ----
 // q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D] at the given element strides (D contiguous);
 // mask [B, Lq, Lk] bytes (1 = may attend) at strides (mask_sb, mask_sq), or null; causal:

@@ -1,4 +1,4 @@
-"""Fused RMSNorm and SwiGLU in a Llama-style model while it trains (DESIGN.md §5).
+"""Fused RMSNorm, SwiGLU and RoPE in a Llama-style model while it trains (DESIGN.md §5).
 
 transformers' LlamaRMSNorm and LlamaMLP are chains of eager elementwise ops: a norm
 casts to fp32, squares, averages, scales, casts back and multiplies (seven passes over
@@ -12,11 +12,20 @@ Patched: modules whose class is one of the known Llama-family classes below (the
 formulas are Llama's; Gemma's norm, with its 1 + weight, is not among them) and, for the
 MLP, whose act_fn is SiLU. The patch is an instance attribute `forward`, removed on
 exit (also on error), so inference and serving keep the model's own code.
+
+RoPE (six passes per tensor forward, as many backward) is a module-level function that
+the attention classes below call by name, `apply_rotary_pos_emb` of their modeling
+module; inside the block that name is bound to a version running `ops.rotary` on q and k
+(same formula, one pass each way). That binding is process-wide while any block is open
+(counted, restored when the last one exits): another model of the family running in
+the meantime gets the fused formula too, equal to HF's up to rounding.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import sys
+import threading
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -27,6 +36,9 @@ from lift_engine import ops
 #: down(act(gate(x)) · up(x))).
 RMS_NORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
 MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
+#: Attention classes that apply RoPE with their module's Llama-style apply_rotary_pos_emb.
+ROPE_ATTENTION_CLASSES = frozenset({"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention"})
+ROPE_FUNCTION = "apply_rotary_pos_emb"
 
 
 def _is_silu(module: nn.Module) -> bool:
@@ -57,11 +69,47 @@ def fusable_modules(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return found
 
 
+def _fused_rope(original: Callable) -> Callable:
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if unsqueeze_dim != 1:
+            return original(q, k, cos, sin, unsqueeze_dim)
+        return ops.rotary(q, cos, sin), ops.rotary(k, cos, sin)
+    apply_rotary_pos_emb.lift_original = original
+    return apply_rotary_pos_emb
+
+
+_rope_lock = threading.Lock()
+_rope_users: dict[str, int] = {}  # modeling module name → open blocks that bound its fused RoPE
+
+
+def rope_modules(model: nn.Module) -> list[str]:
+    """Names of the modeling modules whose apply_rotary_pos_emb the model's attention uses."""
+    names = {type(m).__module__ for m in model.modules() if type(m).__name__ in ROPE_ATTENTION_CLASSES}
+    return sorted(n for n in names if callable(getattr(sys.modules.get(n), ROPE_FUNCTION, None)))
+
+
+def _bind_rope(name: str) -> None:
+    with _rope_lock:
+        module = sys.modules[name]
+        if _rope_users.get(name, 0) == 0:
+            setattr(module, ROPE_FUNCTION, _fused_rope(getattr(module, ROPE_FUNCTION)))
+        _rope_users[name] = _rope_users.get(name, 0) + 1
+
+
+def _unbind_rope(name: str) -> None:
+    with _rope_lock:
+        _rope_users[name] -= 1
+        if _rope_users[name] == 0:
+            module = sys.modules[name]
+            setattr(module, ROPE_FUNCTION, getattr(module, ROPE_FUNCTION).lift_original)
+
+
 @contextlib.contextmanager
 def fused_blocks(model: nn.Module, enabled: bool = True) -> Iterator[int]:
-    """Inside the block, the model's Llama-style norms and SwiGLU MLPs run the fused ops.
-    Yields how many modules were patched (0 when disabled or none is known)."""
+    """Inside the block, the model's Llama-style norms, SwiGLU MLPs and RoPE run the fused
+    ops. Yields how many modules were patched (0 when disabled or none is known)."""
     patched: list[nn.Module] = []
+    bound: list[str] = []
     try:
         if enabled:
             for module, kind in fusable_modules(model):
@@ -69,7 +117,12 @@ def fused_blocks(model: nn.Module, enabled: bool = True) -> Iterator[int]:
                     continue
                 module.forward = _norm_forward(module) if kind == "norm" else _mlp_forward(module)
                 patched.append(module)
-        yield len(patched)
+            for name in rope_modules(model):
+                _bind_rope(name)
+                bound.append(name)
+        yield len(patched) + len(bound)
     finally:
         for module in patched:
             del module.forward
+        for name in bound:
+            _unbind_rope(name)

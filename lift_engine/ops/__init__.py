@@ -12,6 +12,7 @@ from lift_engine.ops.dispatch import (
     lora_shrink,
     resolve,
     rms_norm,
+    rotary,
     swiglu,
 )
 
@@ -27,5 +28,6 @@ __all__ = [
     "lora_shrink",
     "resolve",
     "rms_norm",
+    "rotary",
     "swiglu",
 ]

@@ -1,7 +1,7 @@
 """C++ CPU backend (csrc/cpu, extension lift_engine._C_cpu): multi-adapter LoRA and the
 Gated-Memory epilogue, forward and backward, grouped by adapter (DESIGN.md §4–5); and the
-fused elementwise ops of a training step — RMSNorm, SwiGLU, cross entropy with its
-gradient — in fp32 or bf16 (see the section "fused elementwise ops" below); and bf16
+fused elementwise ops of a training step — RMSNorm, SwiGLU, RoPE, cross entropy with
+its gradient — in fp32 or bf16 (see the section "fused elementwise ops" below); and bf16
 attention on AMX (section "attention").
 
 Importing this module raises ImportError when the extension is not built; dispatch.py
@@ -305,6 +305,29 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _SwiGLU.apply(gate, up)
 
 
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _C.rotary(x, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return _C.rotary(dy, cos, sin, True), None, None
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, L, D]; cos, sin: [B or 1, L, D] → x ⊙ cos + rotate_half(x) ⊙ sin, [B, H, L, D]
+    contiguous (one C++ pass each way; no gradient for the tables)."""
+    if (x.dim() != 4 or x.numel() == 0 or x.shape[-1] % 2 or cos.dim() != 3 or cos.shape != sin.shape
+            or cos.shape[1:] != x.shape[2:] or cos.shape[0] not in (1, x.shape[0])
+            or cos.dtype != x.dtype or sin.dtype != x.dtype or cos.requires_grad or sin.requires_grad
+            or not _use_fused(x, cos, sin)):
+        return reference.rotary(x, cos, sin)
+    return _Rotary.apply(x, cos, sin)
+
+
 def cross_entropy_with_grad_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """logits: [R, V] (overwritten with softmax − onehot); targets: [R] int64 → loss [R] float32."""
     if (logits.dim() != 2 or logits.stride(-1) != 1 or targets.shape != logits.shape[:1]
@@ -428,6 +451,7 @@ IMPLEMENTED = {
     "gated_memory_blend": gated_memory_blend,
     "rms_norm": rms_norm,
     "swiglu": swiglu,
+    "rotary": rotary,
     "cross_entropy_with_grad_": cross_entropy_with_grad_,
 }
 if _ATTENTION_AVAILABLE:

@@ -31,7 +31,7 @@ OPS = ("lora_shrink", "lora_expand", "lora_linear_delta", "lora_linear", "gated_
 # them) and attention (precision.training_attention routes HF attention to it). Same
 # backend rules in eager mode; under torch.compile they are the reference, which the
 # compiler fuses itself, so they need no custom op.
-FUSED_OPS = ("rms_norm", "swiglu", "cross_entropy_with_grad_", "attention")
+FUSED_OPS = ("rms_norm", "swiglu", "rotary", "cross_entropy_with_grad_", "attention")
 BACKENDS = ("reference", "triton", "cuda", "cpu")
 
 # Module that implements each backend; imported lazily, only when chosen.
@@ -143,6 +143,7 @@ gated_memory_blend = _dispatching("gated_memory_blend")
 gated_memory_attention = _dispatching("gated_memory_attention")
 rms_norm = _dispatching("rms_norm")
 swiglu = _dispatching("swiglu")
+rotary = _dispatching("rotary")
 cross_entropy_with_grad_ = _dispatching("cross_entropy_with_grad_")
 attention = _dispatching("attention")
 

@@ -7,6 +7,7 @@ from lift_engine.ops.reference.rms_norm import rms_norm
 from lift_engine.ops.reference.swiglu import swiglu
 from lift_engine.ops.reference.cross_entropy_with_grad import cross_entropy_with_grad_
 from lift_engine.ops.reference.attention import attention
+from lift_engine.ops.reference.rotary import rotary
 
 __all__ = [
     "lora_shrink",
@@ -20,4 +21,5 @@ __all__ = [
     "swiglu",
     "cross_entropy_with_grad_",
     "attention",
+    "rotary",
 ]
