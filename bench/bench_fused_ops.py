@@ -1,19 +1,24 @@
-"""Fused elementwise C++ ops vs PyTorch eager, side by side in one run.
+"""Fused C++ ops of a training step vs PyTorch eager, side by side in one run.
 
-The ops of a training step that models/fused_blocks.py and batch/loss.py put on C++
-(lift_engine.ops.cpu_backend): each against its reference in PyTorch eager
-(lift_engine.ops.reference: transformers' own formulas), forward + backward, on the
-default model's shapes (SmolLM2-135M) at one micro-batch of a 16-document step:
+The ops of a training step that models/fused_blocks.py, batch/loss.py and
+precision.training_attention put on C++ (lift_engine.ops.cpu_backend): each against its
+reference in PyTorch eager (lift_engine.ops.reference: transformers' own formulas),
+forward + backward, on the default model's shapes (SmolLM2-135M) at one micro-batch of
+a 16-document step:
 
     rms_norm                  x [6528, 576] (32 rows × 204 tokens), weight frozen
     swiglu                    gate, up [6528, 1536]
+    rotary                    q [32, 9, 204, 64] as HF passes it (a transposed view)
     cross_entropy_with_grad_  logits [1024, 49152] (one chunk of the loss) against the
                               reference's logsumexp + softmax − onehot (what the loss
                               computed before: forward's logsumexp and backward's softmax)
 
-in float32 and bfloat16. Timing as bench_cpu_ops.py: interleaved rounds, the ratio is the
-median over rounds of eager/C++ time in the same round (absolute times on a shared CPU
-are noise).
+in float32 and bfloat16; and, bf16 only, causal GQA attention q [32, 9, 204, 64], k/v
+[32, 3, 204, 64] on the AMX kernel against what bf16 tuning ran before (torch's sdpa on
+fp32 copies, its flash kernel with enable_gqa) and against torch's sdpa in bf16.
+
+Timing as bench_cpu_ops.py: interleaved rounds, the ratio is the median over rounds of
+eager/C++ time in the same round (absolute times on a shared CPU are noise).
 
     python bench/bench_fused_ops.py [--rounds 10] [--out bench/results/bench_fused_ops.json]
 """
@@ -22,8 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -52,6 +57,29 @@ def runners(op: str, dtype: torch.dtype, cpu_backend) -> dict:
         return {name: (lambda fn=fn: fn(logits.clone(), targets))
                 for name, fn in (("cpp", cpu_backend.cross_entropy_with_grad_),
                                  ("reference", reference.cross_entropy_with_grad_))}
+    def fresh(fn, *leaves):  # forward + backward from zeroed gradients
+        def run():
+            for leaf in leaves:
+                leaf.grad = None
+            fn()
+        return run
+
+    if op == "attention":
+        q, k, v = (rnd(32, 204, heads, 64).transpose(1, 2).requires_grad_() for heads in (9, 3, 3))
+        dout = rnd(32, 9, 204, 64)
+
+        def sdpa(cast):
+            return lambda: torch.nn.functional.scaled_dot_product_attention(
+                cast(q), cast(k), cast(v), is_causal=True, enable_gqa=True).to(dtype).backward(dout)
+        return {"cpp": fresh(lambda: cpu_backend.attention(q, k, v, None, True, 0.125).backward(dout), q, k, v),
+                "sdpa_fp32": fresh(sdpa(lambda t: t.float()), q, k, v), "sdpa_bf16": fresh(sdpa(lambda t: t), q, k, v)}
+    if op == "rotary":
+        x = rnd(32, 204, 9, 64).transpose(1, 2).requires_grad_()
+        freqs = torch.rand(32, 204, 32, generator=gen) * 200
+        cos, sin = (torch.cat((f, f), -1).to(dtype) for f in (freqs.cos(), freqs.sin()))
+        dout = rnd(32, 9, 204, 64)
+        return {"cpp": fresh(lambda: cpu_backend.rotary(x, cos, sin).backward(dout), x),
+                "reference": fresh(lambda: reference.rotary(x, cos, sin).backward(dout), x)}
     if op == "rms_norm":
         inputs, trained = (rnd(TOKENS, HIDDEN), (1 + 0.1 * torch.randn(HIDDEN, generator=gen)).to(dtype)), (0,)
         call = {"cpp": lambda x, w: cpu_backend.rms_norm(x, w, 1e-5), "reference": lambda x, w: reference.rms_norm(x, w, 1e-5)}
@@ -84,13 +112,19 @@ def main(argv=None) -> int:
     hw = hardware()
     print("hardware:", hardware_line(hw))
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for op in ("rms_norm", "swiglu", "cross_entropy_with_grad_"):
-            summary = summarise(time_interleaved(runners(op, dtype, cpu_backend), args.rounds))
-            rows.append({"op": op, "dtype": str(dtype).split(".")[-1], "mode": "fwd+bwd", "rounds": args.rounds, **summary})
-            print(f"{op:26s} {rows[-1]['dtype']:9s} cpp {summary['cpp']['median_ms']:8.2f} ms  "
-                  f"eager {summary['reference']['median_ms']:8.2f} ms  cpp vs eager {summary['cpp_vs_reference']:5.2f}x",
-                  flush=True)
+    cases = [(dtype, op) for dtype in (torch.float32, torch.bfloat16)
+             for op in ("rms_norm", "swiglu", "rotary", "cross_entropy_with_grad_")]
+    if "attention" in cpu_backend.IMPLEMENTED:  # bf16 on AMX only
+        cases.append((torch.bfloat16, "attention"))
+    for dtype, op in cases:
+        times = time_interleaved(runners(op, dtype, cpu_backend), args.rounds)
+        summary = summarise(times)
+        for base in (name for name in times if name.startswith("sdpa")):
+            summary[f"cpp_vs_{base}"] = statistics.median(b / c for b, c in zip(times[base], times["cpp"]))
+        rows.append({"op": op, "dtype": str(dtype).split(".")[-1], "mode": "fwd+bwd", "rounds": args.rounds, **summary})
+        against = ", ".join(f"{name} {summary[name]['median_ms']:8.2f} ms ({summary[f'cpp_vs_{name}']:5.2f}x)"
+                            for name in times if name != "cpp")
+        print(f"{op:26s} {rows[-1]['dtype']:9s} cpp {summary['cpp']['median_ms']:8.2f} ms  vs {against}", flush=True)
     result = {"bench": "bench_fused_ops", "hardware": hw, "hardware_line": hardware_line(hw),
               "shapes": {"tokens": TOKENS, "hidden": HIDDEN, "intermediate": INTERMEDIATE, "vocab": VOCAB,
                          "loss_chunk": LOSS_CHUNK},

@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from lift_engine.batch.job import BatchTuneJob
+from lift_engine.batch.planner import default_budget_bytes
 from lift_engine.config import make_config
 from lift_engine.data.extractive import extract_tasks
 from lift_engine.data.synthetic import make_dataset
@@ -175,9 +176,9 @@ def run_solo(base, cfg, texts, workdir: Path) -> None:
         tune_document(base, text, workdir / f"solo-{i}", cfg, progress=False, log=lambda *a: None)
 
 
-def run_batched(base, cfg, texts, workdir: Path, prefix: bool) -> dict:
+def run_batched(base, cfg, texts, workdir: Path, prefix: bool, memory_budget: int) -> dict:
     job = BatchTuneJob(base, cfg, workdir / ("prefix" if prefix else "batched"), max_active=len(texts),
-                       prefix_sharing=prefix, checkpoint_every=10**9)
+                       prefix_sharing=prefix, checkpoint_every=10**9, memory_budget=memory_budget)
     try:
         for i, text in enumerate(texts):
             job.submit(text, f"doc{i}")
@@ -233,6 +234,9 @@ def main() -> int:
     parser.add_argument("--epochs2", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--memory-budget-gib", type=float, default=None,
+                        help="memory budget of every batched job (default: 80%% of what is free at the start, "
+                             "measured once, so that methods run later do not get less)")
     parser.add_argument("--out", default=str(RESULTS / "bench_tune.json"))
     parser.add_argument("--plot-only", type=Path, metavar="JSON", help="only redraw the .svg of a results JSON")
     args = parser.parse_args()
@@ -247,6 +251,7 @@ def main() -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    budget = int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else default_budget_bytes()
     shapes = peak_shapes(base.model)
     peaks = {"float32": matmul_peak_gflops(shapes)}
     if any(m.endswith("-bf16") for m in methods):
@@ -270,7 +275,8 @@ def main() -> int:
                 elif kind == "solo":
                     run_solo(base, with_dtype(cfg, dtype), texts, Path(tmp))
                 else:
-                    extra = run_batched(base, with_dtype(cfg, dtype), texts, Path(tmp), prefix=(kind == "prefix"))
+                    extra = run_batched(base, with_dtype(cfg, dtype), texts, Path(tmp), prefix=(kind == "prefix"),
+                                        memory_budget=budget)
                 seconds = time.perf_counter() - began
             row = {"n": n, "method": METHODS[m], "dtype": dtype, "seconds": seconds, "docs_per_hour": n * 3600 / seconds,
                    "tokens_per_s": tokens / seconds, "train_tokens": tokens, "loss_tokens": loss_tokens,
@@ -285,7 +291,7 @@ def main() -> int:
         row["speedup_vs_" + base_name.replace(" ", "_")] = row["docs_per_hour"] / ref["docs_per_hour"]
     model_desc = {"id": base.model_id, "params": sum(p.numel() for p in base.model.parameters())}
     report = {"hardware": hardware(), "matmul_peak_gflops": peaks["float32"], "matmul_peaks_gflops": peaks,
-              "model": model_desc, "config": cfg.to_dict(),
+              "model": model_desc, "config": cfg.to_dict(), "memory_budget_bytes": budget,
               "doc_tokens": args.doc_tokens, "results": results}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -166,9 +166,9 @@ def training_attention(model: nn.Module, enabled: bool = True) -> Iterator[bool]
 def training_precision(model: nn.Module, dtype: torch.dtype, cache: dict | None = None) -> Iterator[None]:
     """What tuning in `dtype` means (the one entry point for the trainers): the frozen base
     cast to it (`frozen_base_in`, with the caller's cache); for low precision on CPU, sdpa
-    attention replaced by `training_attention` (the bf16 AMX kernel, else fp32 sdpa); and in
-    every dtype the model's norms and
-    SwiGLU MLPs on the fused ops (models/fused_blocks.py; exact to rounding)."""
+    attention replaced by `training_attention` (the bf16 AMX kernel, else fp32 sdpa); and
+    in every dtype the model's norms, SwiGLU MLPs and RoPE on the fused ops
+    (models/fused_blocks.py; exact to rounding)."""
     on_cpu = next(model.parameters()).device.type == "cpu"
     with frozen_base_in(model, dtype, cache), training_attention(model, dtype != torch.float32 and on_cpu), \
             fused_blocks(model):

@@ -21,6 +21,7 @@ from lift_engine.batch.planner import MemoryPlanner, measure_saved_bytes
 from lift_engine.batch.queue import QueueService
 from lift_engine.checkpoint import CHECKPOINT_FILE, partial_dir_for
 from lift_engine.models.loading import load_base_model
+from lift_engine.precision import training_precision
 from test_batch_job import DOCS, WEIGHTS, adapter_tensors, tiny_config
 
 TESTS = Path(__file__).resolve().parent
@@ -172,7 +173,8 @@ def test_planner_estimate_bounds_the_measured_activations(model_dir):
         planner = job.planner
         base.model.train()
         for rows, seq in [(1, 150), (3, 80), (2, 300)]:
-            with job.handle.use(torch.zeros(rows, dtype=torch.long)):
+            with job.handle.use(torch.zeros(rows, dtype=torch.long)), \
+                    training_precision(base.model, job.compute_dtype, job._cast_cache):  # as a step runs
                 measured = measure_saved_bytes(base.model, torch.ones(rows, seq, dtype=torch.long))
             estimate = planner.activation_bytes(rows, seq, checkpointing=False)
             assert measured <= estimate <= 2.0 * measured, (rows, seq, measured, estimate)

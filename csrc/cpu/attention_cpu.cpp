@@ -8,14 +8,19 @@
 //
 // The GEMMs are oneDNN's batch-reduce micro-kernels (at::native::cpublas::brgemm, bf16 ×
 // bf16 → fp32 on AMX), the same ones torch's CPU flash attention uses in its forward; the
-// softmax and its gradient are fp32, P and dS are rounded to bf16 for the GEMMs, as in
-// every bf16 flash attention. Unlike torch's kernel, the backward runs on AMX too.
+// softmax and its gradient are fp32 (AVX-512), P and dS are rounded to bf16 for the
+// GEMMs, as in every bf16 flash attention. Unlike torch's kernel, the backward runs on AMX
+// too.
 //
 // Work split: one task per (batch, KV head); it packs that head's K and V once and runs
-// all G = Hq / Hkv query heads sharing them, q blocks of 32 rows at a time. The whole
-// score row of a block ([32, Lk] fp32) is kept (no online softmax): these kernels serve
-// training samples of a few hundred to a few thousand tokens. The backward accumulates dK
-// and dV of the KV head in fp32 inside the task, so no two threads write the same rows.
+// all G = Hq / Hkv query heads sharing them, q blocks of 64 rows at a time, each against
+// the keys its rows may see (causal: a prefix). The whole score row of a block ([64, Lk]
+// fp32) is kept (no online softmax): these kernels serve training samples of a few
+// hundred to a few thousand tokens. The forward writes unnormalised probabilities and
+// scales the output rows by 1 / Σ after P·V. The backward accumulates dKᵀ = Σ Qᵀ·dS and
+// dVᵀ = Σ dOᵀ·P of the KV head in fp32 inside the task (the small [rows, D] blocks are the
+// transposed operands; P and dS go to brgemm's packing as they are), so no two threads
+// write the same rows.
 //
 // brgemm's packed B operand must be 16, 32, 48 or 64 columns wide, and K even, so keys
 // are padded to a multiple of 16 (zeros) and the head dim must be a multiple of 16.
@@ -34,7 +39,7 @@ namespace lift_cpu {
 namespace {
 
 using at::BFloat16;
-constexpr int64_t kQBlock = 64;    // query rows per block
+constexpr int64_t kQBlock = 64;   // query rows per block (32 and 128 measured slower)
 constexpr int64_t kNBlock = 64;   // widest packed B block brgemm takes
 constexpr int64_t kKeyPad = 16;   // keys padded to a multiple of this
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();

@@ -139,7 +139,8 @@ class BatchTuneJob:
         lr = cfg.train.lr_lora if cfg.adapter == "lora" else cfg.train.lr_gated_memory
         self.optimizer = SlotAdamW(self.handle.trainable_parameters(), lr=lr, betas=cfg.train.betas,
                                    weight_decay=cfg.train.weight_decay)
-        self.planner = MemoryPlanner(self.model, self.handle, memory_budget, logits_chunk=logits_chunk, probe=planner_probe)
+        self.planner = MemoryPlanner(self.model, self.handle, memory_budget, logits_chunk=logits_chunk, probe=planner_probe,
+                                     compute_dtype=self.compute_dtype, cast_cache=self._cast_cache)
         self.docs: dict[str, DocState] = {}
         self._pending: list[str] = []
         self._free_slots = list(range(max_active))

@@ -12,14 +12,19 @@ message (raised at admission), never by the allocator.
 Memory model of one micro-batch of `rows` sequences padded to `seq` tokens:
 
     fixed        base weights + adapter banks × 4 (value, grad, two AdamW moments)
-    activations  rows · (a · seq + b · seq²)              without checkpointing
+    activations  rows · (c + a · seq + b · seq²)          without checkpointing
                  rows · seq · hidden · bytes · (layers + 2) + activations / layers   with it
     loss         chunk · vocab · 4 · 3                    (chunked logits, softmax, grad)
 
-a and b (bytes per token and per attention cell) are measured on the model itself by a
-probe: a forward pass on two small shapes under `saved_tensors_hooks`, counting the
+c, a and b (bytes per sequence — e.g. the per-row adapter weights the bf16 LoRA path
+gathers —, per token and per attention cell) are measured on the model itself by a
+probe: a forward pass on three small shapes under `saved_tensors_hooks`, counting the
 bytes autograd keeps for backward (parameters excluded); the estimate then takes
-`safety` × that for the transient gradients of backward.
+`safety` × that for the transient gradients of backward. The probe runs the way the
+steps do, inside `precision.training_precision` (compute dtype, fused ops, attention
+kernel): in bf16 with the fused ops a token keeps about half the bytes of the fp32 model
+with HF's own modules. With a compute dtype other than the model's, the fixed part also
+counts the cast copy of the base the job keeps between steps.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import torch
 
 from lift_engine.batch.loss import DEFAULT_CHUNK
 from lift_engine.errors import InputError
+from lift_engine.precision import training_precision
 
 
 def default_budget_bytes(device: torch.device | str = "cpu") -> int:
@@ -83,11 +89,14 @@ class MemoryPlanner:
     """Packs a step's samples into passes that fit `budget_bytes`.
 
     model: the patched causal LM (adapters attached); handle: its AdapterHandle (active
-    indices are needed for the probe to include the adapters' activations).
+    indices are needed for the probe to include the adapters' activations);
+    compute_dtype / cast_cache: the job's `train.compute_dtype` and its cache of the cast
+    base (precision.frozen_base_in), so that the probe measures what a step keeps.
     """
 
     def __init__(self, model: torch.nn.Module, handle, budget_bytes: int | None = None, *, logits_chunk: int = DEFAULT_CHUNK,
-                 safety: float = 1.5, probe: bool = True):
+                 safety: float = 1.5, probe: bool = True, compute_dtype: torch.dtype | None = None,
+                 cast_cache: dict | None = None):
         self.model, self.handle = model, handle
         self.budget = int(budget_bytes if budget_bytes is not None else default_budget_bytes(_device(model)))
         self.logits_chunk, self.safety = logits_chunk, safety
@@ -95,41 +104,52 @@ class MemoryPlanner:
         self.layers = int(config.num_hidden_layers)
         self.hidden = int(config.hidden_size)
         self.vocab = int(config.vocab_size)
-        self.act_bytes = next(model.parameters()).element_size()
-        base = sum(p.numel() * p.element_size() for p in model.parameters() if not _is_bank(p, handle))
+        self.compute_dtype = compute_dtype or next(model.parameters()).dtype
+        self.cast_cache = cast_cache
+        self.act_bytes = self.compute_dtype.itemsize
+        frozen = [p for p in model.parameters() if not _is_bank(p, handle)]
+        base = sum(p.numel() * p.element_size() for p in frozen)
+        cast_copy = sum(p.numel() * self.compute_dtype.itemsize for p in frozen
+                        if p.is_floating_point() and p.dtype != self.compute_dtype)
         bank = sum(p.numel() * p.element_size() for p in handle.trainable_parameters())
-        self.fixed_bytes = base + 4 * bank
+        self.fixed_bytes = base + cast_copy + 4 * bank
         self.loss_bytes = logits_chunk * self.vocab * 4 * 3
-        self.per_token, self.per_cell = self._probe() if probe else self._analytic()
+        self.per_row, self.per_token, self.per_cell = self._probe() if probe else self._analytic()
 
     # ------------------------------------------------------------ the model
-    def _analytic(self) -> tuple[float, float]:
+    def _analytic(self) -> tuple[float, float, float]:
         config = self.model.config
         inter = int(getattr(config, "intermediate_size", 4 * self.hidden))
         heads = int(config.num_attention_heads)
         per_token = self.layers * (10 * self.hidden + 5 * inter) * self.act_bytes
         per_cell = self.layers * heads * 3 * self.act_bytes
-        return float(per_token), float(per_cell)
+        return 0.0, float(per_token), float(per_cell)
 
-    def _probe(self) -> tuple[float, float]:
-        """Fit saved = rows·(a·S + b·S²) from two probe shapes, never below the analytic guess."""
+    def _probe(self) -> tuple[float, float, float]:
+        """Fit saved = rows·(c + a·S + b·S²) through three probe lengths (+10% for what the
+        points miss: shape-dependent kernels), never below zero (a: one byte)."""
         device = _device(self.model)
         was_training = self.model.training
         self.model.train()
+        lengths = (32, 64, 128)
         try:
-            with self.handle.use(torch.zeros(2, dtype=torch.long)):
-                m1 = measure_saved_bytes(self.model, torch.ones(2, 32, dtype=torch.long, device=device)) / 2
-                m2 = measure_saved_bytes(self.model, torch.ones(2, 64, dtype=torch.long, device=device)) / 2
+            with self.handle.use(torch.zeros(2, dtype=torch.long)), \
+                    training_precision(self.model, self.compute_dtype, self.cast_cache):
+                saved = [measure_saved_bytes(self.model, torch.ones(2, s, dtype=torch.long, device=device)) / 2
+                         for s in lengths]
         finally:
             self.model.train(was_training)
-        # m(S) = a S + b S²  →  b = (m2/64 − m1/32) / 32; +10% for what the two points miss
-        # (per-row constants, shape-dependent kernels).
-        b = max(0.0, (m2 / 64 - m1 / 32) / 32)
-        a = max(1.0, m1 / 32 - b * 32)
-        return 1.1 * a, 1.1 * b
+        system = torch.tensor([[1.0, s, s * s] for s in lengths], dtype=torch.float64)
+        c, a, b = torch.linalg.solve(system, torch.tensor(saved, dtype=torch.float64)).tolist()
+        if b < 0:  # no quadratic term: the least-squares line through the three points
+            (c, a), b = torch.linalg.lstsq(system[:, :2], torch.tensor(saved, dtype=torch.float64)[:, None]
+                                           ).solution.flatten().tolist(), 0.0
+        if c < 0:  # no per-row constant: proportional to the tokens (and cells)
+            c, a = 0.0, max(saved[0] / lengths[0] - b * lengths[0], 0.0)
+        return 1.1 * c, 1.1 * max(a, 1.0), 1.1 * max(b, 0.0)
 
     def activation_bytes(self, rows: int, seq: int, checkpointing: bool) -> float:
-        full = rows * (self.per_token * seq + self.per_cell * seq * seq)
+        full = rows * (self.per_row + self.per_token * seq + self.per_cell * seq * seq)
         if not checkpointing:
             return full
         return rows * seq * self.hidden * self.act_bytes * (self.layers + 2) + full / self.layers
@@ -186,7 +206,7 @@ class MemoryPlanner:
     def describe(self) -> dict:
         return {
             "budget_bytes": self.budget, "fixed_bytes": self.fixed_bytes, "loss_bytes": self.loss_bytes,
-            "activation_bytes_per_token": self.per_token, "activation_bytes_per_attention_cell": self.per_cell,
+            "activation_bytes_per_sequence": self.per_row, "activation_bytes_per_token": self.per_token, "activation_bytes_per_attention_cell": self.per_cell,
             "safety": self.safety,
         }
 

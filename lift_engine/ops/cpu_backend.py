@@ -341,9 +341,9 @@ def cross_entropy_with_grad_(logits: torch.Tensor, targets: torch.Tensor) -> tor
 # csrc/cpu/attention_cpu.cpp: causal/masked GQA attention with oneDNN's brgemm micro-kernels,
 # forward and backward, for bf16 q/k/v with a head dim that is a multiple of 16 on a CPU
 # where oneDNN packs bf16 (AMX / AVX512-BF16); other inputs go to the reference, and on a
-# CPU without those the op is not exposed at all. The
-# trainers route only bf16 attention here (precision.training_attention): fp32 keeps
-# torch's sdpa, whose fp32 flash kernels beat the reference's plain math.
+# CPU without those the op is not exposed at all. The trainers route only bf16 attention
+# here (precision.training_attention): fp32 keeps torch's sdpa, whose fp32 flash kernels
+# beat the reference's plain math.
 _ATTENTION_AVAILABLE = bool(_C.attention_available())
 
 
