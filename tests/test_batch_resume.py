@@ -190,7 +190,7 @@ def test_planner_closes_a_full_pass_before_it_pads_too_much(model_dir):
     job = BatchTuneJob(base, tiny_config("lora"), "/nonexistent-unused", max_active=2)
     try:
         lengths = [400] * 6 + [120] * 30 + [60] * 10  # long segments, short QA: a mixed step
-        one_pass = job.planner.plan(lengths, max_padding=None)
+        one_pass = job.planner.plan(lengths, max_padding=None, max_tokens=None)
         assert len(one_pass.batches) == 1
         plan = job.planner.plan(lengths)
         assert sorted(i for b in plan.batches for i in b) == list(range(len(lengths)))  # every sample, once
@@ -202,6 +202,22 @@ def test_planner_closes_a_full_pass_before_it_pads_too_much(model_dir):
             assert 1 - real / cells <= MAX_PADDING or real - min(lengths[i] for i in b) < MIN_PASS_TOKENS, (b, real, cells)
         padded = lambda p: sum(len(b) * max(lengths[i] for i in b) for b in p.batches)  # noqa: E731
         assert padded(plan) < 0.6 * padded(one_pass)
+    finally:
+        job.close()
+
+
+def test_planner_caps_a_pass_at_max_tokens_for_speed(model_dir):
+    from lift_engine.batch.planner import MAX_PASS_TOKENS
+
+    base = load_base_model(str(model_dir))
+    job = BatchTuneJob(base, tiny_config("lora"), "/nonexistent-unused", max_active=2)
+    try:
+        lengths = [200] * 64 + [MAX_PASS_TOKENS + 50]  # one sample longer than the cap still gets a pass
+        plan = job.planner.plan(lengths, max_padding=None)
+        assert sorted(i for b in plan.batches for i in b) == list(range(len(lengths)))
+        assert [len(b) for b in plan.batches] == [1, 40, 24]
+        assert all(len(b) * max(lengths[i] for i in b) <= MAX_PASS_TOKENS for b in plan.batches[1:])
+        assert len(job.planner.plan(lengths, max_padding=None, max_tokens=None).batches) == 1
     finally:
         job.close()
 
