@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from helpers_models import make_tiny_model
 from kernel_tolerances import assert_close
-from lift_engine import ops
 from lift_engine.ops import dispatch, reference
 from lift_engine.ops._native import status as native_status
 from lift_engine.precision import TRAINING_ATTENTION, training_attention
