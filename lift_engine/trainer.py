@@ -31,8 +31,8 @@ from lift_engine.samples import IGNORE_INDEX, DocumentSamples, Sample, SampleRef
 # fp32, i.e. about 6·135e6·194 ≈ 1.6e11 FLOP/s. Other jobs on the cores slow it 2–10×.
 ASSUMED_TRAIN_FLOPS = 1.6e11
 # train.compute_dtype = "bfloat16" (precision.py) on the same machine: the same demo plan
-# tuned in 255 s instead of 342 s.
-ASSUMED_SPEEDUP = {"float32": 1.0, "bfloat16": 342 / 255}
+# tuned in 101 s instead of 336 s (with the bf16 AMX attention kernel and fused RoPE).
+ASSUMED_SPEEDUP = {"float32": 1.0, "bfloat16": 336 / 101}
 
 
 @dataclass
