@@ -103,20 +103,21 @@ def _sdpa_in_fp32(module, query, key, value, attention_mask, **kwargs):
 
 def _lift_attention_call(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                          **kwargs):
-    """HF's sdpa semantics as (q, k, v, mask [B, Lq, Lk] or None, causal) for `ops.attention`,
-    or None when the call needs something the op does not do (dropout, a float or per-head
-    mask, sliding windows, soft-capping, attention weights)."""
+    """HF's sdpa semantics as the arguments of `ops.attention` — (q, k, v, mask [B, Lq, Lk]
+    or None, causal, scale) — or None when the call needs something the op does not do
+    (dropout, a float or per-head mask, sliding windows, soft-capping, attention weights)."""
     if dropout or kwargs.get("output_attentions") or any(kwargs.get(name) is not None for name in _SDPA_ONLY_KWARGS):
         return None
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q_len, kv_len = query.shape[2], key.shape[2]
     if attention_mask is None:
         causal = q_len > 1 and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
         if causal and kv_len > q_len:  # sdpa's top-left causal alignment: HF crops the keys (empty static cache)
             key, value = key[:, :, :q_len], value[:, :, :q_len]
-        return query, key, value, None, bool(causal)
+        return query, key, value, None, bool(causal), scale
     if attention_mask.dtype != torch.bool or attention_mask.dim() != 4 or attention_mask.shape[1] != 1:
         return None
-    return query, key, value, attention_mask[:, 0], False
+    return query, key, value, attention_mask[:, 0], False, scale
 
 
 def _training_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
@@ -128,9 +129,7 @@ def _training_attention(module, query, key, value, attention_mask, dropout=0.0, 
 
     call = _lift_attention_call(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     if call is not None and ops.resolve("attention", query.device)[0] != "reference":
-        q, k, v, mask, causal = call
-        scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-        return ops.attention(q, k, v, mask, causal, scale).transpose(1, 2).contiguous(), None
+        return ops.attention(*call).transpose(1, 2).contiguous(), None
     return _sdpa_in_fp32(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                          is_causal=is_causal, **kwargs)
 

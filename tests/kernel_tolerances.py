@@ -58,3 +58,20 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
             f"worst at flat index {worst}: got {float(actual.flatten()[worst]):.6g}, "
             f"expected {float(expected.flatten()[worst]):.6g}"
         )
+
+
+def check_kernel(kernel, ref_fn, inputs, dtype: torch.dtype, names) -> None:
+    """kernel(*inputs) against ref_fn run in fp32 on the same (exactly upcast) values:
+    output dtype, shape (that of inputs[0]) and values, and each input's gradient
+    (`names` label them) for a random output gradient."""
+    y = kernel(*inputs)
+    assert y.dtype == dtype and y.shape == inputs[0].shape
+    dy = torch.randn(y.shape).to(dtype)
+    y.backward(dy)
+    leaves = [t.detach().float().requires_grad_() for t in inputs]
+    ref = ref_fn(*leaves)
+    ref.backward(dy.float())
+    assert_close(y, ref, dtype, name="y")
+    if y.numel():
+        for name, got, want in zip(names, inputs, leaves):
+            assert_close(got.grad, want.grad, dtype, "grad", name=name)

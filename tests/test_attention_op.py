@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers_models import make_tiny_model
-from kernel_tolerances import assert_close
+from kernel_tolerances import assert_close, check_kernel
 from lift_engine.ops import dispatch, reference
 from lift_engine.ops._native import status as native_status
 from lift_engine.precision import TRAINING_ATTENTION, training_attention
@@ -86,16 +86,10 @@ def test_reference_rejects_shapes_that_do_not_fit(bad):
 
 # ------------------------------------------------------------------ the C++ kernel
 def _check_against_reference(q, k, v, mask, causal, scale):
-    out = cpu_backend.attention(q, k, v, mask, causal, scale)
-    assert out.dtype == torch.bfloat16 and out.shape == q.shape
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
-    out.backward(dout)
-    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    expected = reference.attention(*leaves, mask, causal, scale)
-    expected.backward(dout.float())
-    assert_close(out, expected, torch.bfloat16, name="out")
-    for name, got, ref in zip("qkv", (q, k, v), leaves):
-        assert_close(got.grad, ref.grad, torch.bfloat16, kind="grad", name=f"d{name}")
+    torch.manual_seed(9)  # the output gradient
+    check_kernel(lambda *qkv: cpu_backend.attention(*qkv, mask, causal, scale),
+                 lambda *qkv: reference.attention(*qkv, mask, causal, scale), [q, k, v], torch.bfloat16,
+                 ["dq", "dk", "dv"])
 
 
 @needs_kernel

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_tolerances import assert_close
+from kernel_tolerances import assert_close, check_kernel
 from lift_engine import ops
 from lift_engine.ops import dispatch, reference
 from lift_engine.ops._native import status as native_status
@@ -25,22 +25,6 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 def _leaf(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).detach().requires_grad_()
-
-
-def _check_kernel(kernel, ref_fn, inputs, dtype, names):
-    """kernel(*inputs) against ref_fn run in fp32 on the same (exactly upcast) values:
-    output dtype, shape and values, and each input's gradient (`names` label them)."""
-    y = kernel(*inputs)
-    assert y.dtype == dtype and y.shape == inputs[0].shape
-    dy = torch.randn(y.shape).to(dtype)
-    y.backward(dy)
-    leaves = [t.detach().float().requires_grad_() for t in inputs]
-    ref = ref_fn(*leaves)
-    ref.backward(dy.float())
-    assert_close(y, ref, dtype, name="y")
-    if y.numel():
-        for name, got, want in zip(names, inputs, leaves):
-            assert_close(got.grad, want.grad, dtype, "grad", name=name)
 
 
 # ------------------------------------------------------------------ references
@@ -77,7 +61,7 @@ def test_rms_norm_kernel_matches_reference(dtype, shape):
     torch.manual_seed(1)
     x = _leaf(torch.randn(shape) * 3, dtype)
     w = _leaf(1 + 0.2 * torch.randn(shape[-1]), dtype)
-    _check_kernel(lambda a, b: cpu_backend.rms_norm(a, b, 1e-5), lambda a, b: reference.rms_norm(a, b, 1e-5),
+    check_kernel(lambda a, b: cpu_backend.rms_norm(a, b, 1e-5), lambda a, b: reference.rms_norm(a, b, 1e-5),
                   (x, w), dtype, ("dx", "dw"))
 
 
@@ -88,7 +72,7 @@ def test_swiglu_kernel_matches_reference(dtype, shape):
     torch.manual_seed(2)
     g = _leaf(torch.randn(shape) * 4, dtype)
     u = _leaf(torch.randn(shape), dtype)
-    _check_kernel(cpu_backend.swiglu, reference.swiglu, (g, u), dtype, ("dgate", "dup"))
+    check_kernel(cpu_backend.swiglu, reference.swiglu, (g, u), dtype, ("dgate", "dup"))
 
 
 @needs_kernels
@@ -171,7 +155,7 @@ def test_rotary_kernel_matches_reference(dtype, B, H, L, D, table_batch):
     cos, sin = _rope_tables(table_batch, L, D, dtype, seed=L)
     x = _leaf(torch.randn(B, L, H, D).transpose(1, 2), dtype)  # HF's transposed [B, H, L, D] view
     assert not x.is_contiguous() or H == 1 or L == 1
-    _check_kernel(lambda t: cpu_backend.rotary(t, cos, sin), lambda t: reference.rotary(t, cos.float(), sin.float()),
+    check_kernel(lambda t: cpu_backend.rotary(t, cos, sin), lambda t: reference.rotary(t, cos.float(), sin.float()),
                   [x], dtype, ["x"])
 
 
@@ -181,7 +165,7 @@ def test_rotary_kernel_backward_uses_each_half_of_the_tables():
     torch.manual_seed(3)
     cos, sin = torch.randn(2, 7, 8), torch.randn(2, 7, 8)
     x = _leaf(torch.randn(2, 3, 7, 8), torch.float32)
-    _check_kernel(lambda t: cpu_backend.rotary(t, cos, sin), lambda t: reference.rotary(t, cos, sin),
+    check_kernel(lambda t: cpu_backend.rotary(t, cos, sin), lambda t: reference.rotary(t, cos, sin),
                   [x], torch.float32, ["x"])
 
 

@@ -227,12 +227,16 @@ float dot_row(const Bf16* a, const Bf16* b, int64_t n) {
 
 // One KV head's keys/values packed for the GEMMs of a task.
 struct PackedHead {
-  int64_t Lk_pad, D;
   std::vector<Bf16> kt;   // Kᵀ [D, Lk_pad] packed: S = Q · Kᵀ
   std::vector<Bf16> vt;   // Vᵀ [D, Lk_pad] packed: dP = dO · Vᵀ (backward)
   std::vector<Bf16> v;    // V [Lk_pad, D] packed: O = P · V
   std::vector<Bf16> k;    // K [Lk_pad, D] packed: dQ = dS · K (backward)
 };
+
+// Rows of head h of batch b in a [B, H, L, D] tensor.
+Rows head_rows(const Bf16* base, const HeadStrides& st, int64_t b, int64_t h) {
+  return {base + b * st.b + h * st.h, st.l};
+}
 
 void pack_transposed(Rows src, int64_t Lk, int64_t Lk_pad, int64_t D, std::vector<Bf16>& out) {
   std::vector<Bf16> t(D * Lk_pad);
@@ -262,20 +266,20 @@ void attention_fwd(const AttentionArgs& a, Bf16* out, float* lse, int nthreads) 
   const KeyRule rule{a.mask, a.mask_sb, a.mask_sq, a.causal, s.Lq, s.Lk};
   run_tasks(s.B * s.Hkv, nthreads, [&](int64_t task, int) {
     const int64_t b = task / s.Hkv, hk = task % s.Hkv;
-    PackedHead head{Lk_pad, D, {}, {}, {}, {}};
-    pack_transposed({a.k + b * a.k_st.b + hk * a.k_st.h, a.k_st.l}, s.Lk, Lk_pad, D, head.kt);
-    pack_rows({a.v + b * a.v_st.b + hk * a.v_st.h, a.v_st.l}, s.Lk, Lk_pad, D, head.v);
+    PackedHead head;
+    pack_transposed(head_rows(a.k, a.k_st, b, hk), s.Lk, Lk_pad, D, head.kt);
+    pack_rows(head_rows(a.v, a.v_st, b, hk), s.Lk, Lk_pad, D, head.v);
     std::vector<float> scores(kQBlock * Lk_pad), o(kQBlock * D);
     float inv_sum[kQBlock];
     std::vector<Bf16> p(kQBlock * Lk_pad);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hk * G + g;
-      const Bf16* q = a.q + b * a.q_st.b + h * a.q_st.h;
+      const Rows q = head_rows(a.q, a.q_st, b, h);
       Bf16* o_head = out + (b * s.Hq + h) * s.Lq * D;
       float* lse_head = lse + (b * s.Hq + h) * s.Lq;
       for (int64_t i0 = 0; i0 < s.Lq; i0 += kQBlock) {
         const int64_t rows = std::min(kQBlock, s.Lq - i0), nk = rule.keys_for(i0 + rows);
-        gemm(rows, nk, D, q + i0 * a.q_st.l, a.q_st.l, head.kt.data(), D, Lk_pad, scores.data(), nk, false);
+        gemm(rows, nk, D, q.p + i0 * q.ld, q.ld, head.kt.data(), D, Lk_pad, scores.data(), nk, false);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = i0 + r;
           lse_head[i] = softmax_row(scores.data() + r * nk, nk, rule.limit(i), rule.row(b, i), a.scale,
@@ -296,9 +300,8 @@ void attention_bwd(const AttentionArgs& a, const Bf16* out, const Bf16* dout, co
   const KeyRule rule{a.mask, a.mask_sb, a.mask_sq, a.causal, s.Lq, s.Lk};
   run_tasks(s.B * s.Hkv, nthreads, [&](int64_t task, int) {
     const int64_t b = task / s.Hkv, hk = task % s.Hkv;
-    const Rows k_rows{a.k + b * a.k_st.b + hk * a.k_st.h, a.k_st.l};
-    const Rows v_rows{a.v + b * a.v_st.b + hk * a.v_st.h, a.v_st.l};
-    PackedHead head{Lk_pad, D, {}, {}, {}, {}};
+    const Rows k_rows = head_rows(a.k, a.k_st, b, hk), v_rows = head_rows(a.v, a.v_st, b, hk);
+    PackedHead head;
     pack_transposed(k_rows, s.Lk, Lk_pad, D, head.kt);
     pack_transposed(v_rows, s.Lk, Lk_pad, D, head.vt);
     pack_rows(k_rows, s.Lk, Lk_pad, D, head.k);
@@ -311,7 +314,7 @@ void attention_bwd(const AttentionArgs& a, const Bf16* out, const Bf16* dout, co
         do_t(D * kQBlock), q_t(D * kQBlock);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hk * G + g;
-      const Bf16* q = a.q + b * a.q_st.b + h * a.q_st.h;
+      const Rows q = head_rows(a.q, a.q_st, b, h);
       const Bf16* o_head = out + (b * s.Hq + h) * s.Lq * D;
       const Bf16* do_head = dout + (b * s.Hq + h) * s.Lq * D;
       Bf16* dq_head = dq + (b * s.Hq + h) * s.Lq * D;
@@ -319,10 +322,10 @@ void attention_bwd(const AttentionArgs& a, const Bf16* out, const Bf16* dout, co
       for (int64_t i0 = 0; i0 < s.Lq; i0 += kQBlock) {
         const int64_t rows = std::min(kQBlock, s.Lq - i0), rows_pad = round_up(rows, 2);
         const int64_t nk = rule.keys_for(i0 + rows);
-        const Bf16* q_blk = q + i0 * a.q_st.l;
+        const Bf16* q_blk = q.p + i0 * q.ld;
         const Bf16* do_blk = do_head + i0 * D;
         // P from the saved log Σ exp, and dP = dO · Vᵀ
-        gemm(rows, nk, D, q_blk, a.q_st.l, head.kt.data(), D, Lk_pad, p.data(), nk, false);
+        gemm(rows, nk, D, q_blk, q.ld, head.kt.data(), D, Lk_pad, p.data(), nk, false);
         gemm(rows, nk, D, do_blk, D, head.vt.data(), D, Lk_pad, dp.data(), nk, false);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = i0 + r;
@@ -337,7 +340,7 @@ void attention_bwd(const AttentionArgs& a, const Bf16* out, const Bf16* dout, co
         std::fill(p_bf.begin() + rows * nk, p_bf.begin() + rows_pad * nk, Bf16{0});
         std::fill(ds_bf.begin() + rows * nk, ds_bf.begin() + rows_pad * nk, Bf16{0});
         transpose_bf16(do_blk, D, rows, D, rows_pad, do_t.data());
-        transpose_bf16(q_blk, a.q_st.l, rows, D, rows_pad, q_t.data());
+        transpose_bf16(q_blk, q.ld, rows, D, rows_pad, q_t.data());
         pack_b(p_bf.data(), nk, rows_pad, nk, packed.data());
         gemm(D, nk, rows_pad, do_t.data(), rows_pad, packed.data(), rows_pad, nk, dvt_acc.data(), Lk_pad, true);
         pack_b(ds_bf.data(), nk, rows_pad, nk, packed.data());

@@ -326,17 +326,21 @@ Tensor cross_entropy_with_grad_(Tensor& z, const Tensor& targets_) {
   return loss;
 }
 
+// ---- tensors of heads [B, H, L, D], any (b, h, l) strides: the kernels need D contiguous ----
+Tensor heads_view(const Tensor& t) { return t.stride(3) == 1 ? t.detach() : t.detach().contiguous(); }
+lift_cpu::HeadStrides strides_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
 // rotary(x [B, H, L, D], cos, sin [B or 1, L, D], backward) -> [B, H, L, D] contiguous: RoPE of
 // x (backward: the gradient of x, given the output's gradient as x).
 Tensor rotary(const Tensor& x_, const Tensor& cos_, const Tensor& sin_, bool backward) {
   TORCH_CHECK(x_.dim() == 4, "x must be [B, H, L, D], got ", x_.sizes());
-  const Tensor x = x_.stride(3) == 1 ? x_.detach() : x_.detach().contiguous();
+  const Tensor x = heads_view(x_);
   const int64_t B = x.size(0), H = x.size(1), L = x.size(2), D = x.size(3);
   TORCH_CHECK(D % 2 == 0, "head dim must be even, got ", D);
   TORCH_CHECK(cos_.dim() == 3 && (cos_.size(0) == 1 || cos_.size(0) == B), "cos must be [B or 1, L, D], got ",
               cos_.sizes());
   const Tensor cos = like(cos_, x, "cos", {cos_.size(0), L, D}), sin = like(sin_, x, "sin", cos.sizes());
-  const lift_cpu::RotaryArgs a{B, H, L, D, x.stride(0), x.stride(1), x.stride(2), cos.size(0)};
+  const lift_cpu::RotaryArgs a{B, H, L, D, strides_of(x), cos.size(0)};
   Tensor y = at::empty({B, H, L, D}, x.options());
   by_dtype(x, "x", [&](auto tag) {
     using T = decltype(tag);
@@ -349,9 +353,8 @@ Tensor rotary(const Tensor& x_, const Tensor& cos_, const Tensor& sin_, bool bac
 Tensor bf16_heads(const Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 4, name,
               " must be a bfloat16 CPU tensor [B, H, L, D], got ", t.scalar_type(), " ", t.sizes());
-  return t.stride(3) == 1 ? t.detach() : t.detach().contiguous();
+  return heads_view(t);
 }
-lift_cpu::HeadStrides strides_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
 // Checks q, k, v (and the mask) and fills the kernel's arguments; `keep` holds the views.
 lift_cpu::AttentionArgs attention_args(const Tensor& q_, const Tensor& k_, const Tensor& v_,

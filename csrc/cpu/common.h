@@ -222,12 +222,17 @@ void cross_entropy_with_grad(float* z, int64_t ld, int64_t rows, int64_t V, cons
 void cross_entropy_with_grad(Bf16* z, int64_t ld, int64_t rows, int64_t V, const int64_t* targets,
                              float* loss, int nthreads);
 
-// rotary_cpu.cpp: RoPE over x [B, H, L, D] (element strides x_sb, x_sh, x_sl; D even and
-// contiguous) with cos/sin tables [table_batch (1 or B), L, D]; y [B, H, L, D] contiguous.
+// Element strides of a [B, H, L, D] tensor of heads over (b, h, l); D is contiguous.
+struct HeadStrides {
+  int64_t b, h, l;
+};
+
+// rotary_cpu.cpp: RoPE over x [B, H, L, D] (strides x_st; D even) with cos/sin tables
+// [table_batch (1 or B), L, D]; y [B, H, L, D] contiguous.
 // backward: y = the gradient of x given the output's gradient in x.
 struct RotaryArgs {
   int64_t B, H, L, D;
-  int64_t x_sb, x_sh, x_sl;
+  HeadStrides x_st;
   int64_t table_batch;
 };
 void rotary(const float* x, const RotaryArgs& a, const float* cos, const float* sin, float* y, bool backward,
@@ -241,9 +246,6 @@ void rotary(const Bf16* x, const RotaryArgs& a, const Bf16* cos, const Bf16* sin
 // key j ≤ i + Lk − Lq. Hq a multiple of Hkv, D a multiple of 16.
 struct AttentionShape {
   int64_t B, Hq, Hkv, Lq, Lk, D;
-};
-struct HeadStrides {
-  int64_t b, h, l;
 };
 struct AttentionArgs {
   AttentionShape shape;

@@ -19,7 +19,7 @@ inline void rotary_rows(const T* x, const RotaryArgs& a, const T* cos, const T* 
   const int64_t H = a.H, L = a.L, D = a.D, half = D / 2;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = r / (H * L), h = (r / L) % H, l = r % L;
-    const T* xr = x + b * a.x_sb + h * a.x_sh + l * a.x_sl;
+    const T* xr = x + b * a.x_st.b + h * a.x_st.h + l * a.x_st.l;
     const int64_t t = ((a.table_batch == 1 ? 0 : b) * L + l) * D;
     const T* c = cos + t;
     const T* s = sin + t;

@@ -39,6 +39,7 @@ from lift_engine.ops import reference
 from lift_engine.ops._native import load
 from lift_engine.ops.reference.attention import check_attention
 from lift_engine.ops.reference.lora_linear import check_linear
+from lift_engine.ops.reference.rotary import check_rotary
 
 _C = load("cpu")  # ImportError with the reason when not built
 
@@ -320,9 +321,8 @@ class _Rotary(torch.autograd.Function):
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, H, L, D]; cos, sin: [B or 1, L, D] → x ⊙ cos + rotate_half(x) ⊙ sin, [B, H, L, D]
     contiguous (one C++ pass each way; no gradient for the tables)."""
-    if (x.dim() != 4 or x.numel() == 0 or x.shape[-1] % 2 or cos.dim() != 3 or cos.shape != sin.shape
-            or cos.shape[1:] != x.shape[2:] or cos.shape[0] not in (1, x.shape[0])
-            or cos.dtype != x.dtype or sin.dtype != x.dtype or cos.requires_grad or sin.requires_grad
+    check_rotary(x, cos, sin)
+    if (x.numel() == 0 or cos.dtype != x.dtype or sin.dtype != x.dtype or cos.requires_grad or sin.requires_grad
             or not _use_fused(x, cos, sin)):
         return reference.rotary(x, cos, sin)
     return _Rotary.apply(x, cos, sin)
@@ -348,9 +348,9 @@ _ATTENTION_AVAILABLE = bool(_C.attention_available())
 
 
 def _use_attention_kernel(q, k, v, mask) -> bool:
-    return (_cpu_tensors_of((torch.bfloat16,), q, k, v) and q.dim() == 4
-            and q.shape[-1] % 16 == 0 and q.shape[2] > 0 and k.dim() == 4 and k.shape[2] > 0
-            and (mask is None or mask.device.type == "cpu"))
+    """Inputs that passed check_attention and that the kernel takes."""
+    return (_cpu_tensors_of((torch.bfloat16,), q, k, v) and q.shape[-1] % 16 == 0 and q.shape[2] > 0
+            and k.shape[2] > 0 and (mask is None or mask.device.type == "cpu"))
 
 
 class _Attention(torch.autograd.Function):
@@ -371,9 +371,9 @@ class _Attention(torch.autograd.Function):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, causal: bool, scale: float) -> torch.Tensor:
     """q: [B, Hq, Lq, D]; k, v: [B, Hkv, Lk, D]; mask: bool [B or 1, Lq, Lk] or None → [B, Hq, Lq, D]
     (the C++ AMX kernel for bf16, else the reference)."""
+    check_attention(q, k, v, mask)
     if not _use_attention_kernel(q, k, v, mask):
         return reference.attention(q, k, v, mask, causal, scale)
-    check_attention(q, k, v, mask)
     return _Attention.apply(q, k, v, mask, bool(causal), float(scale))
 
 
