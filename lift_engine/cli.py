@@ -38,16 +38,22 @@ def _add_config(p: argparse.ArgumentParser) -> None:
                         "this AMX CPU (bench/README.md); not yet run on a GPU")
 
 
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, metavar="DEV",
+                   help="where the base model, adapters and optimizer live while tuning: cpu (default), cuda or cuda:N")
+
+
 def _add_batch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-active", type=int, default=16, metavar="N",
                    help="batched jobs: documents trained at once (adapter bank size; default 16)")
     p.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
                    help="batched jobs: memory for a training step (default: 80%% of what is free)")
-    p.add_argument("--prefix-sharing", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--prefix-sharing", action=argparse.BooleanOptionalAction, default=None,
                    help="batched jobs: one context split per document per step, computed once and shared by its "
-                        "samples (default: on; 1.2-1.4x faster in fp32 in bench/bench_tune.py, but slower than "
-                        "without it at 16 documents with --compute-dtype bfloat16; --no-prefix-sharing gives "
-                        "each sample its own split, exactly what one-by-one `lift tune` trains on)")
+                        "samples (default: on for --device cpu, where it saves compute: 1.2-1.4x faster in "
+                        "bench/bench_tune.py; off on a GPU, where this model's steps are bound by launches and "
+                        "the extra prefix pass made a 16-document bf16 job 1.6x slower); --no-prefix-sharing "
+                        "gives each sample its own split, exactly what one-by-one `lift tune` trains on)")
 
 
 def _config(args) -> LiftConfig:
@@ -86,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batch_options(tune)
     _add_config(tune)
     _add_model(tune)
+    _add_device(tune)
 
     service = sub.add_parser("tune-service", help="tune documents dropped into a queue directory",
                              description="Watch QUEUE/incoming for .txt/.md documents and tune them in one running batched job; adapters appear in QUEUE/adapters/<name>/, progress in QUEUE/status.json.")
@@ -95,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batch_options(service)
     _add_config(service)
     _add_model(service)
+    _add_device(service)
 
     ask = sub.add_parser("ask", help="answer a question with a tuned adapter", description="Answer QUESTION with the adapter in ADAPTER_DIR, optionally with the document truncated to the window in the prompt.")
     ask.add_argument("adapter_dir", metavar="ADAPTER_DIR")
@@ -126,10 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_base(spec):
+def _load_base(spec, device=None):
     from lift_engine.models.loading import load_base_model
 
-    return load_base_model(spec)
+    return load_base_model(spec, device=device)
 
 
 def _is_batched(documents: list[str]) -> bool:
@@ -149,7 +157,7 @@ def cmd_tune(args) -> int:
     cfg = _config(args)
     store = _store_target(args)
     text = read_document(args.document)
-    base = _load_base(args.model)
+    base = _load_base(args.model, args.device)
     outcome = tune_document(base, text, Path(args.output), cfg, source=str(args.document))
     report = outcome.report
     note = f" (resumed at step {report.resumed_from})" if report.resumed_from else ""
@@ -179,7 +187,12 @@ def _batch_kwargs(args) -> dict:
         raise InputError(f"--max-active must be at least 1, got {args.max_active}")
     if args.memory_budget is not None and args.memory_budget <= 0:
         raise InputError(f"--memory-budget must be positive, got {args.memory_budget}")
-    return {"max_active": args.max_active, "prefix_sharing": args.prefix_sharing,
+    prefix = args.prefix_sharing
+    if prefix is None:
+        from lift_engine.models.loading import resolve_device
+
+        prefix = resolve_device(getattr(args, "device", None)).type == "cpu"
+    return {"max_active": args.max_active, "prefix_sharing": prefix,
             "memory_budget": None if args.memory_budget is None else int(args.memory_budget * 2**30)}
 
 
@@ -193,7 +206,7 @@ def _cmd_tune_batched(args) -> int:
     docs = collect_documents(args.document)
     kwargs = _batch_kwargs(args)
     kwargs["max_active"] = min(kwargs["max_active"], len(docs))
-    base = _load_base(args.model)
+    base = _load_base(args.model, args.device)
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     job = BatchTuneJob(base, cfg, Path(args.output), checkpoint_every=args.checkpoint_every or 1, log=log, **kwargs)
     try:
@@ -219,7 +232,7 @@ def cmd_tune_service(args) -> int:
     from lift_engine.batch.queue import QueueService
 
     cfg = _config(args)
-    base = _load_base(args.model)
+    base = _load_base(args.model, args.device)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     service = QueueService.for_queue(base, cfg, args.queue, log=log, **_batch_kwargs(args))
     log(f"lift: watching {Path(args.queue) / 'incoming'}; adapters go to {QueueService.adapters_dir(args.queue)}")

@@ -166,9 +166,10 @@ def training_precision(model: nn.Module, dtype: torch.dtype, cache: dict | None 
     """What tuning in `dtype` means (the one entry point for the trainers): the frozen base
     cast to it (`frozen_base_in`, with the caller's cache); for low precision on CPU, sdpa
     attention replaced by `training_attention` (the bf16 AMX kernel, else fp32 sdpa); and
-    in every dtype the model's norms, SwiGLU MLPs and RoPE on the fused ops
-    (models/fused_blocks.py; exact to rounding)."""
+    on CPU, in every dtype, the model's norms, SwiGLU MLPs and RoPE on the fused ops
+    (models/fused_blocks.py; exact to rounding). On a GPU those ops have no fused kernel
+    (only their pure-PyTorch reference), so the model's own modules and sdpa run."""
     on_cpu = next(model.parameters()).device.type == "cpu"
     with frozen_base_in(model, dtype, cache), training_attention(model, dtype != torch.float32 and on_cpu), \
-            fused_blocks(model):
+            fused_blocks(model, enabled=on_cpu):
         yield

@@ -45,8 +45,11 @@ class TuneReport:
     losses: list[float] = field(default_factory=list)
 
 
-def collate(samples: list[Sample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad samples. Returns input_ids [B, S], attention_mask [B, S], labels [B, S], doc [B]."""
+def collate(
+    samples: list[Sample], pad_id: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad samples. Returns input_ids [B, S], attention_mask [B, S], labels [B, S], doc [B],
+    built on the CPU and moved to `device` (the model's; None: stay on the CPU)."""
     length = max(len(s.input_ids) for s in samples)
     ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
@@ -57,7 +60,14 @@ def collate(samples: list[Sample], pad_id: int) -> tuple[torch.Tensor, torch.Ten
         labels[row, :n] = torch.tensor(sample.labels)
         mask[row, :n] = 1
     docs = torch.tensor([s.doc for s in samples], dtype=torch.long)
+    if device is not None and torch.device(device).type != "cpu":
+        ids, mask, labels, docs = (t.to(device, non_blocking=True) for t in (ids, mask, labels, docs))
     return ids, mask, labels, docs
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's parameters: where a step's batch tensors go."""
+    return next(model.parameters()).device
 
 
 def training_attention_mask(mask: torch.Tensor) -> None:
@@ -90,8 +100,8 @@ def per_document_loss(
     rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
     token_loss = chunked_token_loss(hidden[rows, cols], model.get_output_embeddings(), targets[rows, cols])
     token_docs = docs[rows]
-    sums = torch.zeros(num_docs, dtype=token_loss.dtype).index_add(0, token_docs, token_loss)
-    counts = torch.zeros(num_docs, dtype=token_loss.dtype).index_add(0, token_docs, torch.ones_like(token_loss))
+    sums = token_loss.new_zeros(num_docs).index_add(0, token_docs, token_loss)
+    counts = token_loss.new_zeros(num_docs).index_add(0, token_docs, torch.ones_like(token_loss))
     return sums / counts.clamp(min=1)
 
 
@@ -133,7 +143,7 @@ class DocumentTuner:
 
     def train_step(self, optimizer: torch.optim.Optimizer, samples: list[Sample]) -> torch.Tensor:
         """One optimizer step over a batch; returns the per-document losses [N]."""
-        ids, mask, labels, docs = collate(samples, self.pad_id)
+        ids, mask, labels, docs = collate(samples, self.pad_id, model_device(self.model))
         self.handle.set_indices(docs)
         losses = per_document_loss(self.model, ids, mask, labels, docs, self.handle.num_adapters)
         optimizer.zero_grad(set_to_none=True)

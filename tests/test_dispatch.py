@@ -38,13 +38,13 @@ def _fake_backend(monkeypatch, name, module=None, error=None):
     dispatch._loaded[name] = error if error is not None else module
 
 
-def lora_inputs(dtype=torch.float32, tokens=21, n=3, r=4, d_in=16, d_out=12, seed=0):
+def lora_inputs(dtype=torch.float32, tokens=21, n=3, r=4, d_in=16, d_out=12, seed=0, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, d_in, generator=g, dtype=torch.float64).to(DEVICE, dtype)
-    a = (torch.randn(n, r, d_in, generator=g, dtype=torch.float64) / 4).to(DEVICE, dtype)
-    b = (torch.randn(n, d_out, r, generator=g, dtype=torch.float64) / 2).to(DEVICE, dtype)
-    s = (torch.rand(n, generator=g, dtype=torch.float64) + 0.5).to(DEVICE, dtype)
-    idx = torch.randint(-1, n, (tokens,), generator=g).to(DEVICE)
+    x = torch.randn(tokens, d_in, generator=g, dtype=torch.float64).to(device, dtype)
+    a = (torch.randn(n, r, d_in, generator=g, dtype=torch.float64) / 4).to(device, dtype)
+    b = (torch.randn(n, d_out, r, generator=g, dtype=torch.float64) / 2).to(device, dtype)
+    s = (torch.rand(n, generator=g, dtype=torch.float64) + 0.5).to(device, dtype)
+    idx = torch.randint(-1, n, (tokens,), generator=g).to(device)
     return x, a, b, s, idx
 
 
@@ -105,7 +105,7 @@ def test_forced_backend_that_cannot_run_on_the_device_raises(fresh_dispatch, mon
 def test_automatic_fallback_warns_once_per_op(fresh_dispatch, monkeypatch):
     _fake_backend(monkeypatch, "cpu", error=ImportError("not built"))
     monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ("cpu", "reference"))
-    x, a, b, s, idx = lora_inputs()
+    x, a, b, s, idx = lora_inputs(device="cpu")  # the CPU's automatic order, also on a GPU machine
     with pytest.warns(RuntimeWarning, match="cpu backend unavailable"):
         first = ops.lora_linear_delta(x, a, b, s, idx)
     with warnings.catch_warnings():
@@ -337,11 +337,11 @@ def test_interpreter_setup_survives_triton_imported_first():
 
 
 # ------------------------------------------------ lora_linear: frozen linear + LoRA in one op
-def linear_inputs(dtype=torch.float32, tokens=23, n=3, r=4, d_in=17, d_out=13, bias=True, seed=0):
-    x, a, b, s, idx = lora_inputs(dtype, tokens, n, r, d_in, d_out, seed)
+def linear_inputs(dtype=torch.float32, tokens=23, n=3, r=4, d_in=17, d_out=13, bias=True, seed=0, device=DEVICE):
+    x, a, b, s, idx = lora_inputs(dtype, tokens, n, r, d_in, d_out, seed, device)
     g = torch.Generator().manual_seed(seed + 100)
-    w = (torch.randn(d_out, d_in, generator=g, dtype=torch.float64) / 4).to(DEVICE, dtype)
-    bias_t = torch.randn(d_out, generator=g, dtype=torch.float64).to(DEVICE, dtype) if bias else None
+    w = (torch.randn(d_out, d_in, generator=g, dtype=torch.float64) / 4).to(device, dtype)
+    bias_t = torch.randn(d_out, generator=g, dtype=torch.float64).to(device, dtype) if bias else None
     return x, w, bias_t, a, b, s, idx
 
 
@@ -380,7 +380,7 @@ def test_lora_linear_takes_leading_dims(fresh_dispatch, monkeypatch, backend):
 def test_lora_linear_reference_and_cpu_backends_agree(fresh_dispatch, monkeypatch):
     """LIFT_BACKEND=reference and =cpu give the same lora_linear (and each is exactly its own
     base linear + lora_linear_delta, the two calls an unfused layer makes)."""
-    x, w, bias_t, a, b, s, idx = linear_inputs(tokens=150)  # > one C++ block
+    x, w, bias_t, a, b, s, idx = linear_inputs(tokens=150, device="cpu")  # > one C++ block; CPU tensors, also on a GPU machine
     results = {}
     for backend in ("reference", "cpu"):
         monkeypatch.setenv("LIFT_BACKEND", backend)

@@ -46,7 +46,7 @@ from lift_engine.fsutil import atomic_write_json
 from lift_engine.precision import compute_dtype, training_precision
 from lift_engine.prompts import PromptBuilder
 from lift_engine.samples import IGNORE_INDEX, DocumentSamples, Sample, SampleRef
-from lift_engine.trainer import clip_per_slot, collate, training_attention_mask
+from lift_engine.trainer import clip_per_slot, collate, model_device, training_attention_mask
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 STATUS_FILE = ".lift-batch-status.json"
@@ -352,14 +352,15 @@ class BatchTuneJob:
         counts = torch.zeros(n, dtype=torch.float64)
         for s in samples:
             counts[s.doc] += sum(1 for lab in s.labels[1:] if lab != IGNORE_INDEX)
-        denom = counts.clamp(min=1).to(torch.float32)
+        device = model_device(self.model)
+        denom = counts.clamp(min=1).to(device, torch.float32)
         # prefix sharing computes a document's context once per pass: keep its samples together
         plan = self.planner.plan([len(s.input_ids) for s in samples],
                                  max_padding=None if self.prefix_sharing else MAX_PADDING,
-                                 max_tokens=None if self.prefix_sharing else MAX_PASS_TOKENS)
+                                 max_tokens=None if self.prefix_sharing or device.type != "cpu" else MAX_PASS_TOKENS)
         self._set_checkpointing(plan.gradient_checkpointing)
         self.model.train()
-        loss_sums = torch.zeros(n, dtype=torch.float32)
+        loss_sums = torch.zeros(n, dtype=torch.float32, device=device)
         doc_tokens: dict[int, int] = {}
         try:
             with training_precision(self.model, self.compute_dtype, self._cast_cache):
@@ -369,7 +370,7 @@ class BatchTuneJob:
         finally:
             self.handle.set_indices(None)
             self.model.eval()
-        return {"losses": loss_sums / denom, "tokens": tokens, "loss_tokens": int(counts.sum()),
+        return {"losses": (loss_sums / denom).cpu(), "tokens": tokens, "loss_tokens": int(counts.sum()),
                 "passes": len(plan.batches), "checkpointing": plan.gradient_checkpointing, "doc_tokens": doc_tokens}
 
     def _passes(self, plan, samples: list[Sample], denom: torch.Tensor, loss_sums: torch.Tensor) -> int:
@@ -387,7 +388,7 @@ class BatchTuneJob:
             else:
                 token_loss, token_docs, used = plain_token_loss(self.model, self.handle, mb, self.pad_id, self.logits_chunk)
             tokens += used
-            sums = torch.zeros(n, dtype=torch.float32).index_add(0, token_docs, token_loss)
+            sums = token_loss.new_zeros(n).index_add(0, token_docs, token_loss)
             (sums / denom).sum().backward()
             loss_sums += sums.detach()
         return tokens
@@ -430,7 +431,7 @@ def plain_token_loss(model, handle, samples: list[Sample], pad_id: int, chunk: i
 
     Returns (token_loss [T] float32, token_docs [T] slot of each, padded tokens used).
     """
-    ids, mask, labels, docs = collate(samples, pad_id)
+    ids, mask, labels, docs = collate(samples, pad_id, model_device(model))
     handle.set_indices(docs)
     hidden = model.get_decoder()(input_ids=ids, attention_mask=training_attention_mask(mask)).last_hidden_state
     rows, cols, targets = loss_positions(labels)

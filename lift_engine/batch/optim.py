@@ -46,20 +46,21 @@ class SlotAdamW:
         beta1, beta2 = self.betas
         for s in slots:
             self.steps[s] += 1
-        idx = torch.tensor(slots, dtype=torch.long)
+        device = self.params[0].device
+        idx = torch.tensor(slots, dtype=torch.long, device=device)
         # Bias corrections in float64 Python arithmetic, as torch computes them.
         bc1 = [1 - beta1 ** self.steps[s] for s in slots]
         bc2_sqrt = [(1 - beta2 ** self.steps[s]) ** 0.5 for s in slots]
         for p, m_all, v_all in zip(self.params, self.exp_avg, self.exp_avg_sq):
             if p.grad is None:
-                grad = torch.zeros((len(slots),) + tuple(p.shape[1:]), dtype=p.dtype)
+                grad = p.new_zeros((len(slots),) + tuple(p.shape[1:]))
             elif len(slots) == self.num_slots:
                 grad = p.grad
             else:
                 grad = p.grad.index_select(0, idx)
             shape = (len(slots),) + (1,) * (p.dim() - 1)
-            step_size = torch.tensor([self.lr / b for b in bc1], dtype=p.dtype).view(shape)
-            bc2 = torch.tensor(bc2_sqrt, dtype=p.dtype).view(shape)
+            step_size = torch.tensor([self.lr / b for b in bc1], dtype=p.dtype, device=p.device).view(shape)
+            bc2 = torch.tensor(bc2_sqrt, dtype=p.dtype, device=p.device).view(shape)
             every = len(slots) == self.num_slots  # the common case: update in place, no gather/scatter
             param = p.data if every else p.data.index_select(0, idx)
             m = m_all if every else m_all.index_select(0, idx)
@@ -86,8 +87,8 @@ class SlotAdamW:
     def slot_state(self, n: int) -> dict:
         return {
             "step": self.steps[n],
-            "exp_avg": [m[n].detach().clone() for m in self.exp_avg],
-            "exp_avg_sq": [v[n].detach().clone() for v in self.exp_avg_sq],
+            "exp_avg": [m[n].detach().to("cpu", copy=True) for m in self.exp_avg],
+            "exp_avg_sq": [v[n].detach().to("cpu", copy=True) for v in self.exp_avg_sq],
         }
 
     @torch.no_grad()

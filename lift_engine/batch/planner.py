@@ -137,7 +137,7 @@ class MemoryPlanner:
         self.model.train()
         lengths = (32, 64, 128)
         try:
-            with self.handle.use(torch.zeros(2, dtype=torch.long)), \
+            with self.handle.use(torch.zeros(2, dtype=torch.long, device=device)), \
                     training_precision(self.model, self.compute_dtype, self.cast_cache):
                 saved = [measure_saved_bytes(self.model, torch.ones(2, s, dtype=torch.long, device=device)) / 2
                          for s in lengths]

@@ -75,7 +75,7 @@ def prefix_shared_token_loss(model, handle, samples: list[Sample], pad_id: int, 
         p = prefix_len[slot]
         g_ids[row, :p] = torch.tensor(groups[slot][0].input_ids[:p])
         g_mask[row, :p] = 1
-    handle.set_indices(torch.tensor(slots))
+    handle.set_indices(torch.tensor(slots).to(device))
     out = decoder(input_ids=g_ids.to(device), attention_mask=training_attention_mask(g_mask), use_cache=True)
     prefix_cache = out.past_key_values
 
@@ -99,12 +99,12 @@ def prefix_shared_token_loss(model, handle, samples: list[Sample], pad_id: int, 
     cache = DynamicCache()
     for layer_idx, (keys, values) in enumerate(_cache_layers(prefix_cache)):
         cache.update(keys.index_select(0, row_group.to(keys.device)), values.index_select(0, row_group.to(values.device)), layer_idx)
-    docs = torch.tensor([s.doc for s in order])
+    docs = torch.tensor([s.doc for s in order]).to(device)
     handle.set_indices(docs)
     hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                      past_key_values=cache, use_cache=True).last_hidden_state
-    rows, cols, targets = loss_positions(labels)  # looks at labels[:, 1:]: column j+1 ↔ suffix position j
-    token_loss = chunked_token_loss(hidden[rows, cols], model.get_output_embeddings(), targets.to(device), chunk)
+    rows, cols, targets = loss_positions(labels.to(device))  # looks at labels[:, 1:]: column j+1 ↔ suffix position j
+    token_loss = chunked_token_loss(hidden[rows, cols], model.get_output_embeddings(), targets, chunk)
     used = int(g_ids.numel() + ids.numel())
     return token_loss, docs[rows], used
 

