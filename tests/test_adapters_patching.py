@@ -226,6 +226,36 @@ def test_seeded_attach_is_reproducible(kind):
     assert any(not torch.equal(v, unseeded.state_for_slot(0)[k]) for k, v in states[0].items())
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_seeded_reset_reuses_the_seed_values_and_a_new_seed_draws_again(kind):
+    """reset_slot(n, seed) copies the values the last reset with that seed drew (the cache
+    holds copies: training a slot does not change what a later reset gives)."""
+    handle = attach_adapters(make_tiny_model("llama"), kind, _cfg(kind), num_adapters=3, seed=5)
+    start = handle.state_for_slot(0)
+    _perturb(handle)
+    handle.reset_slot(1, seed=5)
+    assert all(torch.equal(v, handle.state_for_slot(1)[k]) for k, v in start.items())
+    handle.reset_slot(2, seed=6)
+    other = attach_adapters(make_tiny_model("llama"), kind, _cfg(kind), num_adapters=1, seed=6).state_for_slot(0)
+    assert all(torch.equal(v, handle.state_for_slot(2)[k]) for k, v in other.items())
+    assert any(not torch.equal(v, other[k]) for k, v in start.items())
+    handle.reset_slot(0, seed=5)  # back to seed 5 after 6: drawn again, the same values
+    assert all(torch.equal(v, handle.state_for_slot(0)[k]) for k, v in start.items())
+
+
+def test_bank_init_draws_every_slot_as_consecutive_resets():
+    linear = nn.Linear(10, 6)
+    torch.manual_seed(3)
+    bank = LoRABankLinear(linear, 4, 3, 2.0, AdapterContext(4))
+    torch.manual_seed(3)
+    by_slot = LoRABankLinear(linear, 4, 3, 2.0, AdapterContext(4), init=False)
+    assert torch.count_nonzero(by_slot.lora_a) == 0
+    for n in range(4):
+        by_slot.reset_slot(n)
+    assert torch.equal(bank.lora_a, by_slot.lora_a) and torch.equal(bank.scaling, by_slot.scaling)
+    assert not torch.equal(bank.lora_a[0], bank.lora_a[1]) and torch.count_nonzero(bank.lora_b) == 0
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v with bias

@@ -67,6 +67,10 @@ class GatedMemoryBank(nn.Module):
         for n in range(num_adapters):
             self.reset_slot(n)
 
+    def slot_tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor with a slot axis first (what reset_slot sets)."""
+        return tuple(getattr(self, name) for name in self.slot_shapes())
+
     def slot_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shape of each parameter for one adapter (no N axis)."""
         h, d, e, s = self.num_heads, self.head_dim, self.hidden, self.gate_dim

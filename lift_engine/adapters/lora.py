@@ -43,7 +43,8 @@ class LoRABankLinear(nn.Module):
     base_layer: the wrapped nn.Linear (kept frozen and reachable as `.base_layer`).
     num_adapters: N; rank: r (the bank's rank; a slot may use fewer rows, zero-padded).
     scaling: initial α/r for every slot. context: where per-token indices come from.
-    dtype: bank dtype (default: the base weight's dtype).
+    dtype: bank dtype (default: the base weight's dtype). init: draw every slot's A from
+    torch's global RNG now (False: all zero, for a caller that resets each slot itself).
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class LoRABankLinear(nn.Module):
         scaling: float,
         context: AdapterContext,
         dtype: torch.dtype | None = None,
+        init: bool = True,
     ) -> None:
         super().__init__()
         if num_adapters < 1 or rank < 1:
@@ -64,12 +66,26 @@ class LoRABankLinear(nn.Module):
         dtype = dtype or weight.dtype
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.num_adapters, self.rank = num_adapters, rank
-        self.lora_a = nn.Parameter(torch.empty(num_adapters, rank, self.in_features, dtype=dtype, device=weight.device))
+        self.lora_a = nn.Parameter(torch.zeros(num_adapters, rank, self.in_features, dtype=dtype, device=weight.device))
         self.lora_b = nn.Parameter(torch.zeros(num_adapters, self.out_features, rank, dtype=dtype, device=weight.device))
         self.register_buffer("scaling", torch.full((num_adapters,), float(scaling), dtype=torch.float32, device=weight.device))
         self.default_scaling = float(scaling)
-        for n in range(num_adapters):
-            self.reset_slot(n)
+        if init:  # False: A stays zero until the caller resets the slots (attach_adapters with a seed)
+            self._reset_all()
+
+    @torch.no_grad()
+    def _reset_all(self) -> None:
+        """reset_slot(n) for every n from torch's global RNG, in one draw: the values are those
+        of N consecutive reset_slot calls (the CPU generator fills a tensor in order)."""
+        bound = kaiming_uniform_bound(self.in_features)
+        fresh = torch.empty(self.lora_a.shape, dtype=torch.float32).uniform_(-bound, bound)
+        self.lora_a.copy_(fresh.to(self.lora_a.dtype))
+        self.lora_b.zero_()
+        self.scaling.fill_(self.default_scaling)
+
+    def slot_tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor with a slot axis first (what reset_slot sets)."""
+        return self.lora_a, self.lora_b, self.scaling
 
     @torch.no_grad()
     def reset_slot(self, n: int, generator: torch.Generator | None = None) -> None:
