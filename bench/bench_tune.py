@@ -50,7 +50,7 @@ from lift_engine.config import make_config
 from lift_engine.data.extractive import extract_tasks
 from lift_engine.data.synthetic import make_dataset
 from lift_engine.fsutil import atomic_write_json
-from lift_engine.models.loading import load_base_model
+from lift_engine.models.loading import load_base_model, resolve_device
 from lift_engine.pipeline import build_qa_items, tune_document
 from lift_engine.prompts import PromptBuilder
 from lift_engine.samples import IGNORE_INDEX, DocumentSamples
@@ -63,27 +63,55 @@ METHODS = {"hf": "hf-trainer+peft", "solo": "lift one-by-one", "batched": "lift 
            "batched-bf16": "lift batched (bf16 base)", "prefix-bf16": "lift batched+prefix (bf16 base)"}
 
 
-def matmul_peak_gflops(shapes, seconds: float = 1.0, dtype: torch.dtype = torch.float32) -> float:
+def matmul_peak_gflops(shapes, seconds: float = 1.0, dtype: torch.dtype = torch.float32,
+                       device: torch.device | str = "cpu") -> float:
     """Best GFLOP/s of [m, k] @ [k, n] over `shapes`: oneDNN's bf16 (AMX) GEMMs reach their
     speed only on some shapes (here 1024³ ran at ~40% of the model's own GEMM shapes), so
-    the peak includes the model's linear-layer shapes and is the best of all."""
+    the peak includes the model's linear-layer shapes and is the best of all. On CUDA the
+    products are timed in groups of 10 between synchronisations."""
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    group = 10 if device.type == "cuda" else 1
     best = 0.0
     for m, k, n in shapes:
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
         for _ in range(3):
             a @ b
+        sync()
         reps, began = 0, time.perf_counter()
         while time.perf_counter() - began < seconds:
-            a @ b
-            reps += 1
+            for _ in range(group):
+                a @ b
+            sync()
+            reps += group
         best = max(best, 2 * m * k * n * reps / (time.perf_counter() - began) / 1e9)
     return best
 
 
-def peak_shapes(model) -> list[tuple[int, int, int]]:
-    """Square 1024³ and 2048³, and the model's MLP/attention projections at 4096 tokens."""
+def peak_shapes(model, device: torch.device) -> list[tuple[int, int, int]]:
+    """Square 1024³ and 2048³ (also 4096³ and 8192³ on a GPU), and the model's MLP/attention
+    projections at 4096 tokens."""
     hidden, inter = model.config.hidden_size, model.config.intermediate_size
-    return [(1024, 1024, 1024), (2048, 2048, 2048), (4096, hidden, inter), (4096, inter, hidden), (4096, hidden, hidden)]
+    square = [1024, 2048] + ([4096, 8192] if device.type == "cuda" else [])
+    return [(s, s, s) for s in square] + [(4096, hidden, inter), (4096, inter, hidden), (4096, hidden, hidden)]
+
+
+def random_weights_model(path: str, device: torch.device):
+    """The architecture and tokenizer of the model dir `path` with freshly initialised
+    weights (seed 0): for timing where the weights cannot travel (a GPU machine that
+    cannot download them). Throughput does not depend on the weights' values."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from lift_engine.models.loading import LoadedModel, _prepare, model_fingerprint
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    _prepare(model, tokenizer)
+    model.to(device)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=f"{path} (random weights)",
+                       fingerprint=model_fingerprint(model))
 
 
 def bench_config(args):
@@ -213,7 +241,9 @@ def svg_chart(report: dict, path: Path) -> Path:
     series = {m: [next((r["docs_per_hour"] for r in results if r["n"] == n and r["method"] == m), None) for n in ns]
               for m in methods}
     hw, model = report.get("hardware", {}), report.get("model", {})
-    subtitle = " · ".join(str(p) for p in (model.get("id"), hw.get("cpu"), f"{hw.get('torch_threads')} threads",
+    on_gpu = str(report.get("device", "cpu")).startswith("cuda")
+    where = (hw.get("gpu"),) if on_gpu else (hw.get("cpu"), f"{hw.get('torch_threads')} threads")
+    subtitle = " · ".join(str(p) for p in (model.get("id"), *where,
                                            f"torch {hw.get('torch')}", f"{report.get('doc_tokens')}-token documents")
                           if p)
     return svg_bar_chart(path, "Tuning throughput: documents/hour by N (higher is better)", [f"N={n}" for n in ns],
@@ -237,6 +267,9 @@ def main() -> int:
     parser.add_argument("--memory-budget-gib", type=float, default=None,
                         help="memory budget of every batched job (default: 80%% of what is free at the start, "
                              "measured once, so that methods run later do not get less)")
+    parser.add_argument("--device", default=None, help="cpu (default) or cuda: where every method trains")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="--model DIR holds config.json and the tokenizer only: initialise the weights randomly")
     parser.add_argument("--out", default=str(RESULTS / "bench_tune.json"))
     parser.add_argument("--plot-only", type=Path, metavar="JSON", help="only redraw the .svg of a results JSON")
     args = parser.parse_args()
@@ -244,18 +277,24 @@ def main() -> int:
         print(f"plot: {svg_chart(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix('.svg'))}")
         return 0
 
-    base = load_base_model(args.model)
+    device = resolve_device(args.device)
+    if args.random_weights:
+        if not args.model:
+            parser.error("--random-weights needs --model DIR (its config.json and tokenizer)")
+        base = random_weights_model(args.model, device)
+    else:
+        base = load_base_model(args.model, device=device)
     cfg = bench_config(args)
     ns = [int(x) for x in args.ns.split(",")]
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
-    budget = int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else default_budget_bytes()
-    shapes = peak_shapes(base.model)
-    peaks = {"float32": matmul_peak_gflops(shapes)}
+    budget = int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else default_budget_bytes(device)
+    shapes = peak_shapes(base.model, device)
+    peaks = {"float32": matmul_peak_gflops(shapes, device=device)}
     if any(m.endswith("-bf16") for m in methods):
-        peaks["bfloat16"] = matmul_peak_gflops(shapes, dtype=torch.bfloat16)
+        peaks["bfloat16"] = matmul_peak_gflops(shapes, dtype=torch.bfloat16, device=device)
     print(f"hardware: {hardware()}; matmul peak " + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()) + " GFLOP/s",
           file=sys.stderr)
     all_texts = make_documents(base.tokenizer, max(ns), args.doc_tokens, args.seed)
@@ -277,6 +316,8 @@ def main() -> int:
                 else:
                     extra = run_batched(base, with_dtype(cfg, dtype), texts, Path(tmp), prefix=(kind == "prefix"),
                                         memory_budget=budget)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
                 seconds = time.perf_counter() - began
             row = {"n": n, "method": METHODS[m], "dtype": dtype, "seconds": seconds, "docs_per_hour": n * 3600 / seconds,
                    "tokens_per_s": tokens / seconds, "train_tokens": tokens, "loss_tokens": loss_tokens,
@@ -290,7 +331,7 @@ def main() -> int:
         ref = next(r for r in results if r["n"] == row["n"] and r["method"] == base_name)
         row["speedup_vs_" + base_name.replace(" ", "_")] = row["docs_per_hour"] / ref["docs_per_hour"]
     model_desc = {"id": base.model_id, "params": sum(p.numel() for p in base.model.parameters())}
-    report = {"hardware": hardware(), "matmul_peak_gflops": peaks["float32"], "matmul_peaks_gflops": peaks,
+    report = {"hardware": hardware(), "device": str(device), "matmul_peak_gflops": peaks["float32"], "matmul_peaks_gflops": peaks,
               "model": model_desc, "config": cfg.to_dict(), "memory_budget_bytes": budget,
               "doc_tokens": args.doc_tokens, "results": results}
     out = Path(args.out)
@@ -298,8 +339,9 @@ def main() -> int:
     atomic_write_json(out, report)
     svg_chart(report, out.with_suffix(".svg"))
     key = "speedup_vs_" + base_name.replace(" ", "_")
-    print(f"\nmodel {base.model_id} ({model_desc['params'] / 1e6:.1f}M params); {report['hardware']['cpu']}, "
-          f"{report['hardware']['torch_threads']} threads; matmul peak "
+    where = (report["hardware"].get("gpu") if device.type == "cuda"
+             else f"{report['hardware']['cpu']}, {report['hardware']['torch_threads']} threads")
+    print(f"\nmodel {base.model_id} ({model_desc['params'] / 1e6:.1f}M params); {where}; matmul peak "
           + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()) + " GFLOP/s\n")
     print(f"| N | method | s | docs/h | tokens/s | GFLOP/s | % of peak (dtype) | × {base_name} |")
     print("|---|---|---|---|---|---|---|---|")
