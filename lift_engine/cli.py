@@ -35,7 +35,7 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=None,
                    help="dtype of the frozen base model while tuning (default: the preset's). bfloat16 keeps the "
                         "adapter and optimizer in fp32 and runs the base's GEMMs in bf16: 2.2x faster batched tuning on "
-                        "this AMX CPU (bench/README.md); on a GPU, bf16 is what the GPU numbers there use")
+                        "this AMX CPU; on a GPU the bf16 base runs on its tensor cores (bench/README.md has both)")
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
