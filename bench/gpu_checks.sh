@@ -11,6 +11,13 @@
 #   MODEL_DIR: config.json + tokenizer of the model to time with random weights (where its
 #   weights cannot travel); unset: the default model (its weights must be installed)
 #   TUNE_ARGS: extra bench_tune.py arguments
+#
+# With the device tool: first, here, put the default model's config and tokenizer (3.4 MB, no
+# weights) in the git-ignored .gpu/:
+#   mkdir -p .gpu/model && cp ~/.cache/lift_engine/models/SmolLM2-135M-Instruct/{config.json,\
+#     tokenizer.json,tokenizer_config.json,chat_template.jinja,generation_config.json} .gpu/model/
+# then run `MODEL_DIR=.gpu/model bash bench/gpu_checks.sh` there with carry [".gpu"]: about
+# 6 minutes on an H200 (build 35 s, tests 135 s, bench_tune 157 s, kernel benches 31 s).
 set -u
 OUT=${OUT:-/tmp/lift_gpu_checks}
 mkdir -p "$OUT"
