@@ -40,7 +40,8 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, metavar="DEV",
-                   help="where the base model, adapters and optimizer live while tuning: cpu (default), cuda or cuda:N")
+                   help="where the base model and adapters live (and, while tuning, the optimizer state): "
+                        "cpu (default), cuda or cuda:N")
 
 
 def _add_batch_options(p: argparse.ArgumentParser) -> None:
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--window", type=int, default=None, metavar="TOKENS", help="context tokens kept (default: the adapter's config)")
     ask.add_argument("--max-new-tokens", type=int, default=None)
     _add_model(ask)
+    _add_device(ask)
 
     ev = sub.add_parser("eval", help="evaluate on LongBench / LooGLE jsonl", description="Evaluate truncated ICL, LIFT or full-context ICL on a LongBench or LooGLE jsonl file; prints metrics as JSON.")
     ev.add_argument("file", metavar="FILE.jsonl")
@@ -120,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="only the first N questions")
     _add_config(ev)
     _add_model(ev)
+    _add_device(ev)
 
     serve = sub.add_parser("serve", help="serve tuned adapters from vLLM (OpenAI-compatible API)",
                            description="Start vLLM's OpenAI-compatible server with the lift_engine plugin over an adapter store; adapters are requested by name in the `model` field.")
@@ -131,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--adapter", choices=ADAPTER_KINDS, default="lora")
     demo.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     _add_model(demo)
+    _add_device(demo)
     return parser
 
 
@@ -255,7 +259,7 @@ def cmd_ask(args) -> int:
     context_text = read_document(args.context) if args.context else None
     if args.window is not None and args.window <= 0:
         raise InputError(f"--window must be a positive number of tokens, got {args.window}")
-    base = _load_base(args.model or _manifest_model(manifest))
+    base = _load_base(args.model or _manifest_model(manifest), args.device)
     handle = load_tuned(base, args.adapter_dir)
     prompts = PromptBuilder(base.tokenizer, cfg.inference.use_chat_template)
     doc_ids = tokenize_long(context_text, base.tokenizer) if context_text else None
@@ -279,7 +283,7 @@ def cmd_eval(args) -> int:
     records = read_records(args.file)
     if args.limit is not None:
         records = records[: max(0, args.limit)]
-    base = _load_base(args.model)
+    base = _load_base(args.model, args.device)
     summary, predictions = evaluate(records, base, cfg, args.mode, cfg.inference.window,
                                     log=lambda *a: print(*a, file=sys.stderr))
     if args.predictions:
@@ -298,7 +302,7 @@ def cmd_demo(args) -> int:
     from lift_engine.demo import run_demo
 
     cfg = make_config(args.preset, args.adapter)
-    base = _load_base(args.model)
+    base = _load_base(args.model, args.device)
     summary = run_demo(base, cfg)
     print(json.dumps({k: v for k, v in summary.items()}, indent=2, default=str))
     return 0

@@ -42,9 +42,10 @@ def greedy_answer(
     """
     context = context_for_window(doc_ids, window, prompts)
     prompt = prompts.question_prompt(context, question)
-    input_ids = torch.tensor([prompt], dtype=torch.long)
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([prompt], dtype=torch.long, device=device)
     if handle is not None:
-        handle.set_indices(torch.tensor([-1 if slot is None else slot], dtype=torch.long))
+        handle.set_indices(torch.tensor([-1 if slot is None else slot], dtype=torch.long, device=device))
     try:
         output = model.generate(
             input_ids=input_ids,

@@ -3,7 +3,8 @@
 Tuning follows the model's device: batches, adapter banks and the optimizer state live
 where the model does, and adapters and checkpoints are written from CPU copies.
 
-1. Everywhere: `--device` names are checked before the model loads (one-line errors).
+1. Everywhere: `--device` names are checked before the model loads (one-line errors;
+   `lift ask`, `eval` and `demo` take `--device` too, answering on the model's device).
 2. With a CUDA device (skipped without one): the batched job on the GPU trains the same
    adapters as on the CPU (fp32, TF32 off), for LoRA and Gated Memory, with and without
    prefix sharing; a bf16 job on the GPU trains its fp32 adapters (finite losses).
@@ -53,10 +54,12 @@ def test_resolve_device_names():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
-def test_tune_on_a_missing_gpu_fails_before_loading(model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("command", ["tune", "demo"])
+def test_a_missing_gpu_fails_before_loading(model_dir, tmp_path, capsys, command):
     doc = tmp_path / "doc.txt"
     doc.write_text(DOCUMENT)
-    code = main(["tune", str(doc), "-o", str(tmp_path / "out"), "--model", str(model_dir), "--device", "cuda"])
+    args = {"tune": ["tune", str(doc), "-o", str(tmp_path / "out")], "demo": ["demo"]}[command]
+    code = main(args + ["--model", str(model_dir), "--device", "cuda"])
     assert code == 2
     err = capsys.readouterr().err
     assert "no CUDA device" in err and "Traceback" not in err
@@ -116,3 +119,29 @@ def test_gpu_bf16_job_trains(model_dir, tmp_path):
         tensors = load_file(str(tmp_path / "bf16" / name / WEIGHTS["lora"]))
         lora_b = [t for k, t in tensors.items() if "lora_B" in k]
         assert lora_b and all(t.dtype == torch.float32 and t.abs().max() > 0 for t in lora_b)  # trained fp32 masters
+
+
+@gpu
+@pytest.mark.parametrize("adapter", ["lora", "gated-memory"])
+def test_an_adapter_tuned_on_the_gpu_answers_there_as_on_the_cpu(model_dir, tmp_path, adapter, monkeypatch):
+    """`lift ask --device cuda`: the adapter loads onto the GPU model and its logits match the CPU's."""
+    from lift_engine.inference import greedy_answer
+    from lift_engine.pipeline import load_tuned
+    from lift_engine.prompts import PromptBuilder
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    cfg = tiny_config(adapter)
+    run_job(model_dir, tmp_path / "tuned", cfg, "cuda", prefix=False)
+    ids = torch.randint(0, 100, (2, 17), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for device in ("cpu", "cuda"):
+        base = load_base_model(str(model_dir), device=device, progress=False)
+        handle = load_tuned(base, tmp_path / "tuned" / "short")
+        with torch.no_grad(), handle.use(torch.zeros(2, dtype=torch.long, device=device)):
+            logits[device] = base.model(ids.to(device)).logits.float().cpu()
+        prompts = PromptBuilder(base.tokenizer, cfg.inference.use_chat_template)
+        answer = greedy_answer(base.model, base.tokenizer, prompts, "What is it?", doc_ids=ids[0].tolist(), window=16,
+                               max_new_tokens=4, handle=handle, slot=0)
+        assert isinstance(answer, str)
+        handle.remove()
+    torch.testing.assert_close(logits["cuda"], logits["cpu"], rtol=1e-3, atol=1e-3)
