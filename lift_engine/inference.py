@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from lift_engine.data.truncation import middle_truncate
+from lift_engine.models.loading import model_device
 from lift_engine.prompts import PromptBuilder
 
 
@@ -42,7 +43,7 @@ def greedy_answer(
     """
     context = context_for_window(doc_ids, window, prompts)
     prompt = prompts.question_prompt(context, question)
-    device = next(model.parameters()).device
+    device = model_device(model)
     input_ids = torch.tensor([prompt], dtype=torch.long, device=device)
     if handle is not None:
         handle.set_indices(torch.tensor([-1 if slot is None else slot], dtype=torch.long, device=device))

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from lift_engine.models.fused_blocks import fused_blocks
+from lift_engine.models.loading import model_device
 
 #: train.compute_dtype values and the torch dtype each means.
 COMPUTE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -169,7 +170,7 @@ def training_precision(model: nn.Module, dtype: torch.dtype, cache: dict | None 
     on CPU, in every dtype, the model's norms, SwiGLU MLPs and RoPE on the fused ops
     (models/fused_blocks.py; exact to rounding). On a GPU those ops have no fused kernel
     (only their pure-PyTorch reference), so the model's own modules and sdpa run."""
-    on_cpu = next(model.parameters()).device.type == "cpu"
+    on_cpu = model_device(model).type == "cpu"
     with frozen_base_in(model, dtype, cache), training_attention(model, dtype != torch.float32 and on_cpu), \
             fused_blocks(model, enabled=on_cpu):
         yield

@@ -23,6 +23,7 @@ from lift_engine.adapters.patching import AdapterHandle
 from lift_engine.batch.loss import chunked_token_loss
 from lift_engine.checkpoint import load_checkpoint, partial_dir_for, remove_work_dir, save_checkpoint
 from lift_engine.config import LiftConfig
+from lift_engine.models.loading import model_device
 from lift_engine.precision import compute_dtype, training_precision
 from lift_engine.samples import IGNORE_INDEX, DocumentSamples, Sample, SampleRef
 
@@ -63,11 +64,6 @@ def collate(
     if device is not None and torch.device(device).type != "cpu":
         ids, mask, labels, docs = (t.to(device, non_blocking=True) for t in (ids, mask, labels, docs))
     return ids, mask, labels, docs
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """The device of the model's parameters: where a step's batch tensors go."""
-    return next(model.parameters()).device
 
 
 def training_attention_mask(mask: torch.Tensor) -> None:

@@ -46,7 +46,8 @@ from lift_engine.fsutil import atomic_write_json
 from lift_engine.precision import compute_dtype, training_precision
 from lift_engine.prompts import PromptBuilder
 from lift_engine.samples import IGNORE_INDEX, DocumentSamples, Sample, SampleRef
-from lift_engine.trainer import clip_per_slot, collate, model_device, training_attention_mask
+from lift_engine.models.loading import model_device
+from lift_engine.trainer import clip_per_slot, collate, training_attention_mask
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 STATUS_FILE = ".lift-batch-status.json"

@@ -35,6 +35,7 @@ import torch
 
 from lift_engine.batch.loss import DEFAULT_CHUNK
 from lift_engine.errors import InputError
+from lift_engine.models.loading import model_device
 from lift_engine.precision import training_precision
 
 
@@ -102,7 +103,7 @@ class MemoryPlanner:
                  safety: float = 1.5, probe: bool = True, compute_dtype: torch.dtype | None = None,
                  cast_cache: dict | None = None):
         self.model, self.handle = model, handle
-        self.budget = int(budget_bytes if budget_bytes is not None else default_budget_bytes(_device(model)))
+        self.budget = int(budget_bytes if budget_bytes is not None else default_budget_bytes(model_device(model)))
         self.logits_chunk, self.safety = logits_chunk, safety
         config = model.config
         self.layers = int(config.num_hidden_layers)
@@ -132,7 +133,7 @@ class MemoryPlanner:
     def _probe(self) -> tuple[float, float, float]:
         """Fit saved = rows·(c + a·S + b·S²) through three probe lengths (+10% for what the
         points miss: shape-dependent kernels), never below zero (a: one byte)."""
-        device = _device(self.model)
+        device = model_device(self.model)
         was_training = self.model.training
         self.model.train()
         lengths = (32, 64, 128)
@@ -216,10 +217,6 @@ class MemoryPlanner:
             "activation_bytes_per_sequence": self.per_row, "activation_bytes_per_token": self.per_token, "activation_bytes_per_attention_cell": self.per_cell,
             "safety": self.safety,
         }
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _is_bank(param: torch.Tensor, handle) -> bool:

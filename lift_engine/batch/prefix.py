@@ -28,6 +28,7 @@ import torch
 from transformers import DynamicCache
 
 from lift_engine.batch.loss import chunked_token_loss, loss_positions
+from lift_engine.models.loading import model_device
 from lift_engine.samples import IGNORE_INDEX, Sample, SampleRef
 from lift_engine.trainer import training_attention_mask
 
@@ -66,7 +67,7 @@ def prefix_shared_token_loss(model, handle, samples: list[Sample], pad_id: int, 
     if p_max == 0:
         return plain_token_loss(model, handle, samples, pad_id, chunk)
     decoder = model.get_decoder()
-    device = next(model.parameters()).device
+    device = model_device(model)
 
     # ---- prefix pass: one row per document
     g_ids = torch.full((len(slots), p_max), pad_id, dtype=torch.long)

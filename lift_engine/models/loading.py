@@ -235,6 +235,11 @@ def _prepare(model: Any, tokenizer: Any) -> None:
         gen.pad_token_id = tokenizer.pad_token_id
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's parameters: where tuning puts a step's batch and state."""
+    return next(model.parameters()).device
+
+
 def resolve_device(spec: str | torch.device | None) -> torch.device:
     """The torch.device for a `--device` value (None: the CPU).
 
