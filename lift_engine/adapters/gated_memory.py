@@ -53,7 +53,10 @@ class GatedMemoryBank(nn.Module):
         hidden_factor: int = 2,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        init: bool = True,
     ) -> None:
+        """init: draw every slot from torch's global RNG now (False: all zero, for a caller
+        that resets each slot itself, as attach_adapters with a seed does)."""
         super().__init__()
         if num_adapters < 1:
             raise ValueError(f"need num_adapters >= 1, got {num_adapters}")
@@ -63,9 +66,10 @@ class GatedMemoryBank(nn.Module):
         self.pending_query: torch.Tensor | None = None  # set by QueryCapture, consumed by GatedOutput
         shapes = self.slot_shapes()
         for name, shape in shapes.items():
-            self.register_parameter(name, nn.Parameter(torch.empty(num_adapters, *shape, dtype=dtype, device=device)))
-        for n in range(num_adapters):
-            self.reset_slot(n)
+            self.register_parameter(name, nn.Parameter(torch.zeros(num_adapters, *shape, dtype=dtype, device=device)))
+        if init:
+            for n in range(num_adapters):
+                self.reset_slot(n)
 
     def slot_tensors(self) -> tuple[torch.Tensor, ...]:
         """Every tensor with a slot axis first (what reset_slot sets)."""

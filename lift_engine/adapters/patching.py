@@ -334,7 +334,8 @@ def _attach_lora(handle: AdapterHandle, layers: nn.ModuleList, prefix: str, dtyp
         handle.banks[path] = wrapper
 
 
-def _attach_gated_memory(handle: AdapterHandle, layers: nn.ModuleList, prefix: str, dtype: torch.dtype | None) -> None:
+def _attach_gated_memory(handle: AdapterHandle, layers: nn.ModuleList, prefix: str, dtype: torch.dtype | None,
+                         init: bool = True) -> None:
     cfg = handle.config.gated_memory
     if float(cfg.gate_scale) != GATE_SCALE:
         raise AdapterError(f"gated_memory.gate_scale={cfg.gate_scale} is not supported (the ops fix it at {GATE_SCALE})")
@@ -351,7 +352,8 @@ def _attach_gated_memory(handle: AdapterHandle, layers: nn.ModuleList, prefix: s
             raise AdapterError(f"{path}.{layout.query} has {getattr(q_linear, 'out_features', '?')} outputs, expected {heads}×{dim}")
         weight = q_linear.weight
         bank = GatedMemoryBank(
-            handle.num_adapters, heads, dim, cfg.hidden_factor, dtype=dtype or weight.dtype, device=weight.device
+            handle.num_adapters, heads, dim, cfg.hidden_factor, dtype=dtype or weight.dtype, device=weight.device,
+            init=init,
         )
         attn.gated_memory = bank
         handle._attached_banks.append((attn, "gated_memory"))
@@ -395,10 +397,8 @@ def attach_adapters(
     handle = AdapterHandle(model, kind, cfg, num_adapters, context)
     prefix = _layout(model).layers
     try:
-        if kind == "lora":
-            _attach_lora(handle, layers, prefix, dtype, init=seed is None)  # a seed resets every slot below
-        else:
-            _attach_gated_memory(handle, layers, prefix, dtype)
+        attach = _attach_lora if kind == "lora" else _attach_gated_memory
+        attach(handle, layers, prefix, dtype, init=seed is None)  # a seed resets every slot below
     except BaseException:
         handle.remove()
         raise
