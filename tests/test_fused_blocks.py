@@ -127,3 +127,20 @@ def test_frozen_head_loss_without_grad_gives_the_loss_only():
     with torch.no_grad():
         loss = chunked_token_loss(hidden, head, targets, 2)
     torch.testing.assert_close(loss, F.cross_entropy(head(hidden), targets, reduction="none"), rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_head_loss_under_autocast_takes_the_allocating_path():
+    """Under autocast the GEMMs' dtype is not the inputs' (no in-place buffer): still the loss and gradient."""
+    torch.manual_seed(2)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    hidden = torch.randn(9, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (9,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = chunked_token_loss(hidden, head, targets, 4)
+    ours.sum().backward()
+    assert ours.dtype == torch.float32 and hidden.grad.dtype == torch.float32
+    g_ours, hidden.grad = hidden.grad.clone(), None
+    ref = F.cross_entropy(head(hidden), targets, reduction="none")
+    ref.sum().backward()
+    torch.testing.assert_close(ours, ref, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(g_ours, hidden.grad, rtol=3e-2, atol=3e-2 * float(hidden.grad.abs().max()))

