@@ -52,6 +52,7 @@ from lift_engine.config import make_config
 from lift_engine.data.extractive import extract_tasks
 from lift_engine.data.synthetic import make_dataset
 from lift_engine.fsutil import atomic_write_json
+from lift_engine.host_memory import keep_freed_memory
 from lift_engine.models.loading import load_base_model, resolve_device
 from lift_engine.pipeline import build_qa_items, tune_document
 from lift_engine.prompts import PromptBuilder
@@ -288,6 +289,7 @@ def main() -> int:
         print(f"plot: {svg_chart(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix('.svg'))}")
         return 0
 
+    keep_freed_memory()  # as `lift tune` does; every method runs in this process, so all get it
     device = resolve_device(args.device)
     if args.random_weights:
         if not args.model:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lift_engine.config import ADAPTER_KINDS, PRESETS, LiftConfig, make_config
 from lift_engine.errors import InputError, LiftError
+from lift_engine.host_memory import keep_freed_memory
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -310,10 +311,14 @@ def cmd_demo(args) -> int:
 
 COMMANDS = {"tune": cmd_tune, "tune-service": cmd_tune_service, "ask": cmd_ask, "eval": cmd_eval, "serve": cmd_serve,
             "demo": cmd_demo}
+#: Commands that tune adapters: they keep freed host memory for the next step (host_memory.py).
+TRAINING_COMMANDS = frozenset({"tune", "tune-service", "eval", "demo"})
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in TRAINING_COMMANDS:
+        keep_freed_memory()
     try:
         return COMMANDS[args.command](args)
     except LiftError as exc:

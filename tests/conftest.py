@@ -1,12 +1,15 @@
 """Shared fixtures. Tiny models come from tests/helpers_models.py (importable as `helpers_models`)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# The tests run the CLI in this process; keep glibc's malloc defaults here (lift_engine/host_memory.py).
+os.environ.setdefault("LIFT_KEEP_FREED_MEMORY", "0")
 
 from helpers_models import make_loaded, make_tiny_model, save_tiny_model  # noqa: E402
 
