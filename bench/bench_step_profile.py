@@ -26,7 +26,6 @@ Usage: .venv/bin/python bench/bench_step_profile.py [--model DIR] [--n 16] [--dt
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
