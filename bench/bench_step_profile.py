@@ -39,7 +39,7 @@ from lift_engine.fsutil import atomic_write_json
 from lift_engine.models.loading import load_base_model
 
 from bench_common import hardware, svg_bar_chart  # noqa: E402  (bench/ is on sys.path when run as a script)
-from bench_tune import RESULTS, bench_config, make_documents, matmul_rates, model_flops, peak_shapes, with_dtype
+from bench_tune import RESULTS, add_workload_args, bench_config, make_documents, matmul_rates, model_flops, peak_shapes, with_dtype
 
 GROUPS = ("frozen GEMMs", "LoRA", "attention", "norm/SwiGLU/RoPE", "loss", "optimizer", "other")
 FROZEN_GEMMS = {"aten::mm", "aten::addmm"}
@@ -126,17 +126,11 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=16, help="documents in the job")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="train.compute_dtype")
     parser.add_argument("--no-prefix", action="store_true", help="without prefix sharing")
-    parser.add_argument("--doc-tokens", type=int, default=256)
-    parser.add_argument("--segment", type=int, default=96)
-    parser.add_argument("--context", type=int, default=64)
-    parser.add_argument("--qa", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=7)
+    add_workload_args(parser)
     parser.add_argument("--warmup", type=int, default=2,
                         help="unprofiled steps first (the first steps of a process page-fault their memory in)")
     parser.add_argument("--out", default=str(RESULTS / "bench_step_profile.json"))
     args = parser.parse_args()
-    args.epochs1 = args.epochs2 = 1
     if args.n < 1 or args.warmup < 0:
         parser.error("--n must be at least 1 and --warmup at least 0")
 

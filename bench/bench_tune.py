@@ -126,6 +126,18 @@ def random_weights_model(path: str, device: torch.device):
                        fingerprint=model_fingerprint(model))
 
 
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """The workload's options (documents and the LIFT plan), shared with bench_step_profile.py."""
+    parser.add_argument("--doc-tokens", type=int, default=256)
+    parser.add_argument("--segment", type=int, default=96)
+    parser.add_argument("--context", type=int, default=64)
+    parser.add_argument("--qa", type=int, default=3)
+    parser.add_argument("--epochs1", type=int, default=1)
+    parser.add_argument("--epochs2", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=7)
+
+
 def bench_config(args):
     cfg = make_config("cpu", "lora")
     cfg.segment.length = args.segment
@@ -268,14 +280,7 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="model dir (default: the default SmolLM2-135M)")
     parser.add_argument("--ns", default="1,4,16")
     parser.add_argument("--methods", default="hf,solo,batched,prefix")
-    parser.add_argument("--doc-tokens", type=int, default=256)
-    parser.add_argument("--segment", type=int, default=96)
-    parser.add_argument("--context", type=int, default=64)
-    parser.add_argument("--qa", type=int, default=3)
-    parser.add_argument("--epochs1", type=int, default=1)
-    parser.add_argument("--epochs2", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=7)
+    add_workload_args(parser)
     parser.add_argument("--memory-budget-gib", type=float, default=None,
                         help="memory budget of every batched job (default: 80%% of what is free at the start, "
                              "measured once, so that methods run later do not get less)")
