@@ -222,6 +222,14 @@ def test_planner_caps_a_pass_at_max_tokens_for_speed(model_dir):
         job.close()
 
 
+def test_pass_limits_by_device_and_prefix_sharing():
+    from lift_engine.batch.planner import MAX_PADDING, MAX_PASS_TOKENS, pass_limits
+
+    assert pass_limits("cpu", False) == (MAX_PADDING, MAX_PASS_TOKENS)
+    assert pass_limits("cuda", False) == (MAX_PADDING, None)  # a CPU measurement: not on a GPU
+    assert pass_limits("cpu", True) == pass_limits("cuda", True) == (None, None)  # a document's samples stay together
+
+
 def _run(model_dir, out: Path, budget_factor: float | None, longest: int = 0, adapter="lora"):
     """A job over DOCS whose budget is `budget_factor` × the activations of one `longest`-token
     sample without checkpointing (plus the fixed part)."""

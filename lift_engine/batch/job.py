@@ -38,7 +38,7 @@ from lift_engine.adapters.io import read_manifest, save_adapter
 from lift_engine.adapters.patching import attach_adapters
 from lift_engine.batch.loss import DEFAULT_CHUNK, chunked_token_loss, loss_positions
 from lift_engine.batch.optim import SlotAdamW
-from lift_engine.batch.planner import MAX_PADDING, MAX_PASS_TOKENS, MemoryPlanner
+from lift_engine.batch.planner import MemoryPlanner, pass_limits
 from lift_engine.checkpoint import load_checkpoint, partial_dir_for, remove_work_dir, save_checkpoint
 from lift_engine.config import LiftConfig
 from lift_engine.errors import InputError
@@ -355,10 +355,7 @@ class BatchTuneJob:
             counts[s.doc] += sum(1 for lab in s.labels[1:] if lab != IGNORE_INDEX)
         device = model_device(self.model)
         denom = counts.clamp(min=1).to(device, torch.float32)
-        # prefix sharing computes a document's context once per pass: keep its samples together
-        plan = self.planner.plan([len(s.input_ids) for s in samples],
-                                 max_padding=None if self.prefix_sharing else MAX_PADDING,
-                                 max_tokens=None if self.prefix_sharing or device.type != "cpu" else MAX_PASS_TOKENS)
+        plan = self.planner.plan([len(s.input_ids) for s in samples], *pass_limits(device.type, self.prefix_sharing))
         self._set_checkpointing(plan.gradient_checkpointing)
         self.model.train()
         loss_sums = torch.zeros(n, dtype=torch.float32, device=device)

@@ -90,6 +90,17 @@ MIN_PASS_TOKENS = 1024  # real tokens a pass holds before padding may close it
 MAX_PASS_TOKENS = 8192
 
 
+def pass_limits(device_type: str, prefix_sharing: bool) -> tuple[float | None, int | None]:
+    """(max_padding, max_tokens) for `MemoryPlanner.plan`: the speed rules for a job on
+    this device type. Prefix sharing computes a document's context once per pass, so its
+    samples stay together: neither rule applies. MAX_PASS_TOKENS is a CPU measurement
+    (oneDNN's GEMMs at 13k rows); on a GPU, where this model's steps are bound by launches,
+    fewer and bigger passes are faster, so it is off there."""
+    if prefix_sharing:
+        return None, None
+    return MAX_PADDING, MAX_PASS_TOKENS if device_type == "cpu" else None
+
+
 class MemoryPlanner:
     """Packs a step's samples into passes that fit `budget_bytes`.
 
