@@ -9,15 +9,15 @@ a 16-document bf16 batched job (bench_tune's workload, ~75 s) took 3.1M minor pa
 and 15 s of system time. `keep_freed_memory()` turns that off for the process:
 
     M_MMAP_MAX = 0              every block comes from the heap (brk), so a freed block
-                                stays mapped and is reused by a later step (torch's 64-byte
-                                aligned blocks do not fit the exact hole they leave, so the
-                                heap holds a few spare blocks before it settles: 7 rounds of
-                                one 64 MiB block in tests/test_host_memory.py)
+                                stays mapped and a later step reuses it where it fits
+                                (torch's 64-byte-aligned blocks do not always fit the exact
+                                hole they left, so the heap may hold some spare blocks)
     M_TRIM_THRESHOLD = 2 GiB    the heap's top is returned only when 2 GiB there are free
     M_TOP_PAD = 1 GiB           the heap grows in large steps (address space, not memory)
 
-Measured on that job, run alternately: 74.1 / 78.0 s → 62.2 / 64.6 s (~1.2×), 2.1M faults
-and 10.6 s of system time; peak RSS unchanged (8.9 GB). The price: a process keeps its peak
+Measured on that job, run alternately: 74.1 / 78.0 / 77.6 s → 62.2 / 64.6 / 63.1 s (~1.2×), 2.1M faults
+(4 KiB each: about the first touch of the 8.9 GB peak, which no allocator avoids) and 10.6 s
+of system time; peak RSS unchanged. The price: a process keeps its peak
 heap until it exits, which suits `lift tune` and `lift tune-service` (processes that exist
 to train) but not a library's host, so the library never calls it on its own: the CLI's
 training commands and the tuning bench do. Set LIFT_KEEP_FREED_MEMORY=0 to leave malloc as

@@ -1,5 +1,6 @@
-"""host_memory.keep_freed_memory: a freed block stays mapped for the next allocation (no
-page faults when it is taken again), the opt-out, and which CLI commands use it. Run in
+"""host_memory.keep_freed_memory: a freed block stays mapped (resident) instead of going back
+to the kernel, the opt-out, and which CLI commands use it. (What that buys, ~1.2x on a
+16-document job, is a benchmark's to show, not a test's.) Run in
 subprocesses: malloc settings are per process, and the test process keeps glibc's defaults
 (conftest sets the opt-out)."""
 from __future__ import annotations
@@ -14,18 +15,15 @@ import pytest
 from lift_engine import cli
 
 PROBE = """
-import resource, sys
+import os
 from lift_engine.host_memory import keep_freed_memory
 kept = keep_freed_memory()
 import torch
-faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-counts = []
-for _ in range(12):  # 64 MiB, touched and freed: above glibc's largest mmap threshold
-    before = faults()
-    block = torch.ones(64 * 2**20 // 4)
-    counts.append(faults() - before)
-    del block
-print(kept, max(counts[-4:]))
+resident = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+block = torch.ones(256 * 2**20 // 4)  # 256 MiB, touched: far above glibc's largest mmap threshold
+before = resident()
+del block
+print(kept, (before - resident()) // 2**20)
 """
 
 glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
@@ -33,21 +31,19 @@ glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
 
 
 def _probe(keep: str) -> tuple[bool, int]:
-    """(settings applied, most page faults of one of the last 4 of 12 allocate-touch-free rounds)."""
+    """(settings applied, MiB of resident memory the process gave back when a 256 MiB block was freed)."""
     env = {**os.environ, "LIFT_KEEP_FREED_MEMORY": keep}
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120, check=True)
-    kept, faults = out.stdout.split()
-    return kept == "True", int(faults)
+    kept, released = out.stdout.split()
+    return kept == "True", int(released)
 
 
 @glibc_only
-def test_a_freed_block_is_reused_without_page_faults():
-    kept, faults = _probe("1")
-    # 64 MiB is 16384 pages of 4 KiB. glibc's heap takes a few rounds to settle (torch's
-    # 64-byte-aligned blocks do not fit the exact hole they left; measured: 7), then reuses
-    assert kept and faults < 2000, faults
-    default_kept, default_faults = _probe("0")
-    assert not default_kept and default_faults > 8000, default_faults  # glibc's default: unmapped, faulted in again
+def test_a_freed_block_stays_mapped_for_the_next_step():
+    kept, released = _probe("1")
+    assert kept and released < 16, released  # kept resident: the next step's allocations need no page faults
+    default_kept, default_released = _probe("0")
+    assert not default_kept and default_released >= 250, default_released  # glibc's default: unmapped at once
 
 
 def test_the_cli_keeps_freed_memory_for_training_commands_only(tmp_path, monkeypatch):
