@@ -123,7 +123,8 @@ class MemoryPlanner:
         self.compute_dtype = compute_dtype or next(model.parameters()).dtype
         self.cast_cache = cast_cache
         self.act_bytes = self.compute_dtype.itemsize
-        frozen = [p for p in model.parameters() if not _is_bank(p, handle)]
+        banks = {id(p) for p in handle.trainable_parameters()}
+        frozen = [p for p in model.parameters() if id(p) not in banks]
         base = sum(p.numel() * p.element_size() for p in frozen)
         cast_copy = sum(p.numel() * self.compute_dtype.itemsize for p in frozen
                         if p.is_floating_point() and p.dtype != self.compute_dtype)
@@ -229,6 +230,3 @@ class MemoryPlanner:
             "safety": self.safety,
         }
 
-
-def _is_bank(param: torch.Tensor, handle) -> bool:
-    return any(param is p for p in handle.trainable_parameters())
