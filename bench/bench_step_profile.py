@@ -36,6 +36,7 @@ import torch
 
 from lift_engine.batch.job import BatchTuneJob
 from lift_engine.fsutil import atomic_write_json
+from lift_engine.host_memory import keep_freed_memory
 from lift_engine.models.loading import load_base_model
 
 from bench_common import hardware, svg_bar_chart  # noqa: E402  (bench/ is on sys.path when run as a script)
@@ -134,6 +135,7 @@ def main() -> int:
     if args.n < 1 or args.warmup < 0:
         parser.error("--n must be at least 1 and --warmup at least 0")
 
+    keep_freed_memory()  # as `lift tune` does
     base = load_base_model(args.model, progress=False)
     dtype = getattr(torch, args.dtype)
     peak, sustained = matmul_rates(peak_shapes(base.model, torch.device("cpu")), dtype=dtype)

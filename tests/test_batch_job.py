@@ -50,19 +50,22 @@ def adapter_tensors(path: Path, adapter: str) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------ optimizer
-def test_slot_adamw_matches_torch_adamw_per_slot_and_skips_absent_slots():
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("shape", [(4, 5), ()])  # a matrix per slot, and a scalar per slot (0-d views)
+def test_slot_adamw_matches_torch_adamw_per_slot_and_skips_absent_slots(fused, shape):
     torch.manual_seed(0)
-    init = torch.randn(3, 4, 5)
+    init = torch.randn(3, *shape)
     bank = torch.nn.Parameter(init.clone())
-    ours = SlotAdamW([bank], lr=0.1, betas=(0.9, 0.98), weight_decay=0.1)
+    ours = SlotAdamW([bank], lr=0.1, betas=(0.9, 0.98), weight_decay=0.1, fused=fused)
+    assert ours.fused == fused
     solos = [torch.nn.Parameter(init[n].clone()) for n in range(3)]
     torch_opts = [torch.optim.AdamW([p], lr=0.1, betas=(0.9, 0.98), weight_decay=0.1) for p in solos]
     naive_bank = torch.nn.Parameter(init.clone())
     naive = torch.optim.AdamW([naive_bank], lr=0.1, betas=(0.9, 0.98), weight_decay=0.1)
     schedule = [[0, 1, 2], [0, 2], [2], [1, 2], [0, 1, 2], [1]]  # slot 1 sits out steps 1-2, slot 0 joins late steps
     for active in schedule:
-        grads = torch.randn(3, 4, 5)
-        mask = torch.zeros(3, 1, 1)
+        grads = torch.randn(3, *shape)
+        mask = torch.zeros(3, *[1] * len(shape))
         mask[active] = 1.0
         bank.grad = grads * mask
         naive_bank.grad = grads * mask
@@ -76,6 +79,28 @@ def test_slot_adamw_matches_torch_adamw_per_slot_and_skips_absent_slots():
     assert ours.steps == [3, 4, 5]
     # torch's AdamW over the whole bank decays and moves absent slots: not the same thing.
     assert (naive_bank.data - bank.data).abs().max() > 1e-3
+
+
+def test_slot_adamw_fused_and_single_tensor_agree_on_several_banks():
+    """The fused kernel and the per-bank ops: same updates (to float rounding) over banks
+    of different shapes, with absent slots and a bank without a gradient."""
+    torch.manual_seed(3)
+    shapes = [(4, 2, 7), (4, 9, 2), (4,)]
+    pairs = []
+    for fused in (True, False):
+        banks = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)]
+        pairs.append((banks, SlotAdamW(banks, lr=0.01, betas=(0.9, 0.98), weight_decay=0.05, fused=fused)))
+    assert pairs[0][1].fused and not pairs[1][1].fused
+    for active in ([0, 1, 2, 3], [1, 3], [0, 1, 2, 3], [2]):
+        grads = [torch.randn(s) for s in shapes]
+        for banks, opt in pairs:
+            for i, (bank, grad) in enumerate(zip(banks, grads)):
+                bank.grad = None if i == 1 and active == [1, 3] else grad.clone()
+            opt.step(active)
+    for fused_bank, single_bank in zip(pairs[0][0], pairs[1][0]):
+        torch.testing.assert_close(fused_bank.data, single_bank.data, rtol=1e-6, atol=1e-7)
+    for m_fused, m_single in zip(pairs[0][1].exp_avg_sq, pairs[1][1].exp_avg_sq):
+        torch.testing.assert_close(m_fused, m_single, rtol=1e-6, atol=1e-9)
 
 
 def test_slot_adamw_state_round_trip():

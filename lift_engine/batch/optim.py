@@ -11,6 +11,14 @@ the slots marked active, with torch.optim.AdamW's exact (single-tensor) formula:
     v      ← β2·v + (1 − β2)·g²
     p      ← p − lr/(1 − β1^t) · m / (√v / √(1 − β2^t) + eps)       t: the slot's own step count
 
+The update runs in torch's fused AdamW kernel (`torch._fused_adamw_`, what
+`torch.optim.AdamW(fused=True)` calls; CPU and CUDA) over one view per (bank, active
+slot), each with its slot's step count: one pass over p, g, m and v instead of eight
+elementwise ops per bank (measured 0.54 → 0.15 s per step for the 420 LoRA banks of
+SmolLM2-135M at N = 16 on this CPU; on a GPU, a few launches instead of ~3400). It rounds
+like the single-tensor formula to about one ulp. Where the kernel is missing (another
+device, an older torch), or with `fused=False`, the single-tensor ops run per bank.
+
 State of one slot (`slot_state(n)`) is what a per-document checkpoint stores.
 """
 from __future__ import annotations
@@ -18,10 +26,31 @@ from __future__ import annotations
 import torch
 
 
-class SlotAdamW:
-    """params: bank parameters, each with the adapter axis first ([N, …])."""
+def fused_adamw_available(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel takes these parameters in one call (one device
+    and one floating dtype, which the kernel supports there)."""
+    param = params[0]
+    if (not hasattr(torch, "_fused_adamw_") or not param.is_floating_point()
+            or any(p.dtype != param.dtype or p.device != param.device for p in params)):
+        return False
+    try:
+        probe = [torch.zeros(1, dtype=param.dtype, device=param.device)]
+        torch._fused_adamw_(probe, [probe[0].clone()], [probe[0].clone()], [probe[0].clone()], [],
+                            [torch.ones((), dtype=torch.float32, device=param.device)], lr=0.0, beta1=0.9, beta2=0.999,
+                            weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
 
-    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
+
+class SlotAdamW:
+    """params: bank parameters, each with the adapter axis first ([N, …]).
+
+    fused: True / False forces the fused kernel on or off; None (default) uses it where
+    `fused_adamw_available`."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 fused: bool | None = None):
         self.params = [p for p in params]
         if not self.params:
             raise ValueError("SlotAdamW needs at least one parameter")
@@ -32,6 +61,7 @@ class SlotAdamW:
         self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
         self.steps = [0] * self.num_slots
+        self.fused = fused_adamw_available(self.params) if fused is None else bool(fused)
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -43,9 +73,14 @@ class SlotAdamW:
         slots = sorted(set(int(s) for s in slots))
         if not slots:
             return
-        beta1, beta2 = self.betas
         for s in slots:
             self.steps[s] += 1
+        (self._step_fused if self.fused else self._step_single_tensor)(slots)
+
+    def _step_single_tensor(self, slots: list[int]) -> None:
+        """The update of `step` for `slots` (step counts already advanced), torch's
+        single-tensor formula per bank, gathering the slots unless all are active."""
+        beta1, beta2 = self.betas
         device = self.params[0].device
         idx = torch.tensor(slots, dtype=torch.long, device=device)
         # Bias corrections in float64 Python arithmetic, as torch computes them.
@@ -75,6 +110,21 @@ class SlotAdamW:
                 p.data.index_copy_(0, idx, param)
                 m_all.index_copy_(0, idx, m)
                 v_all.index_copy_(0, idx, v)
+
+    def _step_fused(self, slots: list[int]) -> None:
+        """The update of `step` for `slots` (step counts already advanced), in one fused call."""
+        beta1, beta2 = self.betas
+        device = self.params[0].device
+        counts = {s: torch.tensor(float(self.steps[s]), dtype=torch.float32, device=device) for s in slots}
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p, m_all, v_all in zip(self.params, self.exp_avg, self.exp_avg_sq):
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            for views, whole in ((params, p.data), (grads, grad), (exp_avgs, m_all), (exp_avg_sqs, v_all)):
+                per_slot = whole.unbind(0)
+                views.extend(per_slot[s] for s in slots)
+            steps.extend(counts[s] for s in slots)
+        torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=self.lr, beta1=beta1, beta2=beta2,
+                            weight_decay=self.weight_decay, eps=self.eps, amsgrad=False, maximize=False)
 
     # ------------------------------------------------------------ per-slot state
     @torch.no_grad()
