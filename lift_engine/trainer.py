@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from lift_engine.adapters.patching import AdapterHandle
 from lift_engine.batch.loss import chunked_token_loss
+from lift_engine.batch.optim import fused_adamw_available
 from lift_engine.checkpoint import load_checkpoint, partial_dir_for, remove_work_dir, save_checkpoint
 from lift_engine.config import LiftConfig
 from lift_engine.models.loading import model_device
@@ -118,10 +119,12 @@ def clip_per_slot(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
 
 
 def make_optimizer(handle: AdapterHandle, cfg: LiftConfig) -> torch.optim.Optimizer:
+    """torch's AdamW over the adapter's parameters, in its fused kernel where that takes them
+    (one pass per tensor instead of eight ops; SlotAdamW uses the same kernel)."""
     lr = cfg.train.lr_lora if handle.kind == "lora" else cfg.train.lr_gated_memory
-    return torch.optim.AdamW(
-        handle.trainable_parameters(), lr=lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay
-    )
+    params = list(handle.trainable_parameters())
+    return torch.optim.AdamW(params, lr=lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay,
+                             fused=fused_adamw_available(params) or None)
 
 
 def estimate_seconds(model: torch.nn.Module, total_tokens: int, compute_dtype: str = "float32") -> float:
