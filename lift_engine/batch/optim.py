@@ -4,7 +4,7 @@ torch.optim.AdamW over a bank [N, …] would update every slot at every step: a 
 document is not in the batch (zero gradient) would still get weight decay, a moment
 update and an advanced step count, so a document trained in a mixed job would not match
 the same document trained alone. SlotAdamW keeps per-slot step counts and updates only
-the slots marked active, with torch.optim.AdamW's exact (single-tensor) formula:
+the slots marked active, with torch.optim.AdamW's formula:
 
     p      ← p · (1 − lr·wd)
     m      ← lerp(m, g, 1 − β1)
@@ -29,6 +29,8 @@ import torch
 def fused_adamw_available(params: list[torch.Tensor]) -> bool:
     """Whether torch's fused AdamW kernel takes these parameters in one call (one device
     and one floating dtype, which the kernel supports there)."""
+    if not params:
+        return False
     param = params[0]
     if (not hasattr(torch, "_fused_adamw_") or not param.is_floating_point()
             or any(p.dtype != param.dtype or p.device != param.device for p in params)):
