@@ -41,7 +41,7 @@ def _probe(keep: str) -> tuple[bool, int]:
 @glibc_only
 def test_a_freed_block_stays_mapped_for_the_next_step():
     kept, released = _probe("1")
-    assert kept and released < 16, released  # kept resident: the next step's allocations need no page faults
+    assert kept and released < 16, released  # kept resident, for later allocations to reuse
     default_kept, default_released = _probe("0")
     assert not default_kept and default_released >= 250, default_released  # glibc's default: unmapped at once
 
