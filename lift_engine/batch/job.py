@@ -43,10 +43,10 @@ from lift_engine.checkpoint import load_checkpoint, partial_dir_for, remove_work
 from lift_engine.config import LiftConfig
 from lift_engine.errors import InputError
 from lift_engine.fsutil import atomic_write_json
+from lift_engine.models.loading import model_device
 from lift_engine.precision import compute_dtype, training_precision
 from lift_engine.prompts import PromptBuilder
 from lift_engine.samples import IGNORE_INDEX, DocumentSamples, Sample, SampleRef
-from lift_engine.models.loading import model_device
 from lift_engine.trainer import clip_per_slot, collate, training_attention_mask
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

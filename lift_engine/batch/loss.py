@@ -42,9 +42,11 @@ class _ChunkedTokenLossFrozenHead(torch.autograd.Function):
         for s in range(0, hidden.shape[0], chunk):
             logits = _logits(hidden[s : s + chunk], weight, bias, buffer)
             out[s : s + chunk] = ops.cross_entropy_with_grad_(logits, targets[s : s + chunk])
-            if unscaled is not None and in_place:
+            if unscaled is None:
+                continue
+            if in_place:
                 torch.mm(logits, weight, out=unscaled[s : s + chunk])
-            elif unscaled is not None:
+            else:
                 unscaled[s : s + chunk] = (logits.to(weight.dtype) @ weight).to(hidden.dtype)
         ctx.save_for_backward(unscaled)
         return out
