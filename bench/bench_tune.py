@@ -5,8 +5,8 @@ samples (segments + auxiliary tasks, LIFT plan), the same epochs and hyperparame
 
     hf-trainer+peft      the paper's baseline: one document at a time, HF Trainer over a
                          PeftModel (LoRA), full-vocabulary logits at every position
-    lift one-by-one      lift_engine.pipeline.tune_document per document (bank of 1,
-                         logits only at loss positions)
+    lift one-by-one      lift_engine.pipeline.tune_document per document (the engine's
+                         job of one, no prefix sharing; logits only at loss positions)
     lift batched         lift_engine.batch.BatchTuneJob: all N documents in one job,
                          one forward/backward per step over every document's samples
     lift batched+prefix  the same with prefix sharing (one context split per document
@@ -48,13 +48,14 @@ import torch
 
 from lift_engine.batch.job import BatchTuneJob
 from lift_engine.batch.planner import default_budget_bytes
-from lift_engine.config import make_config
+from lift_engine.config import BatchConfig, make_config
 from lift_engine.data.extractive import extract_tasks
 from lift_engine.data.synthetic import make_dataset
+from lift_engine.data.tasks import build_qa_items
 from lift_engine.fsutil import atomic_write_json
 from lift_engine.host_memory import keep_freed_memory
 from lift_engine.models.loading import load_base_model, resolve_device
-from lift_engine.pipeline import build_qa_items, tune_document
+from lift_engine.pipeline import tune_document
 from lift_engine.prompts import PromptBuilder
 from lift_engine.samples import IGNORE_INDEX, DocumentSamples
 
@@ -145,7 +146,6 @@ def bench_config(args):
     cfg.qa.num_extractive = args.qa
     cfg.train.stage1_epochs, cfg.train.stage2_epochs = args.epochs1, args.epochs2
     cfg.train.batch_size = args.batch_size
-    cfg.train.checkpoint_every = 10**9  # the one-by-one path: no checkpoints in the timing
     return cfg
 
 
@@ -225,7 +225,8 @@ def with_dtype(cfg, dtype: str):
 
 def run_solo(base, cfg, texts, workdir: Path) -> None:
     for i, text in enumerate(texts):
-        tune_document(base, text, workdir / f"solo-{i}", cfg, progress=False, log=lambda *a: None)
+        tune_document(base, text, workdir / f"solo-{i}", cfg, BatchConfig(prefix_sharing=False, checkpoint_every=10**9),
+                      progress=False, log=lambda *a: None)
 
 
 def run_batched(base, cfg, texts, workdir: Path, prefix: bool, memory_budget: int) -> dict:

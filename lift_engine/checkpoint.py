@@ -8,6 +8,7 @@ not match the job is ignored (the job starts over), never silently mixed in.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from lift_engine.fsutil import atomic_write_bytes
 
 CHECKPOINT_FILE = "checkpoint.pt"
+KEY_FILE = "job.json"
 
 
 def partial_dir_for(out_dir: str | os.PathLike) -> Path:
@@ -50,3 +52,18 @@ def load_checkpoint(work_dir: Path, key: dict) -> dict | None:
 
 def remove_work_dir(work_dir: Path) -> None:
     shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def reset_stale_work_dir(work_dir: Path, key: dict) -> None:
+    """Make `work_dir` the work dir of the job `key`: one left by a different job (other
+    document, config, model or trainer) is discarded, then the key is written."""
+    key_file = work_dir / KEY_FILE
+    if work_dir.exists():
+        try:
+            same = json.loads(key_file.read_text()) == key
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            remove_work_dir(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(key_file, json.dumps(key).encode())

@@ -13,7 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from lift_engine.config import ADAPTER_KINDS, PRESETS, LiftConfig, make_config
+from lift_engine.config import ADAPTER_KINDS, PRESETS, BatchConfig, LiftConfig, make_config
 from lift_engine.errors import InputError, LiftError
 from lift_engine.host_memory import keep_freed_memory
 
@@ -46,16 +46,19 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 
 
 def _add_batch_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-active", type=int, default=16, metavar="N",
-                   help="batched jobs: documents trained at once (adapter bank size; default 16)")
+    defaults = BatchConfig()
+    p.add_argument("--max-active", type=int, default=defaults.max_active, metavar="N",
+                   help=f"documents trained at once (adapter bank size; default {defaults.max_active})")
     p.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
-                   help="batched jobs: memory for a training step (default: 80%% of what is free)")
-    p.add_argument("--prefix-sharing", action=argparse.BooleanOptionalAction, default=None,
-                   help="batched jobs: one context split per document per step, computed once and shared by its "
-                        "samples (default: on for --device cpu, where it saves compute: 1.2-1.4x faster in "
+                   help="memory for a training step (default: 80%% of what is free)")
+    p.add_argument("--prefix-sharing", action=argparse.BooleanOptionalAction, default=defaults.prefix_sharing,
+                   help="one context split per document per step, computed once and shared by its samples "
+                        "(default: on for --device cpu, where it saves compute: 1.2-1.4x faster in "
                         "bench/bench_tune.py; off on a GPU, where this model's steps are bound by launches and "
                         "the extra prefix pass made a 16-document bf16 job 1.6x slower); --no-prefix-sharing "
-                        "gives each sample its own split, exactly what one-by-one `lift tune` trains on)")
+                        "gives each sample its own split")
+    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, metavar="STEPS",
+                   help=f"optimizer steps between resumable checkpoints (default {defaults.checkpoint_every})")
 
 
 def _config(args) -> LiftConfig:
@@ -67,10 +70,6 @@ def _config(args) -> LiftConfig:
         cfg.train.seed = args.seed
     if getattr(args, "compute_dtype", None):
         cfg.train.compute_dtype = args.compute_dtype
-    if getattr(args, "checkpoint_every", None) is not None:
-        if args.checkpoint_every <= 0:
-            raise InputError(f"--checkpoint-every must be positive, got {args.checkpoint_every}")
-        cfg.train.checkpoint_every = args.checkpoint_every
     if getattr(args, "window", None) is not None:
         if args.window <= 0:
             raise InputError(f"--window must be a positive number of tokens, got {args.window}")
@@ -85,12 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="tune an adapter on a long document (or many at once)", description="Tune an adapter on DOC (a .txt/.md file, or - for stdin) and write it to ADAPTER_DIR. Given several files, a directory (its .txt/.md files) or a .jsonl file (one {\"name\", \"text\"} object per line; LongBench's \"_id\"/\"context\" also work), the documents are tuned together in one batched job, and each adapter is written to ADAPTER_DIR/<name>/ as soon as that document is done. Interrupted runs resume from their last checkpoint.")
     tune.add_argument("document", metavar="DOC", nargs="+")
     tune.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR")
-    tune.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
-                      help="optimizer steps between resumable checkpoints (default: the preset's; batched jobs: 1)")
     tune.add_argument("--store", default=None, metavar="DIR",
-                      help="also publish the adapter into this serving store (see `lift serve`)")
+                      help="also publish the adapter into this serving store (see `lift serve`); with several "
+                           "documents each adapter is published under its document's name as soon as it is done")
     tune.add_argument("--tenant", default="default", help="store tenant to publish under (default: default)")
-    tune.add_argument("--name", default=None, help="adapter name in the store (default: the output dir's name)")
+    tune.add_argument("--name", default=None,
+                      help="adapter name in the store, one document only (default: the output dir's name)")
     _add_batch_options(tune)
     _add_config(tune)
     _add_model(tune)
@@ -121,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--window", type=int, default=None, metavar="TOKENS")
     ev.add_argument("--predictions", default=None, metavar="OUT.jsonl")
     ev.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    _add_batch_options(ev)
     _add_config(ev)
     _add_model(ev)
     _add_device(ev)
@@ -159,74 +159,91 @@ def cmd_tune(args) -> int:
     if _is_batched(args.document):
         return _cmd_tune_batched(args)
     args.document = args.document[0]
-    cfg = _config(args)
+    cfg, settings = _config(args), _batch_settings(args)
     store = _store_target(args)
     text = read_document(args.document)
     base = _load_base(args.model, args.device)
-    outcome = tune_document(base, text, Path(args.output), cfg, source=str(args.document))
+    outcome = tune_document(base, text, Path(args.output), cfg, settings, source=str(args.document),
+                            log=lambda msg: print(msg, file=sys.stderr))
     report = outcome.report
     note = f" (resumed at step {report.resumed_from})" if report.resumed_from else ""
     print(f"adapter written to {outcome.adapter_dir}: {report.steps} steps{note}, "
-          f"loss {report.first_loss if report.first_loss is not None else float('nan'):.3f} → "
-          f"{report.last_loss if report.last_loss is not None else float('nan'):.3f}")
+          f"loss {_loss(report.first_loss)} → {_loss(report.last_loss)}")
     if store is not None:
         store.publish(args.tenant, args.name, outcome.adapter_dir)
         print(f"published to the store as {args.tenant}/{args.name}")
     return 0
 
 
-def _store_target(args):
-    """The AdapterStore `lift tune --store` publishes into, names validated before tuning."""
+def _loss(value: float | None) -> str:
+    return f"{value if value is not None else float('nan'):.3f}"
+
+
+def _store_target(args, names: list[str] | None = None):
+    """The AdapterStore `lift tune --store` publishes into, every name validated before
+    tuning. names: the documents' names of a batched job (None: one adapter, --name or the
+    output dir's name)."""
     if args.store is None:
         return None
     from lift_engine.store import AdapterStore, validate_name
 
-    args.name = args.name or Path(args.output).resolve().name
     validate_name(args.tenant, "tenant")
-    validate_name(args.name, "adapter")
+    if names is None:
+        args.name = args.name or Path(args.output).resolve().name
+        names = [args.name]
+    for name in names:
+        validate_name(name, "adapter")
     return AdapterStore(args.store, create=True)
 
 
-def _batch_kwargs(args) -> dict:
-    if args.max_active < 1:
-        raise InputError(f"--max-active must be at least 1, got {args.max_active}")
+def _batch_settings(args) -> BatchConfig:
+    """The engine's BatchConfig from the command line (one-line errors for bad values)."""
+    budget = None if args.memory_budget is None else int(args.memory_budget * 2**30)
     if args.memory_budget is not None and args.memory_budget <= 0:
         raise InputError(f"--memory-budget must be positive, got {args.memory_budget}")
-    prefix = args.prefix_sharing
-    if prefix is None:
-        from lift_engine.models.loading import resolve_device
-
-        prefix = resolve_device(getattr(args, "device", None)).type == "cpu"
-    return {"max_active": args.max_active, "prefix_sharing": prefix,
-            "memory_budget": None if args.memory_budget is None else int(args.memory_budget * 2**30)}
+    settings = BatchConfig(max_active=args.max_active, memory_budget=budget, prefix_sharing=args.prefix_sharing,
+                           checkpoint_every=args.checkpoint_every)
+    try:
+        return settings.validate()
+    except ValueError as exc:  # "max_active must be …" → "--max-active must be …"
+        field_name, _, rest = str(exc).partition(" ")
+        raise InputError(f"--{field_name.replace('_', '-')} {rest}") from None
 
 
 def _cmd_tune_batched(args) -> int:
     from lift_engine.batch.inputs import collect_documents
     from lift_engine.batch.job import BatchTuneJob
+    from lift_engine.batch.progress import JobProgressDisplay
 
-    if getattr(args, "store", None) is not None or getattr(args, "name", None) is not None:
-        raise InputError("--store/--name publish one adapter; with several documents publish each OUT/<name>/ separately")
-    cfg = _config(args)
+    if getattr(args, "name", None) is not None:
+        raise InputError("--name names one adapter; with several documents each is published under its document's name")
+    cfg, settings = _config(args), _batch_settings(args)
     docs = collect_documents(args.document)
-    kwargs = _batch_kwargs(args)
-    kwargs["max_active"] = min(kwargs["max_active"], len(docs))
+    store = _store_target(args, [name for name, _, _ in docs])
+    settings.max_active = min(settings.max_active, len(docs))
     base = _load_base(args.model, args.device)
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-    job = BatchTuneJob(base, cfg, Path(args.output), checkpoint_every=args.checkpoint_every or 1, log=log, **kwargs)
+
+    def publish(name: str, adapter_dir: Path) -> None:
+        store.publish(args.tenant, name, adapter_dir)
+        log(f"{name}: published to the store as {args.tenant}/{name}")
+
+    job = BatchTuneJob(base, cfg, Path(args.output), settings, log=log,
+                       on_finished=publish if store is not None else None)
+    display = JobProgressDisplay()
     try:
         for name, text, source in docs:
             job.submit(text, name, source=source)
-        job.run()
+        job.run(on_step=lambda _: display.update(job.progress()))
     finally:
+        display.close()
         job.close()
     failed = 0
     for name, info in job.progress().items():
         if info["status"] == "done":
             note = f" (resumed at step {info['resumed_from']})" if info["resumed_from"] else ""
-            first, last = info["first_loss"], info["last_loss"]
             print(f"adapter written to {info['adapter_dir']}: {info['steps']} steps{note}, loss "
-                  f"{first if first is not None else float('nan'):.3f} → {last if last is not None else float('nan'):.3f}")
+                  f"{_loss(info['first_loss'])} → {_loss(info['last_loss'])}")
         else:
             failed += 1
             print(f"lift: error: {name}: {info['error']}", file=sys.stderr)
@@ -239,7 +256,7 @@ def cmd_tune_service(args) -> int:
     cfg = _config(args)
     base = _load_base(args.model, args.device)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    service = QueueService.for_queue(base, cfg, args.queue, log=log, **_batch_kwargs(args))
+    service = QueueService.for_queue(base, cfg, args.queue, log=log, settings=_batch_settings(args))
     log(f"lift: watching {Path(args.queue) / 'incoming'}; adapters go to {QueueService.adapters_dir(args.queue)}")
     try:
         service.run(poll_seconds=args.poll, exit_when_idle=args.exit_when_idle)
@@ -280,7 +297,7 @@ def cmd_eval(args) -> int:
     from lift_engine.data.records import read_records
     from lift_engine.evaluate import evaluate, write_predictions
 
-    cfg = _config(args)
+    cfg, settings = _config(args), _batch_settings(args)
     records = read_records(args.file)
     if args.limit is not None:
         records = records[: max(0, args.limit)]

@@ -84,7 +84,6 @@ class TrainConfig:
     grad_clip: float = 1.0
     batch_size: int = 1  # samples per optimizer step
     seed: int = 0
-    checkpoint_every: int = 20  # optimizer steps between resumable checkpoints
     # dtype of the frozen base's weights and activations while tuning (lift_engine.precision):
     # "float32", or "bfloat16" (adapters and AdamW stay fp32; bf16 GEMMs are several times
     # faster on CPUs with AMX, measured in bench/README.md run 5, and on GPUs, not yet run)
@@ -120,10 +119,9 @@ class LiftConfig:
     def fingerprint(self) -> str:
         """Stable hash of every field that changes the tuned adapter (keys caches and resume).
 
-        Checkpoint frequency, window and answer length do not change it: left out.
+        Window and answer length do not change it: left out.
         """
         data = self.to_dict()
-        data["train"].pop("checkpoint_every")
         if data["train"].get("compute_dtype") == "float32":  # the default before the field existed:
             data["train"].pop("compute_dtype")  # fp32 adapters made earlier keep their fingerprint
         for key in ("window", "max_new_tokens"):
@@ -146,6 +144,8 @@ class LiftConfig:
         for key, value in data.items():
             if key in sub:
                 value = dict(value)
+                for legacy in LEGACY_FIELDS.get(key, ()):
+                    value.pop(legacy, None)
                 for tup in ("targets", "betas"):
                     if tup in value and isinstance(value[tup], list):
                         value[tup] = tuple(value[tup])
@@ -153,6 +153,43 @@ class LiftConfig:
             else:
                 kwargs[key] = value
         return cls(**kwargs)
+
+
+# Fields that older manifests carry and that moved elsewhere (dropped when read back):
+# train.checkpoint_every is BatchConfig.checkpoint_every now.
+LEGACY_FIELDS = {"train": ("checkpoint_every",)}
+
+
+@dataclass
+class BatchConfig:
+    """How the tuning engine runs a job (DESIGN.md §4). Apart from prefix_sharing, none of
+    these change what an adapter learns; they are not part of LiftConfig's fingerprint."""
+
+    max_active: int = 16  # documents trained at once: the adapter bank's size N
+    memory_budget: int | None = None  # bytes for one step's memory plan; None: 80% of what is free
+    # One head/tail context split per document per step, computed once and shared by that
+    # document's samples (lift_engine.batch.prefix). None: on for CPU, where it saves
+    # compute (1.2-1.4x), off on a GPU (launch-bound there; 1.6x slower measured).
+    # False: every sample draws its own split.
+    prefix_sharing: bool | None = None
+    checkpoint_every: int = 1  # global steps between per-document checkpoints (1: a kill loses <= 1 step)
+    logits_chunk: int = 1024  # loss positions per chunk of the vocabulary projection
+
+    def validate(self) -> "BatchConfig":
+        """Raise ValueError naming the first bad field; returns self."""
+        if self.max_active < 1:
+            raise ValueError(f"max_active must be at least 1, got {self.max_active}")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise ValueError(f"memory_budget must be positive, got {self.memory_budget}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be positive, got {self.checkpoint_every}")
+        if self.logits_chunk < 1:
+            raise ValueError(f"logits_chunk must be positive, got {self.logits_chunk}")
+        return self
+
+    def prefix_sharing_on(self, device_type: str) -> bool:
+        """prefix_sharing with None resolved for a job on `device_type` ("cpu", "cuda")."""
+        return (device_type == "cpu") if self.prefix_sharing is None else bool(self.prefix_sharing)
 
 
 def paper_preset(adapter: AdapterKind = "lora") -> LiftConfig:

@@ -3,76 +3,40 @@
     tune_document(base, text, out_dir, cfg)   writes an adapter dir atomically, resumable
     load_tuned(base, adapter_dir)             attaches a saved adapter to the base model
 
-The auxiliary tasks of a job are stored in its work dir, so a resumed job trains on the
-same tasks without asking the generator again.
+One document is a tuning job of one (lift_engine.batch.job.BatchTuneJob): the same
+samples, step, optimizer, checkpoints and resume as any batched job.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass
+import dataclasses
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from lift_engine.adapters.io import load_adapter, save_adapter
-from lift_engine.adapters.patching import AdapterHandle, attach_adapters
-from lift_engine.checkpoint import partial_dir_for, remove_work_dir
-from lift_engine.config import LiftConfig
-from lift_engine.data.documents import tokenize_long
-from lift_engine.data.extractive import QAItem, extract_tasks
-from lift_engine.errors import InputError
-from lift_engine.fsutil import atomic_write_bytes
+from lift_engine.adapters.io import load_adapter
+from lift_engine.adapters.patching import AdapterHandle
+from lift_engine.batch.job import BatchTuneJob
+from lift_engine.batch.progress import JobProgressDisplay
+from lift_engine.config import BatchConfig, LiftConfig
+from lift_engine.errors import LiftError
 from lift_engine.models.loading import LoadedModel
-from lift_engine.prompts import PromptBuilder
-from lift_engine.samples import DocumentSamples
-from lift_engine.trainer import DocumentTuner, TuneReport, format_duration, plan_summary
 
-QA_FILE = "qa_items.json"
+
+@dataclass
+class TuneReport:
+    steps: int
+    resumed_from: int
+    first_loss: float | None
+    last_loss: float | None
+    seconds: float
+    losses: list[float] = field(default_factory=list)
 
 
 @dataclass
 class TuneOutcome:
     adapter_dir: Path
     report: TuneReport
-    plan: dict
-    qa_items: list[QAItem]
-
-
-def document_sha256(ids: list[int]) -> str:
-    digest = hashlib.sha256()
-    digest.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def build_qa_items(text: str, cfg: LiftConfig, base: LoadedModel | None, progress: bool) -> list[QAItem]:
-    """Extractive tasks from the document, plus generated triples when the config asks."""
-    items = extract_tasks(text, cfg.qa.num_extractive, seed=cfg.train.seed) if cfg.qa.num_extractive > 0 else []
-    if cfg.qa.use_generator and cfg.qa.num_generated > 0:
-        from lift_engine.data.qa_synthesis import HFGenerator, OpenAIGenerator, synthesize_qa
-
-        if cfg.qa.qa_endpoint:
-            generator = OpenAIGenerator(cfg.qa.qa_endpoint, cfg.qa.qa_model or "default")
-        else:
-            generator = HFGenerator(base.model, base.tokenizer)
-        items += synthesize_qa(
-            text, generator, cfg.qa.num_generated, tries_per_item=cfg.qa.generator_tries_per_item,
-            chunk_sentences=cfg.qa.chunk_sentences, seed=cfg.train.seed, progress=progress,
-        )
-    return items
-
-
-def _load_or_make_qa(work_dir: Path, text: str, cfg: LiftConfig, base: LoadedModel, progress: bool) -> list[QAItem]:
-    path = work_dir / QA_FILE
-    if path.is_file():
-        try:
-            return [QAItem(**row) for row in json.loads(path.read_text())]
-        except (ValueError, TypeError):
-            pass  # a damaged task file is rebuilt, never trusted
-    items = build_qa_items(text, cfg, base, progress)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, json.dumps([asdict(i) for i in items]).encode())
-    return items
+    qa_items: int
 
 
 def tune_document(
@@ -80,63 +44,39 @@ def tune_document(
     text: str,
     out_dir: str | Path,
     cfg: LiftConfig,
+    settings: BatchConfig | None = None,
     progress: bool = True,
     source: str = "",
     log=print,
 ) -> TuneOutcome:
-    """Tune an adapter of kind cfg.adapter on `text` and write it to `out_dir`."""
+    """Tune an adapter of kind cfg.adapter on `text` and write it to `out_dir`.
+
+    settings: the engine's BatchConfig (default: BatchConfig(); its max_active is 1 here).
+    A checkpoint of the same job beside `out_dir` is resumed from; an adapter already
+    there for the same document, config, model and recipe is kept. Raises what made the
+    document fail (e.g. InputError for an empty one).
+    """
     out_dir = Path(out_dir)
-    prompts = PromptBuilder(base.tokenizer, cfg.inference.use_chat_template)
-    doc_ids = tokenize_long(text, base.tokenizer, progress=progress)
-    if not doc_ids:
-        raise InputError(f"document {source or ''} has no tokens".replace("  ", " "))
-    doc_hash = document_sha256(doc_ids)
-    work_dir = partial_dir_for(out_dir)
-    key = {"document": doc_hash, "config": cfg.fingerprint(), "model": base.fingerprint, "kind": cfg.adapter}
-    _reset_stale_work_dir(work_dir, key)
-    qa_items = _load_or_make_qa(work_dir, text, cfg, base, progress)
-    samples = DocumentSamples(doc_ids, qa_items, cfg, prompts)
-    plan = plan_summary(samples, base.model)
-    log(
-        f"document: {len(doc_ids)} tokens, {plan['segments']} segments, {plan['qa_items']} auxiliary tasks, "
-        f"{plan['samples']} samples (~{plan['train_tokens']} tokens); "
-        f"expected time ~{format_duration(plan['estimated_seconds'])} (rough estimate)"
-    )
-    handle = attach_adapters(base.model, cfg.adapter, cfg, num_adapters=1, seed=cfg.train.seed)
+    settings = dataclasses.replace(settings or BatchConfig(), max_active=1)
+    job = BatchTuneJob(base, cfg, out_dir.parent, settings, log=log, status_file=None)  # nothing beside out_dir
+    display = JobProgressDisplay(enabled=progress)
+    began = time.monotonic()
     try:
-        tuner = DocumentTuner(base.model, handle, cfg, pad_id=_pad_id(base.tokenizer))
-        report = tuner.tune(samples, out_dir, key, progress=progress)
-        save_adapter(
-            handle, 0, out_dir, base=base, lift_config=cfg,
-            extra={"document_sha256": doc_hash, "document_tokens": len(doc_ids), "source": source,
-                   "qa_items": len(qa_items), "first_loss": report.first_loss, "last_loss": report.last_loss},
-        )
-        DocumentTuner.finish(out_dir)
+        job.submit(text, out_dir.name, source=source)
+        job.run(on_step=lambda _: display.update(job.progress()))
     finally:
-        handle.remove()
-    return TuneOutcome(out_dir, report, plan, qa_items)
-
-
-def _reset_stale_work_dir(work_dir: Path, key: dict) -> None:
-    """A work dir left by a different job (other document/config/model) is discarded."""
-    key_file = work_dir / "job.json"
-    if work_dir.exists():
-        try:
-            same = json.loads(key_file.read_text()) == key
-        except (OSError, ValueError):
-            same = False
-        if not same:
-            remove_work_dir(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(key_file, json.dumps(key).encode())
-
-
-def _pad_id(tokenizer) -> int:
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    if tokenizer.eos_token_id is not None:
-        return int(tokenizer.eos_token_id)
-    return 0
+        display.close()
+        job.close()
+    doc = job.docs[out_dir.name]
+    if doc.status != "done":
+        if doc.exception is not None:
+            raise doc.exception
+        raise LiftError(f"tuning {source or out_dir.name} failed: {doc.error}")
+    report = TuneReport(steps=len(doc.steps), resumed_from=doc.resumed_from,
+                        first_loss=doc.losses[0] if doc.losses else None,
+                        last_loss=doc.losses[-1] if doc.losses else None,
+                        seconds=time.monotonic() - began, losses=list(doc.losses))
+    return TuneOutcome(doc.out_dir, report, doc.qa_items)
 
 
 def load_tuned(base: LoadedModel, adapter_dir: str | Path) -> AdapterHandle:

@@ -22,6 +22,11 @@ from lift_engine.data.truncation import head_tail_context
 from lift_engine.prompts import PromptBuilder
 
 IGNORE_INDEX = -100
+# Version of the task set and sample layout (this module, data/extractive.py, data/tasks.py,
+# prompts.py). Bump it whenever a change makes the same document and config train on other
+# samples: it is part of every job key and adapter-cache key, so nothing tuned before the
+# change is resumed or reused after it.
+RECIPE_VERSION = "recipe-1"
 HEAD_FRACTION_RANGE = (0.25, 0.75)
 
 

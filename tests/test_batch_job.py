@@ -17,7 +17,8 @@ from lift_engine.batch.optim import SlotAdamW
 from lift_engine.cli import main
 from lift_engine.config import make_config
 from lift_engine.models.loading import load_base_model
-from lift_engine.pipeline import build_qa_items, tune_document
+from lift_engine.data.tasks import build_qa_items
+from lift_engine.pipeline import tune_document
 
 # Three documents of different lengths and auxiliary-task counts.
 DOCS = {

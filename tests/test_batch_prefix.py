@@ -9,7 +9,8 @@ import torch
 
 from helpers_pipeline import make_tiny_model_dir
 from lift_engine.adapters.patching import attach_adapters
-from lift_engine.batch.job import BatchTuneJob, plain_token_loss
+from lift_engine.batch.forward import plain_token_loss
+from lift_engine.batch.job import BatchTuneJob
 from lift_engine.batch.prefix import prefix_shared_token_loss, shared_context_refs, shared_prefix_length
 from lift_engine.data.extractive import QAItem
 from lift_engine.models.loading import load_base_model

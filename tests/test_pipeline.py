@@ -11,14 +11,15 @@ import torch.nn.functional as F
 from helpers_pipeline import DOCUMENT, make_tiny_model_dir
 from lift_engine.adapters.io import read_manifest
 from lift_engine.checkpoint import partial_dir_for
-from lift_engine.config import make_config
+from lift_engine.config import BatchConfig, make_config
 from lift_engine.data.extractive import QAItem
 from lift_engine.inference import greedy_answer
 from lift_engine.models.loading import load_base_model
 from lift_engine.pipeline import load_tuned, tune_document
 from lift_engine.prompts import PromptBuilder
 from lift_engine.samples import IGNORE_INDEX, DocumentSamples
-from lift_engine.trainer import clip_per_slot, collate, per_document_loss
+from lift_engine.batch.forward import collate, per_document_loss
+from lift_engine.batch.optim import clip_per_slot
 
 
 def tiny_config(adapter: str = "lora"):
@@ -28,7 +29,6 @@ def tiny_config(adapter: str = "lora"):
     cfg.qa.num_extractive = 4
     cfg.train.stage1_epochs, cfg.train.stage2_epochs = 2, 2
     cfg.train.batch_size = 2
-    cfg.train.checkpoint_every = 1000
     cfg.train.lr_lora = cfg.train.lr_gated_memory = 1e-2
     cfg.inference.window = 32
     cfg.inference.max_new_tokens = 8
@@ -146,14 +146,14 @@ def test_interrupted_tune_resumes_to_the_same_adapter(model_dir, tmp_path):
 
     cfg = tiny_config()
     cfg.train.stage1_epochs = cfg.train.stage2_epochs = 1
-    cfg.train.checkpoint_every = 3
+    every3 = BatchConfig(checkpoint_every=3)
     base = load_base_model(str(model_dir))
-    straight = tune_document(base, DOCUMENT, tmp_path / "straight", cfg, progress=False, log=lambda *a: None)
+    straight = tune_document(base, DOCUMENT, tmp_path / "straight", cfg, every3, progress=False, log=lambda *a: None)
 
     out = tmp_path / "resumed"
-    import lift_engine.trainer as trainer_mod
+    import lift_engine.batch.job as job_mod
 
-    original = trainer_mod.save_checkpoint
+    original = job_mod.save_checkpoint
     calls = {"n": 0}
 
     def save_then_die(*args, **kwargs):
@@ -162,15 +162,17 @@ def test_interrupted_tune_resumes_to_the_same_adapter(model_dir, tmp_path):
         if calls["n"] == 2:
             raise _Stop()
 
-    trainer_mod.save_checkpoint = save_then_die
+    job_mod.save_checkpoint = save_then_die
     try:
         with pytest.raises(_Stop):
-            tune_document(load_base_model(str(model_dir)), DOCUMENT, out, cfg, progress=False, log=lambda *a: None)
+            tune_document(load_base_model(str(model_dir)), DOCUMENT, out, cfg, every3, progress=False,
+                          log=lambda *a: None)
     finally:
-        trainer_mod.save_checkpoint = original
+        job_mod.save_checkpoint = original
     assert not out.exists()  # nothing half-written is published
     assert partial_dir_for(out).exists()
-    resumed = tune_document(load_base_model(str(model_dir)), DOCUMENT, out, cfg, progress=False, log=lambda *a: None)
+    resumed = tune_document(load_base_model(str(model_dir)), DOCUMENT, out, cfg, every3, progress=False,
+                            log=lambda *a: None)
     assert resumed.report.resumed_from == 6
     a = load_file(str(straight.adapter_dir / "adapter_model.safetensors"))
     b = load_file(str(out / "adapter_model.safetensors"))

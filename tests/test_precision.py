@@ -10,13 +10,13 @@ from safetensors.torch import load_file
 from helpers_models import make_tiny_model
 from helpers_pipeline import DOCUMENT, make_tiny_model_dir
 from lift_engine.adapters import LoRABankLinear, attach_adapters, save_adapter
+from lift_engine.batch.forward import training_attention_mask
 from lift_engine.batch.job import BatchTuneJob
 from lift_engine.config import LiftConfig, make_config
 from lift_engine.models.loading import load_base_model
 from lift_engine.ops.lora_linear_rows import lora_linear_rows
 from lift_engine.ops.reference import lora_linear
 from lift_engine.precision import compute_dtype, frozen_base_in
-from lift_engine.trainer import training_attention_mask
 
 
 # ------------------------------------------------------------------ lora_linear_rows
@@ -247,7 +247,7 @@ def test_bf16_one_document_tuning_restores_the_base(model_dir, tmp_path):
 
 
 def test_time_estimate_follows_the_compute_dtype():
-    from lift_engine.trainer import ASSUMED_SPEEDUP, estimate_seconds
+    from lift_engine.batch.estimate import ASSUMED_SPEEDUP, estimate_seconds
 
     model = make_tiny_model("llama")
     fp32, bf16 = estimate_seconds(model, 10_000), estimate_seconds(model, 10_000, "bfloat16")

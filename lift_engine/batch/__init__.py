@@ -1,6 +1,9 @@
-"""Batched multi-document LIFT (issue 4): one adapter bank, mixed batches, continuous admission.
+"""The tuning engine (DESIGN.md §4): one adapter bank, mixed batches, continuous admission.
+Every tuning — one document, many, eval, demo, the queue — is a BatchTuneJob.
 
     BatchTuneJob    lift_engine.batch.job      submit / progress / collect, resumable
+    plain_token_loss, collate  lift_engine.batch.forward   a batch through the model
+    JobProgressDisplay  lift_engine.batch.progress  progress bars per document and overall
     SlotAdamW       lift_engine.batch.optim    AdamW stepping only the active slots
     MemoryPlanner   lift_engine.batch.planner  micro-batches and checkpointing within a budget
     QueueService    lift_engine.batch.queue    a watched queue directory around a job

@@ -1,57 +1,69 @@
-"""Tuning many documents at once: one adapter bank, mixed batches, continuous admission.
+"""The tuning engine: one adapter bank, mixed batches, continuous admission (DESIGN.md §4).
 
-    job = BatchTuneJob(base, cfg, out_root, max_active=16)
+Every tuning in lift_engine runs here: `lift tune` on one document is a job of one
+(pipeline.tune_document), several documents, `lift eval`, `lift demo` and the queue
+service share one job each.
+
+    job = BatchTuneJob(base, cfg, out_root, BatchConfig(max_active=16))
     job.submit(text, name="contract-a")          # any time, from any thread
     job.run()                                    # or job.start() … job.collect(name)
     job.progress()                               # {name: {status, step, steps, loss, …}}
 
-Each document gets a slot of the bank (DESIGN.md §4) while it trains. A global step
-takes the next `batch_size` planned samples of EVERY active document — the same chunks,
-in the same order, that `tune_document` would use for that document alone — runs them
-through the model together (one forward and backward per micro-batch; one micro-batch
-unless the memory plan splits the step), normalises each document's loss over its own
-loss tokens in the step, clips per slot and steps AdamW for exactly the active slots
-(SlotAdamW: per-slot step counts, no decay or moment update for absent slots). So a
-document's adapter is the one it would get alone, to float tolerance, whatever else
-shares its steps, joins or leaves.
+Each document gets a slot of the bank while it trains. A global step takes the next
+`batch_size` planned samples of EVERY active document — the same chunks, in the same
+order, whatever else is in the job — runs them through the model together (one forward
+and backward per micro-batch; one micro-batch unless the memory plan splits the step),
+normalises each document's loss over its own loss tokens in the step, clips per slot and
+steps AdamW for exactly the active slots (SlotAdamW: per-slot step counts, no decay or
+moment update for absent slots). So a document's adapter is the one it would get alone,
+to float tolerance, whatever else shares its steps, joins or leaves.
 
 A document joins at the next step after it is submitted (if a slot is free); when its
 last step is done its adapter is written atomically to out_root/<name>/ and its slot is
-freed for the next document, without stopping the others. After every step (by default)
+freed for the next document, without stopping the others. Every `checkpoint_every` steps
 each active document's slot and optimizer state are checkpointed atomically in its own
 work dir (`.<name>.lift-partial/` beside the adapter), so a job killed with kill -9 and
-started again resumes every document losing at most one step, and an adapter directory
+started again resumes every document from its last checkpoint, and an adapter directory
 only ever appears complete.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from lift_engine.adapters.io import read_manifest, save_adapter
 from lift_engine.adapters.patching import attach_adapters
-from lift_engine.batch.loss import DEFAULT_CHUNK, chunked_token_loss, loss_positions
-from lift_engine.batch.optim import SlotAdamW
+from lift_engine.batch.estimate import format_duration, plan_summary
+from lift_engine.batch.forward import plain_token_loss
+from lift_engine.batch.optim import SlotAdamW, clip_per_slot
 from lift_engine.batch.planner import MemoryPlanner, pass_limits
-from lift_engine.checkpoint import load_checkpoint, partial_dir_for, remove_work_dir, save_checkpoint
-from lift_engine.config import LiftConfig
+from lift_engine.batch.prefix import prefix_shared_token_loss, shared_context_refs
+from lift_engine.checkpoint import (load_checkpoint, partial_dir_for, remove_work_dir, reset_stale_work_dir,
+                                    save_checkpoint)
+from lift_engine.config import BatchConfig, LiftConfig
+from lift_engine.data.documents import document_sha256, tokenize_long
+from lift_engine.data.tasks import stored_qa_items
 from lift_engine.errors import InputError
 from lift_engine.fsutil import atomic_write_json
 from lift_engine.models.loading import model_device
 from lift_engine.precision import compute_dtype, training_precision
 from lift_engine.prompts import PromptBuilder
-from lift_engine.samples import IGNORE_INDEX, DocumentSamples, Sample, SampleRef
-from lift_engine.trainer import clip_per_slot, collate, training_attention_mask
+from lift_engine.samples import IGNORE_INDEX, RECIPE_VERSION, DocumentSamples, Sample, SampleRef
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 STATUS_FILE = ".lift-batch-status.json"
-TRAINER_ID = "batch-slot-adamw-v1"
+# The engine's identity in every job key and adapter manifest: the optimizer path and the
+# task/sample recipe (samples.RECIPE_VERSION). A checkpoint or adapter made by another
+# trainer or recipe is never resumed or reused.
+TRAINER_ID = f"batch-slot-adamw-v1+{RECIPE_VERSION}"
 
 
 def validate_name(name: str) -> str:
@@ -79,11 +91,14 @@ class DocState:
     doc_tokens: int = 0
     qa_items: int = 0
     error: str | None = None
+    exception: BaseException | None = None  # what made it fail (pipeline.tune_document re-raises it)
     submitted_at: float = field(default_factory=time.time)
     finished_at: float | None = None
     train_tokens: int = 0
 
     def summary(self) -> dict:
+        """A JSON-able snapshot: status, step/steps, slot, resumed_from, first/last loss,
+        adapter_dir (when done), document_tokens, qa_items, error, source."""
         return {
             "status": self.status, "step": self.next_step, "steps": len(self.steps), "slot": self.slot,
             "resumed_from": self.resumed_from, "first_loss": self.losses[0] if self.losses else None,
@@ -107,44 +122,46 @@ class StepReport:
 
 
 class BatchTuneJob:
-    """A long-lived multi-document tuning job over one base model.
+    """A long-lived tuning job over one base model.
 
     base: LoadedModel; cfg: the LiftConfig every document is tuned with (adapter kind,
     schedule, batch_size = samples per document per step); out_root: adapters go to
-    out_root/<name>/. max_active: bank size N (documents training at once).
-    memory_budget: bytes for the step's memory plan (None: 80% of what is free).
-    checkpoint_every: global steps between per-document checkpoints (1: lose ≤ 1 step).
-    prefix_sharing: see lift_engine.batch.prefix (changes the samples: one context split
-    per document per step instead of one per sample; off by default, so that a batched
-    document matches `tune_document` exactly).
+    out_root/<name>/. settings: the engine's BatchConfig (bank size, memory budget,
+    prefix sharing, checkpoint frequency); keyword overrides of its fields are accepted
+    too (`BatchTuneJob(base, cfg, out, max_active=2)`). log: one-line messages
+    (admission, plan and time estimate, completion). on_finished(name, adapter_dir): called
+    right after each adapter is written (from the stepping thread). status_file: where
+    every step rewrites the job's progress (default out_root/.lift-batch-status.json; None:
+    nowhere, e.g. for a shared cache directory).
     """
 
-    def __init__(self, base, cfg: LiftConfig, out_root, *, max_active: int = 16, memory_budget: int | None = None,
-                 checkpoint_every: int = 1, prefix_sharing: bool = False, logits_chunk: int = DEFAULT_CHUNK,
-                 log=None, planner_probe: bool = True):
-        if max_active < 1:
-            raise ValueError(f"max_active must be >= 1, got {max_active}")
-        self.base, self.cfg = base, cfg
+    def __init__(self, base, cfg: LiftConfig, out_root, settings: BatchConfig | None = None, *, log=None,
+                 planner_probe: bool = True, on_finished: Callable[[str, Path], None] | None = None,
+                 status_file: Path | str | None = STATUS_FILE, **overrides):
+        settings = dataclasses.replace(settings or BatchConfig(), **overrides).validate()
+        self.base, self.cfg, self.settings = base, cfg, settings
         self.out_root = Path(out_root)
-        self.max_active = max_active
-        self.checkpoint_every = max(1, int(checkpoint_every))
-        self.prefix_sharing = prefix_sharing
-        self.logits_chunk = logits_chunk
-        self.log = log or (lambda *a: None)
+        self.status_path = None if status_file is None else self.out_root / status_file
+        self.max_active = settings.max_active
+        self.checkpoint_every = settings.checkpoint_every
         self.model = base.model
+        self.prefix_sharing = settings.prefix_sharing_on(model_device(self.model).type)
+        self.logits_chunk = settings.logits_chunk
+        self.log = log or (lambda *a: None)
+        self.on_finished = on_finished
         self.prompts = PromptBuilder(base.tokenizer, cfg.inference.use_chat_template)
-        self.pad_id = _pad_id(base.tokenizer)
+        self.pad_id = pad_token_id(base.tokenizer)
         self.compute_dtype = compute_dtype(cfg.train.compute_dtype)
         self._cast_cache: dict = {}  # the frozen base in compute_dtype, cast at the first step (precision.py)
-        self.handle = attach_adapters(self.model, cfg.adapter, cfg, num_adapters=max_active, seed=cfg.train.seed)
+        self.handle = attach_adapters(self.model, cfg.adapter, cfg, num_adapters=self.max_active, seed=cfg.train.seed)
         lr = cfg.train.lr_lora if cfg.adapter == "lora" else cfg.train.lr_gated_memory
         self.optimizer = SlotAdamW(self.handle.trainable_parameters(), lr=lr, betas=cfg.train.betas,
                                    weight_decay=cfg.train.weight_decay)
-        self.planner = MemoryPlanner(self.model, self.handle, memory_budget, logits_chunk=logits_chunk, probe=planner_probe,
-                                     compute_dtype=self.compute_dtype, cast_cache=self._cast_cache)
+        self.planner = MemoryPlanner(self.model, self.handle, settings.memory_budget, logits_chunk=self.logits_chunk,
+                                     probe=planner_probe, compute_dtype=self.compute_dtype, cast_cache=self._cast_cache)
         self.docs: dict[str, DocState] = {}
         self._pending: list[str] = []
-        self._free_slots = list(range(max_active))
+        self._free_slots = list(range(self.max_active))
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
@@ -190,11 +207,14 @@ class BatchTuneJob:
         with self._lock:
             return not self._pending and all(d.slot is None for d in self.docs.values())
 
-    def run(self, until_idle: bool = True) -> None:
-        """Step until nothing is queued or training (until_idle) or until stop()."""
+    def run(self, until_idle: bool = True, on_step: Callable[["StepReport"], None] | None = None) -> None:
+        """Step until nothing is queued or training (until_idle) or until stop();
+        on_step(report) after every step (e.g. a JobProgressDisplay's update)."""
         while not self._stop:
-            worked = self.step() is not None
-            if not worked:
+            report = self.step()
+            if report is not None and on_step is not None:
+                on_step(report)
+            if report is None:
                 if until_idle and self.idle():
                     return
                 with self._changed:
@@ -236,14 +256,12 @@ class BatchTuneJob:
             except Exception as exc:  # one bad document must not stop the others
                 with self._lock:
                     doc.status, doc.error, doc.slot = "failed", f"{type(exc).__name__}: {exc}", None
+                    doc.exception = exc
                     self._free_slots.insert(0, slot)
                     self._changed.notify_all()
                 self.log(f"{name}: failed: {doc.error}")
 
     def _prepare(self, doc: DocState, slot: int) -> None:
-        from lift_engine.data.documents import tokenize_long
-        from lift_engine.pipeline import _load_or_make_qa, _reset_stale_work_dir, document_sha256
-
         cfg = self.cfg
         doc.out_dir = self.out_root / doc.name
         ids = tokenize_long(doc.text, self.base.tokenizer)
@@ -261,17 +279,21 @@ class BatchTuneJob:
             self.log(f"{doc.name}: adapter already in {doc.out_dir}")
             return
         work_dir = partial_dir_for(doc.out_dir)
-        _reset_stale_work_dir(work_dir, doc.key)
-        qa = _load_or_make_qa(work_dir, doc.text, cfg, self.base, False)
+        reset_stale_work_dir(work_dir, doc.key)
+        qa = stored_qa_items(work_dir, doc.text, cfg, self.base, False)
         doc.qa_items = len(qa)
-        # doc=0: the plan is seeded exactly as in a one-document run; rows get the slot later.
+        # doc=0: the plan is seeded alike whatever the slot; rows get the slot when built.
         doc.samples = DocumentSamples(ids, qa, cfg, self.prompts)
-        plan = doc.samples.full_plan()
+        plan = plan_summary(doc.samples, self.model)
+        self.log(f"{doc.name}: {len(ids)} tokens, {plan['segments']} segments, {plan['qa_items']} auxiliary tasks, "
+                 f"{plan['samples']} samples (~{plan['train_tokens']} tokens); "
+                 f"expected time ~{format_duration(plan['estimated_seconds'])} alone (rough estimate)")
+        refs = doc.samples.full_plan()
         batch = max(1, cfg.train.batch_size)
-        doc.steps = [plan[i : i + batch] for i in range(0, len(plan), batch)]
+        doc.steps = [refs[i : i + batch] for i in range(0, len(refs), batch)]
         # approx_length estimates the template at 48 tokens: keep a margin, so that a
         # document that cannot fit fails here, alone, and never inside a shared step.
-        longest = max(doc.samples.approx_length(r) for r in plan) + 64 if plan else 0
+        longest = max(doc.samples.approx_length(r) for r in refs) + 64 if refs else 0
         self.planner.check_sample(longest)
         self.handle.reset_slot(slot, seed=cfg.train.seed)
         self.optimizer.reset_slot(slot)
@@ -317,8 +339,6 @@ class BatchTuneJob:
         for doc in active:
             refs = doc.steps[doc.next_step]
             if self.prefix_sharing:
-                from lift_engine.batch.prefix import shared_context_refs
-
                 refs = shared_context_refs(refs)
             for ref in refs:
                 sample = doc.samples.build(ref)
@@ -378,13 +398,8 @@ class BatchTuneJob:
         tokens = 0
         for batch_idx in plan.batches:
             mb = [samples[i] for i in batch_idx]
-            if self.prefix_sharing:
-                from lift_engine.batch.prefix import prefix_shared_token_loss
-
-                token_loss, token_docs, used = prefix_shared_token_loss(self.model, self.handle, mb, self.pad_id,
-                                                                         self.logits_chunk)
-            else:
-                token_loss, token_docs, used = plain_token_loss(self.model, self.handle, mb, self.pad_id, self.logits_chunk)
+            token_loss_of = prefix_shared_token_loss if self.prefix_sharing else plain_token_loss
+            token_loss, token_docs, used = token_loss_of(self.model, self.handle, mb, self.pad_id, self.logits_chunk)
             tokens += used
             sums = token_loss.new_zeros(n).index_add(0, token_docs, token_loss)
             (sums / denom).sum().backward()
@@ -416,28 +431,20 @@ class BatchTuneJob:
             self._free_slots.append(slot)
             self._changed.notify_all()
         self.log(f"{doc.name}: adapter written to {doc.out_dir} ({len(doc.steps)} steps)")
+        if self.on_finished is not None:
+            self.on_finished(doc.name, doc.out_dir)
 
     def _write_status(self) -> None:
+        if self.status_path is None:
+            return
         try:
-            atomic_write_json(self.out_root / STATUS_FILE, {"global_step": self.global_step, "documents": self.progress()})
+            atomic_write_json(self.status_path, {"global_step": self.global_step, "documents": self.progress()})
         except OSError:
             pass
 
 
-def plain_token_loss(model, handle, samples: list[Sample], pad_id: int, chunk: int):
-    """Right-padded batch through the decoder; per-token loss at loss positions only.
-
-    Returns (token_loss [T] float32, token_docs [T] slot of each, padded tokens used).
-    """
-    ids, mask, labels, docs = collate(samples, pad_id, model_device(model))
-    handle.set_indices(docs)
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=training_attention_mask(mask)).last_hidden_state
-    rows, cols, targets = loss_positions(labels)
-    token_loss = chunked_token_loss(hidden[rows, cols], model.get_output_embeddings(), targets, chunk)
-    return token_loss, docs[rows], int(ids.numel())
-
-
-def _pad_id(tokenizer) -> int:
+def pad_token_id(tokenizer) -> int:
+    """The id training batches are padded with: pad, else end of sequence, else 0."""
     for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if value is not None:
             return int(value)

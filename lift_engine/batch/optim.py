@@ -20,6 +20,7 @@ like the single-tensor formula to about one ulp. Where the kernel is missing (an
 device, an older torch), or with `fused=False`, the single-tensor ops run per bank.
 
 State of one slot (`slot_state(n)`) is what a per-document checkpoint stores.
+`clip_per_slot` clips the gradients of each slot on its own, before the step.
 """
 from __future__ import annotations
 
@@ -43,6 +44,22 @@ def fused_adamw_available(params: list[torch.Tensor]) -> bool:
     except (RuntimeError, NotImplementedError):
         return False
     return True
+
+
+def clip_per_slot(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip gradients to `max_norm` separately for every adapter slot (leading axis).
+
+    params: bank parameters [N, …]. Returns the per-slot norms before clipping, [N].
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    sq = torch.stack([g.reshape(g.shape[0], -1).pow(2).sum(dim=1) for g in grads]).sum(dim=0)
+    norms = sq.sqrt()
+    factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(factor.view(-1, *([1] * (g.dim() - 1))))
+    return norms
 
 
 class SlotAdamW:

@@ -27,10 +27,10 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from lift_engine.batch.forward import plain_token_loss, training_attention_mask
 from lift_engine.batch.loss import chunked_token_loss, loss_positions
 from lift_engine.models.loading import model_device
 from lift_engine.samples import IGNORE_INDEX, Sample, SampleRef
-from lift_engine.trainer import training_attention_mask
 
 
 def shared_context_refs(refs: list[SampleRef]) -> list[SampleRef]:
@@ -55,9 +55,7 @@ def shared_prefix_length(group: list[Sample]) -> int:
 
 
 def prefix_shared_token_loss(model, handle, samples: list[Sample], pad_id: int, chunk: int):
-    """Same contract as job.plain_token_loss: (token_loss [T], token_docs [T], tokens computed)."""
-    from lift_engine.batch.job import plain_token_loss
-
+    """Same contract as forward.plain_token_loss: (token_loss [T], token_docs [T], tokens computed)."""
     if getattr(model, "is_gradient_checkpointing", False):
         return plain_token_loss(model, handle, samples, pad_id, chunk)
     slots = sorted({s.doc for s in samples})

@@ -11,6 +11,9 @@ import importlib
 _EXPORTS = {
     "read_document": "documents",
     "tokenize_long": "documents",
+    "document_sha256": "documents",
+    "build_qa_items": "tasks",
+    "stored_qa_items": "tasks",
     "EvalRecord": "records",
     "read_records": "records",
     "segment_spans": "segmentation",

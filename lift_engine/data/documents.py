@@ -10,6 +10,7 @@ memory stays bounded by one chunk of text (the token list itself aside).
 from __future__ import annotations
 
 import codecs
+import hashlib
 import os
 import sys
 from typing import BinaryIO
@@ -174,3 +175,10 @@ def _encode(tokenizer, piece: str) -> list[int]:
     else:
         ids = tokenizer.encode(piece, add_special_tokens=False)
     return list(ids)
+
+
+def document_sha256(ids: list[int]) -> str:
+    """Hex SHA-256 of a tokenised document (its ids as int64): the key of its adapter."""
+    import numpy as np
+
+    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
