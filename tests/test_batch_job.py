@@ -235,3 +235,31 @@ def test_cli_rejects_duplicate_names(model_dir, tmp_path, capsys):
     code = main(["tune", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "out"), "--model", str(model_dir)])
     err = capsys.readouterr().err
     assert code != 0 and "doc" in err and "Traceback" not in err
+
+
+def test_cli_batched_tune_publishes_each_adapter_to_the_store(model_dir, tmp_path, capsys):
+    from lift_engine.store import AdapterStore
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "alpha.md").write_text(DOCS["short"])
+    (docs / "beta.txt").write_text(DOCS["medium"])
+    store = tmp_path / "store"
+    args = ["tune", str(docs), "-o", str(tmp_path / "out"), "--model", str(model_dir), "--store", str(store),
+            "--tenant", "acme", "--max-active", "1"]
+    assert main(args) == 0, capsys.readouterr()
+    err = capsys.readouterr().err
+    listed = sorted(info.name for info in AdapterStore(store).list("acme"))
+    assert listed == ["alpha", "beta"]
+    # published as each finished: alpha (slot 1 of 1) was in the store before beta trained
+    assert err.index("alpha: published") < err.index("beta: slot")
+    assert main(args[:-2] + ["--name", "one"]) != 0
+    assert "--name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--max-active", "0"), ("--checkpoint-every", "0"), ("--memory-budget", "-1")])
+def test_cli_rejects_bad_engine_settings(model_dir, tmp_path, capsys, flag, value):
+    (tmp_path / "a.md").write_text(DOCS["short"])
+    code = main(["tune", str(tmp_path / "a.md"), "-o", str(tmp_path / "out"), "--model", str(model_dir), flag, value])
+    err = capsys.readouterr().err
+    assert code != 0 and err.startswith(f"lift: error: {flag}") and "Traceback" not in err
