@@ -1,5 +1,6 @@
 """Batched answering (DESIGN.md §2.5, §4): questions of several adapters, and base-model
-rows, decoded together give the one-question path's greedy tokens exactly."""
+rows, decoded together give the one-question path's greedy tokens exactly; several saved
+adapters load into one bank (load_adapters)."""
 from __future__ import annotations
 
 import random
@@ -9,8 +10,10 @@ import torch
 
 from helpers_models import make_tiny_model
 from helpers_tokenizer import make_tokenizer
-from lift_engine.adapters import attach_adapters
+from lift_engine.adapters import attach_adapters, load_adapter, load_adapters, save_adapter
+from lift_engine.adapters.gated_memory import QueryCapture
 from lift_engine.config import make_config
+from lift_engine.errors import AdapterError
 from lift_engine.inference import (
     AnswerRequest,
     _stop_ids,
@@ -142,3 +145,88 @@ def test_greedy_answers_arguments():
         greedy_answers(base.model, tokenizer, prompts, [AnswerRequest("q", slot=2)], handle=handle)
     with pytest.raises(ValueError, match="batch_size"):
         greedy_answers(base.model, tokenizer, prompts, [AnswerRequest("q")], handle=handle, batch_size=0)
+
+
+# ------------------------------------------------------------------ load_adapters
+def _save(base, kind, tmp_path, name, seed, **cfg_kwargs):
+    cfg = _cfg(kind, **cfg_kwargs)
+    handle = attach_adapters(base.model, kind, cfg, num_adapters=1)
+    _perturb(handle, seed)
+    out = save_adapter(handle, 0, tmp_path / name, base=base, lift_config=cfg)
+    handle.remove()
+    return out
+
+
+def _unpatched(model) -> bool:
+    return not any(isinstance(m, QueryCapture) or hasattr(m, "lora_a") for m in model.modules())
+
+
+@pytest.mark.parametrize("kind", ["lora", "gated-memory"])
+def test_load_adapters_one_bank_answers_as_each_adapter_alone(tmp_path, kind):
+    base = _loaded()
+    tokenizer, prompts = base.tokenizer, PromptBuilder(base.tokenizer, True)
+    dirs = [_save(base, kind, tmp_path, "a", seed=5)]
+    # LoRA: a second adapter of another rank, alpha and target set
+    dirs.append(_save(base, kind, tmp_path, "b", seed=6, r=2, alpha=5.0, targets=["q_proj", "v_proj", "down_proj"]))
+    requests = [r for r in _requests(tokenizer, slots=(None, 0, 1)) if r.doc_ids is not None]
+    ids = torch.tensor([list(range(20, 50))])
+    alone_ids, alone_logits, alone_state = {}, {}, {}
+    for slot, d in enumerate(dirs):
+        single = load_adapter(d, base)
+        alone_state[slot] = single.state_for_slot(0)
+        with torch.no_grad(), single.use([0]):
+            alone_logits[slot] = base.model(ids).logits
+        for i, r in enumerate(requests):
+            if r.slot == slot:
+                alone_ids[i] = _reference_ids(base.model, tokenizer, prompts, AnswerRequest(r.question, r.doc_ids, r.window, 0),
+                                              single)
+        single.remove()
+    bank = load_adapters(dirs, base)
+    try:
+        assert bank.kind == kind and bank.num_adapters == 2
+        if kind == "lora":
+            assert bank.config.lora.r == 4
+            assert bank.slot_lora_config(0) == {"r": 4, "alpha": 8.0}
+            assert bank.slot_lora_config(1) == {"r": 2, "alpha": 5.0}
+        for slot in (0, 1):
+            state = bank.state_for_slot(slot)
+            assert all(torch.equal(state[k], v) for k, v in alone_state[slot].items())
+            assert all(not state[k].any() for k in state.keys() - alone_state[slot].keys())  # modules it lacks
+            with torch.no_grad(), bank.use([slot]):
+                torch.testing.assert_close(base.model(ids).logits, alone_logits[slot], atol=1e-4, rtol=1e-4)
+        with torch.no_grad(), bank.use([-1]):
+            plain = base.model(ids).logits
+        assert (alone_logits[0] - plain).abs().max() > 1e-2 and (alone_logits[1] - plain).abs().max() > 1e-2
+        got = greedy_answer_ids(base.model, tokenizer, prompts, requests, handle=bank, max_new_tokens=NEW_TOKENS,
+                                batch_size=4)
+        for i, r in enumerate(requests):
+            if r.slot is not None:
+                assert got[i] == alone_ids[i], (i, r.slot)
+    finally:
+        bank.remove()
+    assert _unpatched(base.model)
+
+
+def test_load_adapters_errors(tmp_path):
+    base = _loaded()
+    lora = _save(base, "lora", tmp_path, "lora", seed=1)
+    gated = _save(base, "gated-memory", tmp_path, "gm", seed=2)
+    with pytest.raises(AdapterError, match="no adapters"):
+        load_adapters([], base)
+    with pytest.raises(AdapterError, match="one bank holds one kind") as err:
+        load_adapters([lora, gated], base)
+    assert str(gated) in str(err.value) and "\n" not in str(err.value)
+    assert _unpatched(base.model)
+    broken = _save(base, "lora", tmp_path, "broken", seed=3)
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(AdapterError, match="cannot read") as err:
+        load_adapters([lora, broken], base)
+    assert str(broken) in str(err.value) and "\n" not in str(err.value)
+    assert _unpatched(base.model)  # the bank attached for the first adapter is gone again
+    with pytest.raises(AdapterError, match="does not exist"):
+        load_adapters([lora, tmp_path / "nope"], base)
+    other = _loaded(seed=1)
+    with pytest.raises(AdapterError, match="was tuned for base model"):
+        load_adapters([lora], other)
+    assert _unpatched(other.model)
