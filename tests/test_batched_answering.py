@@ -102,9 +102,8 @@ def test_batched_answers_equal_one_question_at_a_time(kind, attn_impl):
     assert done == [6, 6, 6, 2]  # several batches, every one mixing adapters
     assert handle.context.indices is None  # the handle's indices are restored
     assert got == expected  # token for token
-    answers = greedy_answers(base.model, tokenizer, prompts, requests, handle=handle, max_new_tokens=NEW_TOKENS,
-                             batch_size=6)
-    assert answers == [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in expected]
+    answers = greedy_answers(base.model, tokenizer, prompts, requests[:4], handle=handle, max_new_tokens=NEW_TOKENS)
+    assert answers == [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in expected[:4]]
 
     # the test means something: every adapter changes every prompt's answer, and some rows
     # stop at a stop token while others in their batch go on to max_new_tokens
@@ -230,3 +229,29 @@ def test_load_adapters_errors(tmp_path):
     with pytest.raises(AdapterError, match="was tuned for base model"):
         load_adapters([lora], other)
     assert _unpatched(other.model)
+
+
+# ------------------------------------------------------------------ lift demo
+def test_demo_columns_are_decoded_in_batches(monkeypatch):
+    from lift_engine import demo
+    from lift_engine.data.documents import tokenize_long
+
+    base = _loaded()
+    tokenizer, prompts = base.tokenizer, PromptBuilder(base.tokenizer, True)
+    cfg = make_config("cpu", "lora")
+    cfg.inference.max_new_tokens = 6
+    questions = demo.demo_questions()[:5]
+    doc_ids = tokenize_long(demo.demo_document(), tokenizer)[:300]
+    handle = attach_adapters(base.model, "lora", _cfg("lora"), num_adapters=1)
+    _perturb(handle, seed=4)
+    batches = []  # rows per generate call
+    generate = base.model.generate
+    monkeypatch.setattr(base.model, "generate", lambda **kw: batches.append(kw["input_ids"].shape[0]) or generate(**kw))
+    for column_handle, window in ((None, 64), (None, None), (handle, 64)):  # truncated ICL, full ICL, LIFT
+        batches.clear()
+        got = demo._answers(base, prompts, questions, doc_ids, window, cfg, column_handle, "column")
+        assert batches == [len(questions)]  # the whole column in one batch
+        want = [greedy_answer(base.model, tokenizer, prompts, q["question"], doc_ids=doc_ids, window=window,
+                              max_new_tokens=6, handle=column_handle, slot=0 if column_handle else None)
+                for q in questions]
+        assert got == want
