@@ -17,7 +17,7 @@ from lift_engine import metrics
 from lift_engine.config import LiftConfig
 from lift_engine.data.documents import tokenize_long
 from lift_engine.evaluate import cache_root
-from lift_engine.inference import greedy_answer
+from lift_engine.inference import AnswerRequest, greedy_answers
 from lift_engine.models.loading import LoadedModel
 from lift_engine.pipeline import load_tuned, tune_document
 from lift_engine.prompts import PromptBuilder
@@ -42,12 +42,13 @@ def demo_questions() -> list[dict]:
 
 
 def _answers(base, prompts, questions, doc_ids, window, cfg, handle, desc) -> list[str]:
-    out = []
-    for q in tqdm(questions, desc=desc, unit="q", dynamic_ncols=True):
-        out.append(greedy_answer(base.model, base.tokenizer, prompts, q["question"], doc_ids=doc_ids, window=window,
-                                 max_new_tokens=cfg.inference.max_new_tokens, handle=handle,
-                                 slot=0 if handle is not None else None))
-    return out
+    """One table column: every question decoded in batches (greedy_answers), slot 0 of
+    `handle` or the base model."""
+    slot = 0 if handle is not None else None
+    requests = [AnswerRequest(q["question"], doc_ids=doc_ids, window=window, slot=slot) for q in questions]
+    with tqdm(total=len(questions), desc=desc, unit="q", dynamic_ncols=True) as bar:
+        return greedy_answers(base.model, base.tokenizer, prompts, requests, handle=handle,
+                              max_new_tokens=cfg.inference.max_new_tokens, progress=bar.update)
 
 
 def run_demo(base: LoadedModel, cfg: LiftConfig, out_dir: Path | None = None, log=print) -> dict:

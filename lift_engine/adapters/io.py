@@ -17,7 +17,8 @@ An adapter directory holds one adapter (one slot of a bank):
 
 save_adapter writes the whole directory atomically (temp dir beside it, fsync, swap in);
 load_adapter validates everything before touching the model and raises AdapterError
-with one line on any problem.
+with one line on any problem; load_adapters puts several adapters of one kind into one
+bank (slot i = the i-th directory), through the same checks.
 """
 from __future__ import annotations
 
@@ -234,6 +235,56 @@ def _gated_memory_tensors(adapter_dir: Path, handle: AdapterHandle, base: Any) -
     return _load_tensors(adapter_dir / GM_WEIGHTS, GM_WEIGHTS)
 
 
+def _checked_manifest(adapter_dir: Path, base: Any) -> dict:
+    """read_manifest, plus: the adapter was tuned for `base` (same fingerprint)."""
+    manifest = read_manifest(adapter_dir)
+    recorded = manifest["base_model"]
+    if recorded["fingerprint"] != base.fingerprint:
+        raise AdapterError(
+            f"adapter {str(adapter_dir)!r} was tuned for base model {recorded.get('id')!r} "
+            f"(fingerprint {recorded['fingerprint']}), but the loaded base model is {base.model_id!r} "
+            f"(fingerprint {base.fingerprint})"
+        )
+    return manifest
+
+
+def _bank_config(adapter_dir: Path, manifest: dict) -> LiftConfig:
+    """The LiftConfig to attach a bank that this adapter fits: its manifest's lift_config,
+    and for LoRA the rank, targets and alpha of its PEFT config."""
+    try:
+        cfg = LiftConfig.from_dict(manifest.get("lift_config") or {})
+    except Exception as exc:
+        raise AdapterError(f"adapter {str(adapter_dir)!r}: invalid lift_config in {MANIFEST}: {exc}") from exc
+    if manifest["kind"] == "lora":
+        # Size the bank from the PEFT config, so that the adapter always fits.
+        peft = _read_json(adapter_dir / PEFT_CONFIG, f"adapter {str(adapter_dir)!r}")
+        targets = peft.get("target_modules") or list(cfg.lora.targets)
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        r = peft.get("r") if isinstance(peft.get("r"), int) and peft.get("r") > 0 else cfg.lora.r
+        cfg.lora.r, cfg.lora.targets = r, tuple(targets)
+        if isinstance(peft.get("lora_alpha"), (int, float)):
+            cfg.lora.alpha = float(peft["lora_alpha"])
+    return cfg
+
+
+def _load_slot_from(adapter_dir: Path, manifest: dict, base: Any, handle: AdapterHandle, slot: int) -> None:
+    """Validate the adapter's files against `handle` and copy them into `slot`."""
+    dtype = _DTYPES[manifest["dtype"]]
+    if manifest["kind"] == "lora":
+        tensors, alpha, complete = _lora_tensors(adapter_dir, handle)
+    else:
+        tensors, alpha, complete = _gated_memory_tensors(adapter_dir, handle, base), None, True
+    for name, tensor in tensors.items():
+        if tensor.dtype != dtype:
+            raise AdapterError(
+                f"adapter {str(adapter_dir)!r}: tensor {name!r} is {_dtype_name(tensor.dtype)}, manifest says {manifest['dtype']}"
+            )
+    try:
+        handle.load_slot(slot, tensors, alpha=alpha, strict=complete)
+    except AdapterError as exc:
+        raise AdapterError(f"adapter {str(adapter_dir)!r}: {exc}") from exc
+
+
 def load_adapter(
     adapter_dir: str | os.PathLike,
     base: Any,
@@ -244,55 +295,55 @@ def load_adapter(
 
     base: the LoadedModel; its fingerprint must match the one the adapter was tuned for.
     handle: an existing handle of the same kind on base.model; None → attach a new
-    one-slot handle (kind and sizes from the adapter's manifest) and load into slot 0.
+    one-slot handle (kind and sizes from the adapter's manifest) and load into slot 0
+    (= load_adapters([adapter_dir], base)).
     Returns the handle. Raises AdapterError (one line); the model is left as it was.
     """
+    if handle is None:
+        return load_adapters([adapter_dir], base)
     adapter_dir = Path(adapter_dir)
-    manifest = read_manifest(adapter_dir)
-    kind = manifest["kind"]
-    recorded = manifest["base_model"]
-    if recorded["fingerprint"] != base.fingerprint:
+    manifest = _checked_manifest(adapter_dir, base)
+    if handle.kind != manifest["kind"]:
         raise AdapterError(
-            f"adapter {str(adapter_dir)!r} was tuned for base model {recorded.get('id')!r} "
-            f"(fingerprint {recorded['fingerprint']}), but the loaded base model is {base.model_id!r} "
-            f"(fingerprint {base.fingerprint})"
+            f"adapter {str(adapter_dir)!r} is a {manifest['kind']} adapter; the handle holds {handle.kind} adapters"
         )
-    if handle is not None and handle.kind != kind:
-        raise AdapterError(f"adapter {str(adapter_dir)!r} is a {kind} adapter; the handle holds {handle.kind} adapters")
-    created = handle is None
-    if created:
-        try:
-            cfg = LiftConfig.from_dict(manifest.get("lift_config") or {})
-        except Exception as exc:
-            raise AdapterError(f"adapter {str(adapter_dir)!r}: invalid lift_config in {MANIFEST}: {exc}") from exc
-        if kind == "lora":
-            # Size the bank from the PEFT config, so that the adapter always fits.
-            peft = _read_json(adapter_dir / PEFT_CONFIG, f"adapter {str(adapter_dir)!r}")
-            targets = peft.get("target_modules") or list(cfg.lora.targets)
-            targets = [targets] if isinstance(targets, str) else list(targets)
-            r = peft.get("r") if isinstance(peft.get("r"), int) and peft.get("r") > 0 else cfg.lora.r
-            cfg.lora.r, cfg.lora.targets = r, tuple(targets)
-            if isinstance(peft.get("lora_alpha"), (int, float)):
-                cfg.lora.alpha = float(peft["lora_alpha"])
-        handle = attach_adapters(base.model, kind, cfg, num_adapters=1)
-        slot = 0
+    _load_slot_from(adapter_dir, manifest, base, handle, slot)
+    return handle
+
+
+def load_adapters(adapter_dirs: list[str | os.PathLike], base: Any) -> AdapterHandle:
+    """Attach one bank holding every adapter of `adapter_dirs`: slot i = adapter_dirs[i].
+
+    So that their questions can share a batch (lift_engine.inference.greedy_answers).
+    All must be of one kind and tuned for `base`. The bank's config is the first
+    adapter's lift_config; for LoRA its rank is the largest of the adapters' ranks and
+    its targets the union of theirs: each slot keeps its own rank and alpha (smaller
+    ranks are zero-padded, modules an adapter does not target stay zero for it), so every
+    slot computes what its adapter loaded alone computes.
+    Every manifest is checked before the model is touched; raises AdapterError (one line,
+    naming the adapter); on any error the model is left as it was.
+    """
+    dirs = [Path(d) for d in adapter_dirs]
+    if not dirs:
+        raise AdapterError("no adapters to load")
+    manifests = [_checked_manifest(d, base) for d in dirs]
+    kind = manifests[0]["kind"]
+    for d, manifest in zip(dirs, manifests):
+        if manifest["kind"] != kind:
+            raise AdapterError(
+                f"adapter {str(d)!r} is a {manifest['kind']} adapter but {str(dirs[0])!r} is a {kind} adapter; "
+                "one bank holds one kind"
+            )
+    configs = [_bank_config(d, m) for d, m in zip(dirs, manifests)]
+    cfg = configs[0]
+    if kind == "lora":
+        cfg.lora.r = max(c.lora.r for c in configs)
+        cfg.lora.targets = tuple(dict.fromkeys(t for c in configs for t in c.lora.targets))
+    handle = attach_adapters(base.model, kind, cfg, num_adapters=len(dirs))
     try:
-        dtype = _DTYPES[manifest["dtype"]]
-        if kind == "lora":
-            tensors, alpha, complete = _lora_tensors(adapter_dir, handle)
-        else:
-            tensors, alpha, complete = _gated_memory_tensors(adapter_dir, handle, base), None, True
-        for name, tensor in tensors.items():
-            if tensor.dtype != dtype:
-                raise AdapterError(
-                    f"adapter {str(adapter_dir)!r}: tensor {name!r} is {_dtype_name(tensor.dtype)}, manifest says {manifest['dtype']}"
-                )
-        try:
-            handle.load_slot(slot, tensors, alpha=alpha, strict=complete)
-        except AdapterError as exc:
-            raise AdapterError(f"adapter {str(adapter_dir)!r}: {exc}") from exc
+        for slot, (d, manifest) in enumerate(zip(dirs, manifests)):
+            _load_slot_from(d, manifest, base, handle, slot)
     except BaseException:
-        if created:
-            handle.remove()
+        handle.remove()
         raise
     return handle
