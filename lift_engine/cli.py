@@ -302,7 +302,7 @@ def cmd_eval(args) -> int:
     if args.limit is not None:
         records = records[: max(0, args.limit)]
     base = _load_base(args.model, args.device)
-    summary, predictions = evaluate(records, base, cfg, args.mode, cfg.inference.window,
+    summary, predictions = evaluate(records, base, cfg, args.mode, cfg.inference.window, settings,
                                     log=lambda *a: print(*a, file=sys.stderr))
     if args.predictions:
         write_predictions(predictions, args.predictions)

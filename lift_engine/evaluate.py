@@ -4,8 +4,13 @@
     lift      truncated context (window W) + the context's tuned adapter
     full-icl  the whole context (up to the model's positions), base model
 
-One adapter is tuned per distinct context and reused for all its questions; adapters are
-cached on disk under a key of (context, config, base model), so a rerun tunes nothing.
+In lift mode every distinct context without a cached adapter is admitted to ONE tuning
+job (lift_engine.batch.job; at most `max_active` train at once, the next joins as one
+finishes), with a progress bar per document and overall. Adapters are cached on disk under
+a key of (context, config, base model, engine recipe, prefix sharing), so a rerun tunes
+nothing and an adapter tuned before a recipe change is not reused after it. Questions are
+then answered in batches across adapters (inference.greedy_answers): up to `max_active`
+adapters share one bank, and rows of different documents share a batch.
 """
 from __future__ import annotations
 
@@ -18,25 +23,30 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from lift_engine import metrics
-from lift_engine.config import LiftConfig
+from lift_engine.adapters.io import load_adapters
+from lift_engine.batch.job import TRAINER_ID, BatchTuneJob
+from lift_engine.batch.progress import JobProgressDisplay
+from lift_engine.config import BatchConfig, LiftConfig
 from lift_engine.data.documents import tokenize_long
 from lift_engine.data.records import EvalRecord
+from lift_engine.errors import LiftError
 from lift_engine.fsutil import atomic_write_bytes
-from lift_engine.inference import greedy_answer
-from lift_engine.models.loading import LoadedModel
-from lift_engine.pipeline import load_tuned, tune_document
+from lift_engine.inference import AnswerRequest, greedy_answers
+from lift_engine.models.loading import LoadedModel, model_device
 from lift_engine.prompts import PromptBuilder
 
 MODES = ("icl", "lift", "full-icl")
+MANIFEST = "lift_adapter.json"
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("LIFT_CACHE_DIR", Path.home() / ".cache" / "lift_engine"))
 
 
-def adapter_cache_dir(context: str, cfg: LiftConfig, base: LoadedModel) -> Path:
-    key = hashlib.sha256(f"{context}\0{cfg.fingerprint()}\0{base.fingerprint}".encode()).hexdigest()[:24]
-    return cache_root() / "adapters" / f"{cfg.adapter}-{key}"
+def adapter_cache_name(context: str, cfg: LiftConfig, base: LoadedModel, prefix_sharing: bool) -> str:
+    """Directory name of the cached adapter of `context`: a hash of everything that changes it."""
+    key = "\0".join((context, cfg.fingerprint(), base.fingerprint, TRAINER_ID, str(bool(prefix_sharing))))
+    return f"{cfg.adapter}-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
 
 
 @dataclass
@@ -48,53 +58,81 @@ class Prediction:
     scores: dict
 
 
-def full_window(base: LoadedModel, prompts: PromptBuilder, max_new_tokens: int) -> int:
+def full_window(base: LoadedModel, max_new_tokens: int) -> int:
     """Largest context that fits the model's positions with room for question and answer."""
     positions = getattr(base.model.config, "max_position_embeddings", 4096)
     return max(16, positions - max_new_tokens - 256)
 
 
+def tune_contexts(contexts: list[str], base: LoadedModel, cfg: LiftConfig, settings: BatchConfig,
+                  progress: bool = True, log=print) -> list[Path]:
+    """The cached adapter dir of every context, tuning the missing ones in one batched job."""
+    prefix = settings.prefix_sharing_on(model_device(base.model).type)
+    root = cache_root() / "adapters"
+    names = [adapter_cache_name(c, cfg, base, prefix) for c in contexts]
+    missing = {name: c for name, c in zip(names, contexts) if not (root / name / MANIFEST).is_file()}
+    if missing:
+        job = BatchTuneJob(base, cfg, root, settings, log=log, status_file=None,
+                           max_active=min(settings.max_active, len(missing)))
+        display = JobProgressDisplay(enabled=progress)
+        try:
+            for n, (name, context) in enumerate(missing.items()):
+                log(f"tuning an adapter for context {n + 1}/{len(missing)} ({len(context)} characters) as {name}")
+                job.submit(context, name, source=f"context {names.index(name) + 1}")
+            job.run(on_step=lambda _: display.update(job.progress()))
+        finally:
+            display.close()
+            job.close()
+        failed = {n: i["error"] for n, i in job.progress().items() if i["status"] != "done"}
+        if failed:
+            name, error = next(iter(failed.items()))
+            raise LiftError(f"tuning {len(failed)} context(s) failed, e.g. {name}: {error}")
+    return [root / name for name in names]
+
+
 def evaluate(
     records: list[EvalRecord], base: LoadedModel, cfg: LiftConfig, mode: str, window: int,
-    progress: bool = True, log=print,
+    settings: BatchConfig | None = None, progress: bool = True, log=print, answer_batch: int = 16,
 ) -> tuple[dict, list[Prediction]]:
-    """Answer every record in `mode`; returns (aggregate metrics, per-question predictions)."""
+    """Answer every record in `mode`; returns (aggregate metrics, per-question predictions
+    in record order). settings: the tuning engine's BatchConfig (lift mode); answer_batch:
+    questions decoded together."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
+    settings = settings or BatchConfig()
     prompts = PromptBuilder(base.tokenizer, cfg.inference.use_chat_template)
-    by_context: dict[str, list[EvalRecord]] = {}
-    for record in records:
-        by_context.setdefault(record.context, []).append(record)
-    predictions: list[Prediction] = []
+    contexts = list(dict.fromkeys(r.context for r in records))
     if mode == "full-icl":
-        window = full_window(base, prompts, cfg.inference.max_new_tokens)
-    bar = tqdm(total=len(records), desc=f"eval {mode}", unit="q", disable=not progress, dynamic_ncols=True)
+        window = full_window(base, cfg.inference.max_new_tokens)
+    adapter_dirs = tune_contexts(contexts, base, cfg, settings, progress, log) if mode == "lift" else None
+    doc_ids = {c: tokenize_long(c, base.tokenizer) for c in contexts}
+    # Adapters share a bank max_active at a time; without adapters, one group.
+    group_size = settings.max_active if adapter_dirs is not None else len(contexts)
+    answers: dict[int, str] = {}
+    bar = tqdm(total=len(records), desc=f"answering ({mode})", unit="q", disable=not progress, dynamic_ncols=True)
     try:
-        for n, (context, group) in enumerate(by_context.items()):
-            doc_ids = tokenize_long(context, base.tokenizer)
-            handle = None
-            if mode == "lift":
-                adapter_dir = adapter_cache_dir(context, cfg, base)
-                if not (adapter_dir / "lift_adapter.json").is_file():
-                    log(f"tuning an adapter for context {n + 1}/{len(by_context)} ({len(doc_ids)} tokens)")
-                    tune_document(base, context, adapter_dir, cfg, progress=progress, source=group[0].id, log=log)
-                handle = load_tuned(base, adapter_dir)
+        for start in range(0, len(contexts), max(1, group_size)):
+            group = contexts[start : start + group_size]
+            slot_of = {c: i for i, c in enumerate(group)}
+            handle = load_adapters(adapter_dirs[start : start + len(group)], base) if adapter_dirs is not None else None
             try:
-                for record in group:
-                    answer = greedy_answer(
-                        base.model, base.tokenizer, prompts, record.question, doc_ids=doc_ids, window=window,
-                        max_new_tokens=cfg.inference.max_new_tokens, handle=handle, slot=0 if handle else None,
-                    )
-                    predictions.append(Prediction(record.id, record.question, answer, record.answers,
-                                                  metrics.score(answer, record.answers)))
-                    bar.update(1)
+                indices = [i for i, r in enumerate(records) if r.context in slot_of]
+                requests = [AnswerRequest(records[i].question, doc_ids[records[i].context], window,
+                                          slot_of[records[i].context] if handle is not None else None)
+                            for i in indices]
+                decoded = greedy_answers(base.model, base.tokenizer, prompts, requests, handle=handle,
+                                         max_new_tokens=cfg.inference.max_new_tokens, batch_size=answer_batch,
+                                         progress=bar.update)
+                answers.update(zip(indices, decoded))
             finally:
                 if handle is not None:
                     handle.remove()
     finally:
         bar.close()
+    predictions = [Prediction(r.id, r.question, answers[i], r.answers, metrics.score(answers[i], r.answers))
+                   for i, r in enumerate(records)]
     summary = metrics.aggregate([p.scores for p in predictions])
-    summary.update({"mode": mode, "window": window, "questions": len(predictions), "contexts": len(by_context),
+    summary.update({"mode": mode, "window": window, "questions": len(predictions), "contexts": len(contexts),
                     "adapter": cfg.adapter if mode == "lift" else None})
     return summary, predictions
 

@@ -47,6 +47,7 @@ def test_eval_lift_writes_predictions_and_reuses_adapters(capsys, tmp_path, mode
     adapters = sorted((tmp_path / "cache" / "adapters").iterdir())
     assert len(adapters) == 2  # one adapter per distinct context
     assert err.count("tuning an adapter") == 2
+    assert ": slot 0," in err and ": slot 1," in err  # both contexts trained in one job, side by side
     # A rerun tunes nothing: the cached adapters are reused.
     assert main(args) == 0
     out2, err2 = capsys.readouterr()
