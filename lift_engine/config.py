@@ -82,12 +82,30 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
+    # Scale of each sample kind's token losses (samples.py); a kind of weight 0 is not trained.
+    segment_weight: float = 1.0  # contextualized segments (recitation)
+    qa_weight: float = 1.0  # auxiliary QA pairs
+    distill_weight: float = 1.0  # context distillation (only with distill.enabled)
     batch_size: int = 1  # samples per optimizer step
     seed: int = 0
     # dtype of the frozen base's weights and activations while tuning (lift_engine.precision):
     # "float32", or "bfloat16" (adapters and AdamW stay fp32; bf16 GEMMs are several times
     # faster on CPUs with AMX, measured in bench/README.md run 5, and on GPUs, not yet run)
     compute_dtype: str = "float32"
+
+
+@dataclass
+class DistillConfig:
+    """Context distillation (DESIGN.md §2.6): the frozen base reads one chunk of the
+    document and answers queries about it; the adapter learns to give the same next-token
+    distributions (top k) without the chunk."""
+
+    enabled: bool = False
+    top_k: int = 20  # teacher tokens kept per answer position (Cartridges: 20)
+    chunk_tokens: int = 256  # tokens of document the teacher reads per query; chunks cover the whole document
+    queries_per_chunk: int = 4
+    max_answer_tokens: int = 48  # longest teacher answer
+    teacher_batch: int = 16  # teacher answers decoded together
 
 
 @dataclass
@@ -112,6 +130,7 @@ class LiftConfig:
     gated_memory: GatedMemoryConfig = field(default_factory=GatedMemoryConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -122,8 +141,11 @@ class LiftConfig:
         Window and answer length do not change it: left out.
         """
         data = self.to_dict()
-        if data["train"].get("compute_dtype") == "float32":  # the default before the field existed:
-            data["train"].pop("compute_dtype")  # fp32 adapters made earlier keep their fingerprint
+        for (section, key), value in FINGERPRINT_DEFAULTS.items():
+            if data[section].get(key) == value:
+                data[section].pop(key)
+        if not data["distill"]["enabled"]:  # the other distill fields change nothing then
+            data.pop("distill")
         for key in ("window", "max_new_tokens"):
             data["inference"].pop(key)
         blob = json.dumps(data, sort_keys=True, default=str).encode()
@@ -139,6 +161,7 @@ class LiftConfig:
             "gated_memory": GatedMemoryConfig,
             "train": TrainConfig,
             "inference": InferenceConfig,
+            "distill": DistillConfig,
         }
         kwargs = {}
         for key, value in data.items():
@@ -154,6 +177,11 @@ class LiftConfig:
                 kwargs[key] = value
         return cls(**kwargs)
 
+
+# Fields added after adapters were published, left out of the fingerprint while they hold
+# the value every older adapter was tuned with, so that those keep their fingerprint.
+FINGERPRINT_DEFAULTS = {("train", "compute_dtype"): "float32", ("train", "segment_weight"): 1.0,
+                        ("train", "qa_weight"): 1.0, ("train", "distill_weight"): 1.0}
 
 # Fields that older manifests carry and that moved elsewhere (dropped when read back):
 # train.checkpoint_every is BatchConfig.checkpoint_every now.

@@ -1,9 +1,14 @@
 """Training samples of one document (DESIGN.md §2.1–2.4).
 
-Two kinds of sample, both placed behind a head/tail context of the document:
+Three kinds of sample, all placed behind a head/tail context of the document:
 
     segment:  prompt(context, recite instruction) + segment ids          loss on the segment
     qa:       question_prompt(context, question) + answer + end of turn  loss on the answer
+    distill:  question_prompt(context, query) + teacher's answer         KL to the teacher's
+              (DESIGN.md §2.6; the teacher read the query's chunk)        top-k at each answer token
+
+Each kind's per-token loss is scaled by its weight in the config (train.segment_weight,
+qa_weight, distill_weight); a kind of weight 0 is left out of the plan.
 
 Samples are planned as light (kind, index) references and built only when a step needs
 them, so a 1M-token document never materialises thousands of token lists at once. The
@@ -14,6 +19,8 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+
+import torch
 
 from lift_engine.config import LiftConfig
 from lift_engine.data.extractive import QAItem
@@ -33,17 +40,35 @@ HEAD_FRACTION_RANGE = (0.25, 0.75)
 @dataclass
 class Sample:
     """One training sequence. input_ids, labels: [S] (labels IGNORE_INDEX where no loss);
-    doc: the document's adapter slot."""
+    doc: the document's adapter slot; weight: scale of its token losses. soft: for a
+    distill sample, the teacher's (top_ids [n, k], top_logprobs [n, k]) at its n labelled
+    positions, in order (the labels hold the teacher's answer tokens)."""
 
     input_ids: list[int]
     labels: list[int]
     kind: str
     doc: int = 0
+    weight: float = 1.0
+    soft: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class TeacherAnswer:
+    """A context-distillation target: a query about chunk `chunk` of the document, the
+    frozen base's answer with that chunk in its prompt (answer_ids: its tokens, end of turn
+    included) and its next-token distribution at each answer position, cut to the top k:
+    top_ids [n, k] (long), top_logprobs [n, k] (float32), n = len(answer_ids)."""
+
+    question: str
+    answer_ids: list[int]
+    top_ids: torch.Tensor
+    top_logprobs: torch.Tensor
+    chunk: int = 0
 
 
 @dataclass(frozen=True)
 class SampleRef:
-    """A planned sample: kind ("segment" | "qa"), its index, and the seed of its context split."""
+    """A planned sample: kind ("segment" | "qa" | "distill"), its index, and the seed of its context split."""
 
     kind: str
     index: int
@@ -59,6 +84,7 @@ class DocumentSamples:
     cfg: LiftConfig
     prompts: PromptBuilder
     doc: int = 0
+    teacher_answers: list[TeacherAnswer] = field(default_factory=list)
     spans: list[tuple[int, int]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -68,11 +94,18 @@ class DocumentSamples:
 
     # --- planning -----------------------------------------------------------------
     def epoch_plan(self, stage: int, epoch: int) -> list[SampleRef]:
-        """Shuffled sample refs of one epoch: stage 1 segments only, stage 2 segments + QA."""
-        rng = random.Random(f"{self.cfg.train.seed}-{self.doc}-{stage}-{epoch}")
-        refs = [SampleRef("segment", i, rng.randrange(2**31)) for i in range(len(self.spans))]
+        """Shuffled sample refs of one epoch: stage 1 segments only, stage 2 segments + QA +
+        distillation (kinds of weight 0 left out)."""
+        train = self.cfg.train
+        rng = random.Random(f"{train.seed}-{self.doc}-{stage}-{epoch}")
+        refs = []
+        if train.segment_weight:
+            refs += [SampleRef("segment", i, rng.randrange(2**31)) for i in range(len(self.spans))]
         if stage == 2:
-            refs += [SampleRef("qa", i, rng.randrange(2**31)) for i in range(len(self.qa_items))]
+            if train.qa_weight:
+                refs += [SampleRef("qa", i, rng.randrange(2**31)) for i in range(len(self.qa_items))]
+            if train.distill_weight:
+                refs += [SampleRef("distill", i, rng.randrange(2**31)) for i in range(len(self.teacher_answers))]
         rng.shuffle(refs)
         return refs
 
@@ -95,24 +128,33 @@ class DocumentSamples:
 
     def build(self, ref: SampleRef) -> Sample:
         context = self._context(ref.seed)
+        train, soft = self.cfg.train, None
         if ref.kind == "segment":
             start, end = self.spans[ref.index]
             response = list(self.doc_ids[start:end])
             if context is None:  # plain segment, loss on every token
-                return Sample(response, list(response), "segment", self.doc)
+                return Sample(response, list(response), "segment", self.doc, train.segment_weight)
             prompt = self.prompts.prompt(context, self.cfg.context.recite_instruction)
+            weight = train.segment_weight
         elif ref.kind == "qa":
             prompt = self.prompts.question_prompt(context, self.qa_items[ref.index].question)
-            response = self._qa_answers[ref.index]
+            response, weight = self._qa_answers[ref.index], train.qa_weight
+        elif ref.kind == "distill":
+            target = self.teacher_answers[ref.index]
+            prompt = self.prompts.question_prompt(context, target.question)
+            response, weight = list(target.answer_ids), train.distill_weight
+            soft = (target.top_ids, target.top_logprobs)
         else:
             raise ValueError(f"unknown sample kind {ref.kind!r}")
-        return Sample(prompt + response, [IGNORE_INDEX] * len(prompt) + response, ref.kind, self.doc)
+        return Sample(prompt + response, [IGNORE_INDEX] * len(prompt) + response, ref.kind, self.doc, weight, soft)
 
     def loss_tokens(self, ref: SampleRef) -> int:
         """Tokens that carry a loss in this sample (for time estimates), without building it."""
         if ref.kind == "segment":
             start, end = self.spans[ref.index]
             return end - start
+        if ref.kind == "distill":
+            return len(self.teacher_answers[ref.index].answer_ids)
         return len(self._qa_answers[ref.index])
 
     def approx_length(self, ref: SampleRef) -> int:

@@ -46,6 +46,7 @@ from lift_engine.batch.forward import plain_token_loss
 from lift_engine.batch.optim import SlotAdamW, clip_per_slot
 from lift_engine.batch.planner import MemoryPlanner, pass_limits
 from lift_engine.batch.prefix import prefix_shared_token_loss, shared_context_refs
+from lift_engine.batch.teacher import chunk_spans, extractive_queries, stored_teacher_answers, teacher_answers
 from lift_engine.checkpoint import (load_checkpoint, partial_dir_for, remove_work_dir, reset_stale_work_dir,
                                     save_checkpoint)
 from lift_engine.config import BatchConfig, LiftConfig
@@ -56,7 +57,7 @@ from lift_engine.fsutil import atomic_write_json
 from lift_engine.models.loading import model_device
 from lift_engine.precision import compute_dtype, training_precision
 from lift_engine.prompts import PromptBuilder
-from lift_engine.samples import IGNORE_INDEX, RECIPE_VERSION, DocumentSamples, Sample, SampleRef
+from lift_engine.samples import IGNORE_INDEX, RECIPE_VERSION, DocumentSamples, Sample, SampleRef, TeacherAnswer
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 STATUS_FILE = ".lift-batch-status.json"
@@ -282,8 +283,10 @@ class BatchTuneJob:
         reset_stale_work_dir(work_dir, doc.key)
         qa = stored_qa_items(work_dir, doc.text, cfg, self.base, False)
         doc.qa_items = len(qa)
+        teacher = (stored_teacher_answers(work_dir, lambda: self._teacher_targets(doc.name, ids, qa))
+                   if cfg.distill.enabled else [])
         # doc=0: the plan is seeded alike whatever the slot; rows get the slot when built.
-        doc.samples = DocumentSamples(ids, qa, cfg, self.prompts)
+        doc.samples = DocumentSamples(ids, qa, cfg, self.prompts, teacher_answers=teacher)
         plan = plan_summary(doc.samples, self.model)
         self.log(f"{doc.name}: {len(ids)} tokens, {plan['segments']} segments, {plan['qa_items']} auxiliary tasks, "
                  f"{plan['samples']} samples (~{plan['train_tokens']} tokens); "
@@ -309,6 +312,19 @@ class BatchTuneJob:
         self.log(f"{doc.name}: slot {slot}, {len(doc.steps)} steps" + (f" (resumed at {doc.next_step})" if doc.next_step else ""))
         if doc.next_step >= len(doc.steps):
             self._publish(doc)
+
+    def _teacher_targets(self, name: str, ids: list[int], qa) -> list[TeacherAnswer]:
+        """Context-distillation targets of one document (batch/teacher.py): the base model,
+        adapters off, answers queries about each chunk with the chunk in its prompt."""
+        spans = chunk_spans(len(ids), self.cfg.distill)
+        chunk_ids = [ids[start:end] for start, end in spans]
+        texts = [self.base.tokenizer.decode(c) for c in chunk_ids]
+        queries = extractive_queries(qa, texts, self.cfg.distill.queries_per_chunk)
+        targets, dropped = teacher_answers(self.model, self.handle, self.base.tokenizer, self.prompts, chunk_ids,
+                                           queries, self.cfg.distill)
+        self.log(f"{name}: {len(targets)} distillation targets over {len(spans)} chunks"
+                 + (f" ({dropped} empty teacher answers dropped)" if dropped else ""))
+        return targets
 
     def _already_done(self, doc: DocState) -> bool:
         try:

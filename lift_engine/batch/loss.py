@@ -119,6 +119,57 @@ def chunked_token_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: tor
     return loss.apply(hidden, head.weight, bias, targets, max(1, int(chunk)))
 
 
+class _ChunkedDistillLoss(torch.autograd.Function):
+    """KL(teacher top-k ‖ student) per token, with the gradient for h computed in forward
+    (frozen head, as _ChunkedTokenLossFrozenHead): d loss / d logits = softmax − p̃ scattered."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, top_ids, top_probs, chunk):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        unscaled = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        entropy_term = (top_probs * top_probs.clamp(min=1e-30).log()).sum(-1)  # Σ p̃ log p̃, [T]
+        for s in range(0, hidden.shape[0], chunk):
+            logits = _logits(hidden[s : s + chunk], weight, bias).float()
+            ids, probs = top_ids[s : s + chunk], top_probs[s : s + chunk]
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            out[s : s + chunk] = entropy_term[s : s + chunk] - (probs * (logits.gather(1, ids) - lse)).sum(-1)
+            if unscaled is None:
+                continue
+            grad_logits = logits.sub_(lse).exp_().scatter_add_(1, ids, -probs)  # softmax − p̃, in place
+            unscaled[s : s + chunk] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(unscaled)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (unscaled,) = ctx.saved_tensors
+        if unscaled is None:
+            return None, None, None, None, None, None
+        dh = (unscaled.float() * grad.float()[:, None]).to(unscaled.dtype)
+        return dh, None, None, None, None, None
+
+
+def chunked_distill_loss(hidden: torch.Tensor, head: torch.nn.Module, top_ids: torch.Tensor, top_logprobs: torch.Tensor,
+                         chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Context-distillation loss per token [T] (float32, DESIGN.md §2.6): the KL divergence
+    from the teacher's top-k distribution, renormalised over its k tokens (p̃), to the
+    student's full softmax q over the vocabulary:
+
+        loss[t] = Σ_j p̃[t, j] · (log p̃[t, j] − log q[t, top_ids[t, j]])        ≥ 0
+
+    hidden [T, H] through `head` (a frozen nn.Linear); top_ids [T, k] (long) and
+    top_logprobs [T, k] (the teacher's log-probabilities of those tokens). Logits live one
+    chunk of rows at a time, as in `chunked_token_loss`; k = 1 with log-probability 0 is
+    plain cross entropy."""
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32) + 0.0 * hidden.sum()
+    bias = getattr(head, "bias", None)
+    if head.weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("chunked_distill_loss needs a frozen output head")
+    top_probs = torch.softmax(top_logprobs.float(), dim=-1)  # p̃: the top-k renormalised
+    return _ChunkedDistillLoss.apply(hidden, head.weight, bias, top_ids.long(), top_probs, max(1, int(chunk)))
+
+
 def loss_positions(labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, cols, targets) of every position whose NEXT token carries a label; labels [B, S]."""
     nxt = labels[:, 1:]

@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from lift_engine.batch.forward import plain_token_loss, training_attention_mask
-from lift_engine.batch.loss import chunked_token_loss, loss_positions
+from lift_engine.batch.forward import plain_token_loss, sample_token_losses, training_attention_mask
+from lift_engine.batch.loss import loss_positions
 from lift_engine.models.loading import model_device
 from lift_engine.samples import IGNORE_INDEX, Sample, SampleRef
 
@@ -103,7 +103,7 @@ def prefix_shared_token_loss(model, handle, samples: list[Sample], pad_id: int, 
     hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                      past_key_values=cache, use_cache=True).last_hidden_state
     rows, cols, targets = loss_positions(labels.to(device))  # looks at labels[:, 1:]: column j+1 ↔ suffix position j
-    token_loss = chunked_token_loss(hidden[rows, cols], model.get_output_embeddings(), targets, chunk)
+    token_loss = sample_token_losses(hidden[rows, cols], model.get_output_embeddings(), targets, rows, order, chunk)
     used = int(g_ids.numel() + ids.numel())
     return token_loss, docs[rows], used
 

@@ -1,0 +1,152 @@
+"""Context distillation (DESIGN.md §2.6): the top-k KL loss against its full-softmax
+reference, the teacher's targets, weights per sample kind, and "batched equals one by one"."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from helpers_pipeline import make_tiny_model_dir
+from lift_engine.batch.job import BatchTuneJob
+from lift_engine.batch.loss import chunked_distill_loss, chunked_token_loss
+from lift_engine.batch.teacher import TEACHER_FILE, chunk_spans
+from lift_engine.checkpoint import partial_dir_for
+from lift_engine.config import BatchConfig
+from lift_engine.models.loading import load_base_model
+from lift_engine.pipeline import tune_document
+from lift_engine.prompts import PromptBuilder
+from lift_engine.samples import DocumentSamples, TeacherAnswer
+from test_batch_job import DOCS, WEIGHTS, tiny_config
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("distill") / "model")
+
+
+def distill_config(adapter: str = "lora"):
+    cfg = tiny_config(adapter)
+    cfg.distill.enabled = True
+    cfg.distill.chunk_tokens = 40
+    cfg.distill.queries_per_chunk = 2
+    cfg.distill.max_answer_tokens = 6
+    cfg.distill.top_k = 5
+    cfg.train.distill_weight = 0.5
+    return cfg
+
+
+def _reference_distill(hidden, head, top_ids, top_logprobs):
+    p = torch.softmax(top_logprobs, dim=-1)
+    logq = torch.log_softmax(head(hidden).float(), dim=-1).gather(1, top_ids)
+    return (p * (p.log() - logq)).sum(-1)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_distill_loss_and_gradient_match_the_full_softmax_reference(chunk):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(12, 37, bias=True).requires_grad_(False)
+    hidden = torch.randn(7, 12, requires_grad=True)
+    top_ids = torch.stack([torch.randperm(37)[:5] for _ in range(7)])
+    top_logprobs = torch.log_softmax(torch.randn(7, 37), -1).gather(1, top_ids)
+    ours = chunked_distill_loss(hidden, head, top_ids, top_logprobs, chunk)
+    weights = torch.rand(7)
+    (ours * weights).sum().backward()
+    grad_ours, hidden.grad = hidden.grad.clone(), None
+    ref = _reference_distill(hidden, head, top_ids, top_logprobs)
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_ours, hidden.grad, rtol=1e-5, atol=1e-6)
+    assert bool((ours >= -1e-6).all())  # a KL divergence
+
+
+def test_distill_loss_with_one_certain_token_is_cross_entropy():
+    torch.manual_seed(1)
+    head = torch.nn.Linear(8, 29, bias=False).requires_grad_(False)
+    hidden = torch.randn(5, 8)
+    targets = torch.randint(0, 29, (5,))
+    kl = chunked_distill_loss(hidden, head, targets[:, None], torch.zeros(5, 1))
+    torch.testing.assert_close(kl, chunked_token_loss(hidden, head, targets), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="frozen"):
+        chunked_distill_loss(hidden, torch.nn.Linear(8, 29), targets[:, None], torch.zeros(5, 1))
+
+
+def test_kinds_of_weight_zero_leave_the_plan_and_weights_reach_the_samples(model_dir):
+    base = load_base_model(str(model_dir))
+    cfg = distill_config()
+    ids = base.tokenizer(DOCS["long"], add_special_tokens=False)["input_ids"]
+    target = TeacherAnswer("Who?", [5, 6, 7], torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 2), 0)
+    samples = DocumentSamples(ids, [], cfg, PromptBuilder(base.tokenizer), teacher_answers=[target])
+    kinds = {r.kind for r in samples.full_plan()}
+    assert kinds == {"segment", "distill"}
+    built = {r.kind: samples.build(r) for r in samples.full_plan()}
+    assert built["distill"].weight == 0.5 and built["distill"].soft is not None
+    assert built["distill"].labels[-3:] == [5, 6, 7] and built["segment"].weight == 1.0
+    cfg.train.segment_weight = 0.0
+    assert {r.kind for r in DocumentSamples(ids, [], cfg, PromptBuilder(base.tokenizer),
+                                            teacher_answers=[target]).full_plan()} == {"distill"}
+
+
+def test_teacher_targets_come_from_the_base_model_reading_the_chunk(model_dir, tmp_path):
+    """Targets are stored in the work dir; their top-1 token is the teacher's greedy answer
+    token, and an adapter slot that is far from zero does not change them (adapter off)."""
+    base = load_base_model(str(model_dir))
+    cfg = distill_config()
+    job = BatchTuneJob(base, cfg, tmp_path / "out", max_active=1, checkpoint_every=1, status_file=None)
+    try:
+        with torch.no_grad():  # a slot far from the base: the teacher must not see it
+            for p in job.handle.trainable_parameters():
+                p.add_(0.5)
+        ids = base.tokenizer(DOCS["long"], add_special_tokens=False)["input_ids"]
+        from lift_engine.data.tasks import build_qa_items
+
+        targets = job._teacher_targets("long", ids, build_qa_items(DOCS["long"], cfg, None, False))
+        assert targets, "no distillation targets"
+        chunks = len(chunk_spans(len(ids), cfg.distill))
+        assert chunks > 1 and all(0 <= t.chunk < chunks for t in targets)
+        for t in targets:
+            assert t.top_ids.shape == t.top_logprobs.shape == (len(t.answer_ids), cfg.distill.top_k)
+            assert t.top_ids[:, 0].tolist() == t.answer_ids  # greedy = top-1 of the teacher-forced pass
+            assert bool((t.top_logprobs[:, :-1] >= t.top_logprobs[:, 1:]).all())
+    finally:
+        job.close()
+    fresh = load_base_model(str(model_dir))
+    job = BatchTuneJob(fresh, cfg, tmp_path / "out2", max_active=1, status_file=None)
+    try:
+        again = job._teacher_targets("long", ids, build_qa_items(DOCS["long"], cfg, None, False))
+    finally:
+        job.close()
+    assert [t.answer_ids for t in again] == [t.answer_ids for t in targets]
+    for a, b in zip(again, targets):
+        torch.testing.assert_close(a.top_logprobs, b.top_logprobs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("adapter", ["lora", "gated-memory"])
+def test_distillation_batched_equals_one_by_one(model_dir, tmp_path, adapter):
+    """Two documents with distillation in one job (prefix sharing on) give each the adapter
+    its one-document job gives; the run trained on distill samples."""
+    cfg = distill_config(adapter)
+    settings = BatchConfig(prefix_sharing=True, checkpoint_every=10**9)
+    docs = {"short": DOCS["short"], "long": DOCS["long"]}
+    for name, text in docs.items():
+        tune_document(load_base_model(str(model_dir)), text, tmp_path / "solo" / name, cfg, settings, progress=False,
+                      log=lambda *a: None)
+    job = BatchTuneJob(load_base_model(str(model_dir)), cfg, tmp_path / "batch", settings, max_active=2)
+    try:
+        for name, text in docs.items():
+            job.submit(text, name)
+        job.step()
+        distilled = [d.samples.teacher_answers for d in job.docs.values()]
+        assert all(distilled), "every document has distillation targets"
+        assert (partial_dir_for(tmp_path / "batch" / "long") / TEACHER_FILE).is_file()
+        job.run()
+    finally:
+        job.close()
+    for name in docs:
+        solo = load_file(str(tmp_path / "solo" / name / WEIGHTS[adapter]))
+        batched = load_file(str(tmp_path / "batch" / name / WEIGHTS[adapter]))
+        assert solo.keys() == batched.keys()
+        for key in solo:
+            torch.testing.assert_close(batched[key], solo[key], rtol=1e-3, atol=5e-5, msg=f"{name} {key}")
