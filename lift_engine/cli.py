@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--context", default=None, metavar="DOC", help="document placed (middle-truncated) in the prompt")
     ask.add_argument("--window", type=int, default=None, metavar="TOKENS", help="context tokens kept (default: the adapter's config)")
     ask.add_argument("--max-new-tokens", type=int, default=None)
+    ask.add_argument("--force-lift", action="store_true",
+                     help="use the adapter even when the --context document fits the window (default: such a "
+                          "document is answered with all of it in the prompt and no adapter)")
     _add_model(ask)
     _add_device(ask)
 
@@ -120,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--window", type=int, default=None, metavar="TOKENS")
     ev.add_argument("--predictions", default=None, metavar="OUT.jsonl")
     ev.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    ev.add_argument("--force-lift", action="store_true",
+                    help="lift mode: tune and use an adapter even for a context that fits the window "
+                         "(default: such a context is answered with all of it in the prompt)")
     _add_batch_options(ev)
     _add_config(ev)
     _add_model(ev)
@@ -278,12 +284,25 @@ def cmd_ask(args) -> int:
     if args.window is not None and args.window <= 0:
         raise InputError(f"--window must be a positive number of tokens, got {args.window}")
     base = _load_base(args.model or _manifest_model(manifest), args.device)
-    handle = load_tuned(base, args.adapter_dir)
     prompts = PromptBuilder(base.tokenizer, cfg.inference.use_chat_template)
     doc_ids = tokenize_long(context_text, base.tokenizer) if context_text else None
-    answer = greedy_answer(base.model, base.tokenizer, prompts, args.question, doc_ids=doc_ids,
-                           window=args.window or cfg.inference.window,
-                           max_new_tokens=args.max_new_tokens or cfg.inference.max_new_tokens, handle=handle, slot=0)
+    window = args.window or cfg.inference.window
+    hybrid = doc_ids is not None and len(doc_ids) <= window and not args.force_lift
+    if hybrid:
+        print(f"lift: the document's {len(doc_ids)} tokens fit the {window}-token window: answered in context, "
+              "no adapter (--force-lift uses it)", file=sys.stderr)
+    else:
+        print("lift: answered with the adapter" + (f" and the document cut to {window} tokens" if doc_ids else ""),
+              file=sys.stderr)
+    handle = None if hybrid else load_tuned(base, args.adapter_dir)
+    try:
+        answer = greedy_answer(base.model, base.tokenizer, prompts, args.question, doc_ids=doc_ids,
+                               window=None if hybrid else window,
+                               max_new_tokens=args.max_new_tokens or cfg.inference.max_new_tokens, handle=handle,
+                               slot=None if hybrid else 0)
+    finally:
+        if handle is not None:
+            handle.remove()
     print(answer)
     return 0
 
@@ -303,7 +322,7 @@ def cmd_eval(args) -> int:
         records = records[: max(0, args.limit)]
     base = _load_base(args.model, args.device)
     summary, predictions = evaluate(records, base, cfg, args.mode, cfg.inference.window, settings,
-                                    log=lambda *a: print(*a, file=sys.stderr))
+                                    log=lambda *a: print(*a, file=sys.stderr), force_lift=args.force_lift)
     if args.predictions:
         write_predictions(predictions, args.predictions)
     print(json.dumps(summary, indent=2))

@@ -4,7 +4,9 @@
     lift      truncated context (window W) + the context's tuned adapter
     full-icl  the whole context (up to the model's positions), base model
 
-In lift mode every distinct context without a cached adapter is admitted to ONE tuning
+In lift mode a context that fits the window needs no adapter: it is answered with the whole
+context in the prompt (hybrid; `force_lift` tunes it anyway). Every other distinct context
+without a cached adapter is admitted to ONE tuning
 job (lift_engine.batch.job; at most `max_active` train at once, the next joins as one
 finishes), with a progress bar per document and overall. Adapters are cached on disk under
 a key of (context, config, base model, engine recipe, prefix sharing), so a rerun tunes
@@ -93,32 +95,45 @@ def tune_contexts(contexts: list[str], base: LoadedModel, cfg: LiftConfig, setti
 def evaluate(
     records: list[EvalRecord], base: LoadedModel, cfg: LiftConfig, mode: str, window: int,
     settings: BatchConfig | None = None, progress: bool = True, log=print, answer_batch: int = 16,
+    force_lift: bool = False,
 ) -> tuple[dict, list[Prediction]]:
     """Answer every record in `mode`; returns (aggregate metrics, per-question predictions
     in record order). settings: the tuning engine's BatchConfig (lift mode); answer_batch:
-    questions decoded together."""
+    questions decoded together. In lift mode a context that fits the window is answered
+    with all of it in the prompt and no adapter (hybrid, DESIGN.md §2.5), unless force_lift."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
     settings = settings or BatchConfig()
     prompts = PromptBuilder(base.tokenizer, cfg.inference.use_chat_template)
     contexts = list(dict.fromkeys(r.context for r in records))
+    doc_ids = {c: tokenize_long(c, base.tokenizer) for c in contexts}
     if mode == "full-icl":
         window = full_window(base, cfg.inference.max_new_tokens)
-    adapter_dirs = tune_contexts(contexts, base, cfg, settings, progress, log) if mode == "lift" else None
-    doc_ids = {c: tokenize_long(c, base.tokenizer) for c in contexts}
-    # Adapters share a bank max_active at a time; without adapters, one group.
-    group_size = settings.max_active if adapter_dirs is not None else len(contexts)
+    in_context = set()
+    if mode == "lift" and not force_lift:
+        in_context = {c for c in contexts if len(doc_ids[c]) <= window}
+        for c in in_context:
+            log(f"context {contexts.index(c) + 1}: {len(doc_ids[c])} tokens fit the {window}-token window: "
+                "answered in context, no adapter")
+    tuned = [c for c in contexts if c not in in_context] if mode == "lift" else []
+    adapter_dirs = dict(zip(tuned, tune_contexts(tuned, base, cfg, settings, progress, log))) if tuned else {}
+    # Each group shares one bank of adapters (max_active at a time); one group without adapters.
+    groups = [tuned[i : i + settings.max_active] for i in range(0, len(tuned), settings.max_active)]
+    groups.append([c for c in contexts if c not in adapter_dirs])
     answers: dict[int, str] = {}
     bar = tqdm(total=len(records), desc=f"answering ({mode})", unit="q", disable=not progress, dynamic_ncols=True)
     try:
-        for start in range(0, len(contexts), max(1, group_size)):
-            group = contexts[start : start + group_size]
+        for group in groups:
+            if not group:
+                continue
+            with_adapters = group[0] in adapter_dirs
             slot_of = {c: i for i, c in enumerate(group)}
-            handle = load_adapters(adapter_dirs[start : start + len(group)], base) if adapter_dirs is not None else None
+            handle = load_adapters([adapter_dirs[c] for c in group], base) if with_adapters else None
             try:
                 indices = [i for i, r in enumerate(records) if r.context in slot_of]
-                requests = [AnswerRequest(records[i].question, doc_ids[records[i].context], window,
-                                          slot_of[records[i].context] if handle is not None else None)
+                requests = [AnswerRequest(records[i].question, doc_ids[records[i].context],
+                                          None if records[i].context in in_context else window,
+                                          slot_of[records[i].context] if with_adapters else None)
                             for i in indices]
                 decoded = greedy_answers(base.model, base.tokenizer, prompts, requests, handle=handle,
                                          max_new_tokens=cfg.inference.max_new_tokens, batch_size=answer_batch,
@@ -133,7 +148,8 @@ def evaluate(
                    for i, r in enumerate(records)]
     summary = metrics.aggregate([p.scores for p in predictions])
     summary.update({"mode": mode, "window": window, "questions": len(predictions), "contexts": len(contexts),
-                    "adapter": cfg.adapter if mode == "lift" else None})
+                    "adapter": cfg.adapter if mode == "lift" else None,
+                    "contexts_answered_in_context": len(in_context)})
     return summary, predictions
 
 

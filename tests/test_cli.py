@@ -158,3 +158,18 @@ def test_tune_with_a_bf16_base_records_it_and_rejects_unknown_dtypes(capsys, tmp
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "--compute-dtype" in err and "Traceback" not in err
     assert not (tmp_path / "other").exists()
+
+
+def test_ask_answers_a_document_that_fits_the_window_in_context(capsys, tmp_path, model_dir):
+    short = tmp_path / "short.txt"
+    short.write_text("Anouk Seldt closed the lab in 2011.")
+    code, _, err = run_main(capsys, "tune", short, "-o", tmp_path / "a", "--model", model_dir)
+    assert code == 0, err
+    ask = ["ask", tmp_path / "a", "-q", "Who closed the lab?", "--context", short, "--model", model_dir,
+           "--max-new-tokens", 4]
+    code, _, err = run_main(capsys, *ask, "--window", 512)
+    assert code == 0 and "answered in context, no adapter" in err
+    code, _, err = run_main(capsys, *ask, "--window", 512, "--force-lift")
+    assert code == 0 and "answered with the adapter" in err
+    code, _, err = run_main(capsys, *ask, "--window", 4)
+    assert code == 0 and "answered with the adapter and the document cut to 4 tokens" in err

@@ -73,3 +73,22 @@ def test_eval_rejects_malformed_files(capsys, tmp_path, model_dir, content):
     code = main(["eval", str(bad), "--model", str(model_dir)])
     err = capsys.readouterr()[1]
     assert code != 0 and "Traceback" not in err and err.startswith("lift: error:")
+
+
+def test_eval_lift_answers_a_context_that_fits_the_window_in_context(capsys, tmp_path, model_dir, monkeypatch):
+    """Hybrid: the short context needs no adapter (none is tuned, the log says so); the long
+    one is tuned; --force-lift tunes both."""
+    monkeypatch.setenv("LIFT_CACHE_DIR", str(tmp_path / "cache"))
+    rows = [{"_id": "short", "context": "Anouk Seldt closed the lab.", "input": "Who closed the lab?", "answers": ["Anouk"]},
+            {"_id": "long", "context": DOCUMENT, "input": "Who founded Quenwick Labs?", "answers": ["Ilsa Marrow"]}]
+    data = _write_jsonl(tmp_path / "mixed.jsonl", rows)
+    args = ["eval", str(data), "--mode", "lift", "--window", "32", "--model", str(model_dir)]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["contexts_answered_in_context"] == 1
+    assert "answered in context, no adapter" in err and err.count("tuning an adapter") == 1
+    assert len(list((tmp_path / "cache" / "adapters").iterdir())) == 1
+    assert main(args + ["--force-lift"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["contexts_answered_in_context"] == 0 and err.count("tuning an adapter") == 1
+    assert len(list((tmp_path / "cache" / "adapters").iterdir())) == 2
