@@ -179,7 +179,8 @@ def _store_target(args):
     """The AdapterStore `lift tune --store` publishes into, names validated before tuning."""
     if args.store is None:
         return None
-    from lift_engine.store import AdapterStore, validate_name
+    from lift_engine.names import validate_name
+    from lift_engine.store import AdapterStore
 
     args.name = args.name or Path(args.output).resolve().name
     validate_name(args.tenant, "tenant")

@@ -26,7 +26,6 @@ only ever appears complete.
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,21 +43,14 @@ from lift_engine.config import LiftConfig
 from lift_engine.errors import InputError
 from lift_engine.fsutil import atomic_write_json
 from lift_engine.models.loading import model_device
+from lift_engine.names import validate_name
 from lift_engine.precision import compute_dtype, training_precision
 from lift_engine.prompts import PromptBuilder
 from lift_engine.samples import IGNORE_INDEX, DocumentSamples, Sample, SampleRef
 from lift_engine.trainer import clip_per_slot, collate, training_attention_mask
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 STATUS_FILE = ".lift-batch-status.json"
 TRAINER_ID = "batch-slot-adamw-v1"
-
-
-def validate_name(name: str) -> str:
-    if not NAME_RE.match(name or "") or name in (".", ".."):
-        raise InputError(f"document name {name!r} is not usable as an adapter directory name "
-                         "(letters, digits, '.', '_', '-'; not starting with '.')")
-    return name
 
 
 @dataclass
@@ -156,7 +148,7 @@ class BatchTuneJob:
     # ================================================================ public API
     def submit(self, text: str, name: str, source: str = "") -> str:
         """Queue a document; it joins the running job at the next step with a free slot."""
-        validate_name(name)
+        validate_name(name, "document")
         with self._lock:
             if name in self.docs and self.docs[name].status not in ("done", "failed"):
                 raise InputError(f"document {name!r} is already in the job")
