@@ -37,9 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lift_engine.config import GATE_SCALE
 from lift_engine.ops import dispatch
 from lift_engine.ops.reference.gated_memory_attention import apply_rope
-from lift_engine.ops.reference.gated_memory_blend import GATE_SCALE, gated_memory_blend as _ref_blend
+from lift_engine.ops.reference.gated_memory_blend import gated_memory_blend as _ref_blend
 from lift_engine.ops.reference.lora import lora_shrink as _ref_shrink
 
 LN2 = math.log(2.0)
