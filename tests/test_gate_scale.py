@@ -7,7 +7,6 @@ import dataclasses
 import json
 
 import pytest
-import torch
 
 from helpers_models import make_loaded
 from lift_engine import config

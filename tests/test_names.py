@@ -46,7 +46,8 @@ def test_names_the_job_used_to_take_are_refused_clearly():
     for name, says in (("x" * 65, "65 characters long, more than 64"), ("_x", "invalid"), ("x.", "invalid")):
         with pytest.raises(InvalidName, match=says) as info:
             validate_name(name, "document")
-        assert str(info.value).startswith("document name") and "starting and ending with a letter or digit" in str(info.value)
+        message = str(info.value)
+        assert message.startswith("document name") and "starting and ending with a letter or digit" in message
     assert issubclass(InvalidName, InputError) and issubclass(InvalidName, ValueError)
     assert issubclass(InvalidName, LiftError)
 

@@ -21,8 +21,9 @@ left the autograd layer), so every backward is an explicit formula. A backend ma
 provide `<op>_backward` (the Triton backend does, with its kernels; attention also
 provides `gated_memory_attention_forward`, which returns the attention output and the
 base-2 logsumexp the backward needs); for a backend that does not, or that refuses the
-inputs (dispatch.Unsupported: then with a warning once), the plain-PyTorch formulas below are used — they are exact for any backend, since every backend computes
-the reference's function. They are tested against autograd of the reference ops.
+inputs (dispatch.Unsupported: then with a warning once), the plain-PyTorch formulas
+below are used — they are exact for any backend, since every backend computes the
+reference's function. They are tested against autograd of the reference ops.
 
 Eager code does not come here: dispatch calls the backend directly (its own autograd)
 and routes to these ops only while torch.compile is tracing.

@@ -180,7 +180,6 @@ cross_entropy_with_grad_ = _dispatching("cross_entropy_with_grad_")
 attention = _dispatching("attention")
 
 
-
 # ------------------------------------------------ a LoRA bank on a frozen linear: which op
 def lora_bank_path(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, indices: torch.Tensor | None, *,
                    plain_base: bool = True, fused: bool = True) -> str:
@@ -208,8 +207,8 @@ def lora_bank_path(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, 
 
 
 def lora_bank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                     lora_b: torch.Tensor, scaling: torch.Tensor, context, *, base: Callable[[torch.Tensor], torch.Tensor],
-                     plain_base: bool, fused: bool = True) -> torch.Tensor:
+                     lora_b: torch.Tensor, scaling: torch.Tensor, context, *,
+                     base: Callable[[torch.Tensor], torch.Tensor], plain_base: bool, fused: bool = True) -> torch.Tensor:
     """A frozen linear plus a bank of LoRA adapters selected per token (adapters/lora.py).
 
     x: [..., in] (leading dims [B, S] or [B]); weight [out, in], bias [out] | None: the base's;
