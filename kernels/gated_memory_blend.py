@@ -6,7 +6,7 @@ with n = adapter_idx[t] and the pre-RoPE query q = q[t, h] (head dim d, gate dim
     hid    = SiLU(W1[n,h] q)                     W1 [N, H, 2d, d]
     mem    = W2[n,h] hid                          W2 [N, H, d, 2d]
     logit  = w4[n,h] · SiLU(W3[n,h] q)            W3 [N, H, s, d],  w4 [N, H, 1, s]
-    g      = sigmoid(3 (logit − 1))
+    g      = sigmoid(3 (logit − 1))              3 = lift_engine.config.GATE_SCALE
     out    = (1 − g) attn + g mem                 (out = attn where n == -1)
 
 Shapes: attn_out, q [T, H, d] (any strides; the attention op passes [B, S, H, d] and
@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lift_engine.config import GATE_SCALE
+
 from ._common import (
     INTERPRETED,
     SegmentMeta,
@@ -44,7 +46,7 @@ from ._common import (
     silu_and_grad,
 )
 
-GATE_SCALE = 3.0
+GATE = tl.constexpr(GATE_SCALE)  # the one constant, as the kernels read it
 NO_ADAPTER = tl.constexpr(2 ** 30)  # larger than any adapter index: "nothing left to do" in the block loop
 
 
@@ -92,7 +94,7 @@ def memory_gate_fwd(
     gh, _ = silu_and_grad(pre3)
     w4 = tl.load(w4_ptr + nh * SG + offs_s, mask=mask_s, other=0.0).to(tl.float32)
     logit = tl.sum(gh * w4[None, :], axis=1)
-    g = sigmoid_f32(3.0 * (logit - 1.0))
+    g = sigmoid_f32((logit - 1.0) * GATE)  # tensor first: the interpreter's constexpr * tensor fails
     return mem1, mem2, g
 
 
@@ -121,7 +123,7 @@ def memory_gate_bwd(
     pre3 = tl.dot(qb, w3b, pre3, input_precision=PRECISION)
     gh, gh_grad = silu_and_grad(pre3)
     w4 = tl.load(w4_ptr + nh * SG + offs_s, mask=mask_s, other=0.0).to(tl.float32)
-    g = sigmoid_f32(3.0 * (tl.sum(gh * w4[None, :], axis=1) - 1.0))
+    g = sigmoid_f32((tl.sum(gh * w4[None, :], axis=1) - 1.0) * GATE)
     dmem1 = (g[:, None] * do1.to(tl.float32)).to(DOT_DTYPE)
     dmem2 = (g[:, None] * do2.to(tl.float32)).to(DOT_DTYPE)
     w1_base = w1_ptr + nh * E * D
@@ -151,7 +153,7 @@ def memory_gate_bwd(
         dq2 = tl.dot(dpre, tl.trans(w1b), dq2, input_precision=PRECISION)
     dg = tl.sum(do1.to(tl.float32) * (mem1 - a1.to(tl.float32)) + do2.to(tl.float32) * (mem2 - a2.to(tl.float32)),
                 axis=1)
-    dlogit = dg * 3.0 * g * (1.0 - g)
+    dlogit = dg * GATE * g * (1.0 - g)
     dpre3 = (dlogit[:, None] * w4[None, :] * gh_grad).to(DOT_DTYPE)
     dq1 = tl.dot(dpre3, tl.trans(w3a), dq1, input_precision=PRECISION)
     dq2 = tl.dot(dpre3, tl.trans(w3b), dq2, input_precision=PRECISION)

@@ -191,7 +191,8 @@ def _store_target(args, names: list[str] | None = None):
     output dir's name)."""
     if args.store is None:
         return None
-    from lift_engine.store import AdapterStore, validate_name
+    from lift_engine.names import validate_name
+    from lift_engine.store import AdapterStore
 
     validate_name(args.tenant, "tenant")
     if names is None:

@@ -63,12 +63,19 @@ class LoRAConfig:
         return self.alpha / self.r
 
 
+#: Gated Memory's gate g = sigmoid(GATE_SCALE · (w4 · SiLU(W3 q) − 1)) (DESIGN.md §3): fixed
+#: by the method, the one definition every op (reference, Triton, custom ops), the adapter
+#: layer and the adapter file format (its "gate_scale" entry) import. The C++ and CUDA
+#: kernels (csrc/) are compiled with 3; their tests against the reference ops keep them equal.
+GATE_SCALE = 3.0
+
+
 @dataclass
 class GatedMemoryConfig:
-    """Gated Memory adapter (DESIGN.md §3): sizes follow from the model's head dim."""
+    """Gated Memory adapter (DESIGN.md §3): sizes follow from the model's head dim; the gate
+    scale is the constant GATE_SCALE, not a field."""
 
     hidden_factor: int = 2  # W1: (hidden_factor·d) × d
-    gate_scale: float = 3.0  # g = sigmoid(gate_scale · (w4 · SiLU(W3 q) − 1))
 
 
 @dataclass
@@ -148,6 +155,7 @@ class LiftConfig:
             data.pop("distill")
         for key in ("window", "max_new_tokens"):
             data["inference"].pop(key)
+        data["gated_memory"]["gate_scale"] = GATE_SCALE  # hashed as when it was a field: fingerprints unchanged
         blob = json.dumps(data, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -169,6 +177,11 @@ class LiftConfig:
                 value = dict(value)
                 for legacy in LEGACY_FIELDS.get(key, ()):
                     value.pop(legacy, None)
+                if key == "gated_memory" and "gate_scale" in value:  # a field until the constant (manifests keep it)
+                    legacy = value.pop("gate_scale")
+                    if legacy != GATE_SCALE:
+                        raise ValueError(f"gated_memory.gate_scale={legacy!r} is not supported: the gate scale of "
+                                         f"Gated Memory is fixed at {GATE_SCALE}")
                 for tup in ("targets", "betas"):
                     if tup in value and isinstance(value[tup], list):
                         value[tup] = tuple(value[tup])

@@ -7,7 +7,8 @@ Layout (nothing else is trusted or listed):
         adapter_config.json + adapter_model.safetensors          LoRA (PEFT layout)
         gated_memory_config.json + gated_memory.safetensors      Gated Memory
 
-Names (tenants and adapters) are validated before any path is built: 1–64 ASCII
+Names (tenants and adapters) are validated before any path is built, by the project's
+one name rule (lift_engine/names.py, also used by the CLI and the batch job): 1–64 ASCII
 letters, digits, '.', '_' or '-', starting and ending with a letter or digit. So no
 '/', no '..', no absolute path, no hidden entry, no NUL or newline can ever reach the
 file system; entries that do not match (temp dirs of unfinished writes, `.x.lift-partial`
@@ -29,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import stat
 import tempfile
@@ -38,9 +38,7 @@ from pathlib import Path
 
 from lift_engine.errors import AdapterError, LiftError
 from lift_engine.fsutil import TMP_MARK, fsync_dir, fsync_tree, publish_dir
-
-MAX_NAME_LENGTH = 64
-_NAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9])?", re.ASCII)
+from lift_engine.names import MAX_NAME_LENGTH, InvalidName, is_valid_name, validate_name  # noqa: F401 (re-exported)
 
 MANIFEST_FILE = "lift_adapter.json"
 LORA_CONFIG_FILE = "adapter_config.json"
@@ -48,37 +46,6 @@ LORA_WEIGHTS_FILE = "adapter_model.safetensors"
 GM_CONFIG_FILE = "gated_memory_config.json"
 GM_WEIGHTS_FILE = "gated_memory.safetensors"
 KINDS = ("lora", "gated-memory")
-
-
-class InvalidName(LiftError, ValueError):
-    """A tenant or adapter name that is not allowed (path tricks, bad characters, length)."""
-
-
-def validate_name(name: object, what: str = "adapter") -> str:
-    """Return `name` if it is a valid tenant/adapter name, else raise InvalidName.
-
-    Valid: 1–64 ASCII characters from [A-Za-z0-9._-], first and last a letter or digit.
-    """
-    if not isinstance(name, str):
-        raise InvalidName(f"{what} name must be a string, got {type(name).__name__}")
-    if not name:
-        raise InvalidName(f"{what} name is empty")
-    if len(name) > MAX_NAME_LENGTH:
-        raise InvalidName(f"{what} name is longer than {MAX_NAME_LENGTH} characters")
-    if not _NAME_RE.fullmatch(name):
-        raise InvalidName(
-            f"{what} name {name!r} is invalid: use 1-{MAX_NAME_LENGTH} letters, digits, '.', '_' or '-', "
-            "starting and ending with a letter or digit"
-        )
-    return name
-
-
-def is_valid_name(name: object) -> bool:
-    try:
-        validate_name(name)
-        return True
-    except InvalidName:
-        return False
 
 
 def detect_kind(adapter_dir: str | os.PathLike) -> str:

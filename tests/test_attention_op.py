@@ -144,10 +144,18 @@ def test_kernel_errors_are_clear():
 
 
 @needs_kernel
-def test_kernel_falls_back_to_the_reference_where_it_does_not_apply():
+def test_kernel_falls_back_to_the_reference_where_it_does_not_apply(monkeypatch):
+    """The kernel refuses (dispatch.Unsupported); dispatch runs the reference and says so."""
+    from lift_engine import ops
+
+    monkeypatch.delenv("LIFT_BACKEND", raising=False)
+    monkeypatch.setattr(dispatch, "_warned", set())
     for dtype, D in ((torch.float32, 16), (torch.float16, 16), (torch.bfloat16, 12)):
         q, k, v = (t.detach() for t in _qkv(1, 2, 1, 5, 5, D, seed=10, dtype=dtype))
-        assert torch.equal(cpu_backend.attention(q, k, v, None, True, 0.5), reference.attention(q, k, v, None, True, 0.5))
+        with pytest.raises(dispatch.Unsupported):
+            cpu_backend.attention(q, k, v, None, True, 0.5)
+        with pytest.warns(RuntimeWarning, match="cpu backend does not take these inputs for attention"):
+            assert torch.equal(ops.attention(q, k, v, None, True, 0.5), reference.attention(q, k, v, None, True, 0.5))
 
 
 @needs_kernel

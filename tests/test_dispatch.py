@@ -477,3 +477,167 @@ def test_lora_linear_under_torch_compile_is_one_node(fresh_dispatch, monkeypatch
     assert_close(y, yr, torch.float32)
     for got, want in zip(grads, torch.autograd.grad(yr, rleaves)):
         assert_close(got, want, torch.float32, "grad")
+
+
+# ------------------------------------- backends refuse, dispatch falls back (and says so once)
+def test_backend_modules_never_call_the_reference_ops():
+    """Inputs a backend cannot take make it raise Unsupported; only dispatch runs the reference."""
+    import re
+    from pathlib import Path
+
+    root = Path(dispatch.__file__).parent
+    for name in ("cpu_backend", "triton_backend", "cuda_backend"):
+        source = (root / f"{name}.py").read_text()
+        assert "from lift_engine.ops import reference" not in source, name
+        assert not re.findall(r"\breference\.\w+\(", source), name
+        # the plain backward formulas of custom_ops (the CUDA blend's backward is one by design)
+        assert not re.findall(r"ref_lora_\w+|ref_gated_memory_attention\w*|_ref_backward", source), name
+
+
+def test_unsupported_inputs_fall_back_with_one_warning_per_reason(fresh_dispatch, monkeypatch):
+    calls = []
+
+    def lora_shrink(x, lora_a, adapter_idx):
+        calls.append(x.dtype)
+        if x.dtype != torch.float32:
+            raise dispatch.Unsupported(f"{x.dtype} inputs")
+        return reference.lora_shrink(x, lora_a, adapter_idx) + 1  # tell the two apart
+
+    module = types.SimpleNamespace(supports=lambda device: None, lora_shrink=lora_shrink)
+    _fake_backend(monkeypatch, "cpu", module=module)
+    monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ("cpu", "reference"))
+    x, a, _, _, idx = lora_inputs(torch.float64, device="cpu")
+    for forced in (None, "cpu"):  # automatic choice and LIFT_BACKEND alike
+        if forced:
+            monkeypatch.setenv("LIFT_BACKEND", forced)
+        dispatch._warned.clear()
+        with pytest.warns(RuntimeWarning, match=r"cpu backend does not take these inputs for lora_shrink \(torch.f"):
+            assert torch.equal(ops.lora_shrink(x, a, idx), reference.lora_shrink(x, a, idx))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the same reason again: silent
+            assert torch.equal(ops.lora_shrink(x, a, idx), reference.lora_shrink(x, a, idx))
+            x32, a32 = x.float(), a.float()  # taken: the backend's own result
+            assert torch.equal(ops.lora_shrink(x32, a32, idx), reference.lora_shrink(x32, a32, idx) + 1)
+        with pytest.warns(RuntimeWarning, match="torch.float16"):  # another reason: its own warning
+            ops.lora_shrink(x.half(), a.half(), idx)
+    assert calls.count(torch.float64) == 4
+
+
+def _cases(device):
+    """(op, float64 args) for every LoRA / Gated-Memory op: a dtype no kernel takes."""
+    x, w, bias_t, a, b, s, idx = linear_inputs(torch.float64, device=device)
+    h = x[:, : a.shape[1]].contiguous()
+    q, k, v, cos, sin, gw, aidx = attention_inputs(torch.float64, seq=5)
+    gw = [t.to(device) for t in gw]
+    tokens = q.shape[0] * q.shape[2]
+    attn = torch.randn(tokens, q.shape[1], q.shape[3], dtype=torch.float64, device=device)
+    qt = q.transpose(1, 2).reshape(tokens, q.shape[1], q.shape[3]).to(device)
+    return {
+        "lora_shrink": (x, a, idx),
+        "lora_expand": (h, b, s, idx),
+        "lora_linear_delta": (x, a, b, s, idx),
+        "lora_linear": (x, w, bias_t, a, b, s, idx),
+        "gated_memory_blend": (attn, qt, *gw, aidx.reshape(-1).to(device)),
+        "gated_memory_attention": tuple(t.to(device) for t in (q, k, v, cos, sin)) + (*gw, aidx.to(device)),
+    }
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_each_former_silent_fallback_goes_through_dispatch(fresh_dispatch, monkeypatch, backend):
+    """float64 (no kernel's dtype): the backend's function refuses, dispatch runs the reference
+    op and warns once per op; forward and, as custom ops, backward."""
+    device = "cpu" if backend == "cpu" else DEVICE
+    monkeypatch.setenv("LIFT_BACKEND", backend)
+    try:
+        module = dispatch._load(backend)
+        dispatch.resolve("lora_shrink", device)
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    for op, args in _cases(device).items():
+        fn = getattr(module, op, None)
+        if fn is None:
+            continue
+        with pytest.raises(dispatch.Unsupported, match="float64"):
+            fn(*args)
+        want = getattr(reference, op)(*args)
+        with pytest.warns(RuntimeWarning, match=f"{backend} backend does not take these inputs for {op} .*float64"):
+            torch.testing.assert_close(getattr(ops, op)(*args), want, rtol=0, atol=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            torch.testing.assert_close(getattr(ops, op)(*args), want, rtol=0, atol=0)
+    # the custom op's backward entry refuses too: the plain formula runs, with its own warning
+    x, a, b, s, idx = _cases(device)["lora_linear_delta"][:5]
+    leaves = [t.detach().requires_grad_(True) for t in (x, a, b)]
+    g, want = _autograd(reference.lora_linear_delta, (x, a, b, s, idx), (0, 1, 2))
+    with pytest.warns(RuntimeWarning) as record:
+        out = torch.ops.lift.lora_linear_delta(*leaves, s, idx)
+        got = torch.autograd.grad(out, leaves, g)
+    assert any("lora_linear_delta_backward" in str(w.message) for w in record)
+    for gg, ww in zip(got, want):
+        torch.testing.assert_close(gg, ww)
+
+
+# ------------------------------------------------ the LoRA layer's op choice (lora_bank_linear)
+def _bank(dtype=torch.float32, bank_dtype=None, batch=3, seq=5, d_in=16, d_out=12, n=3, r=4):
+    g = torch.Generator().manual_seed(3)
+    bank_dtype = bank_dtype or dtype
+    x = torch.randn(batch, seq, d_in, generator=g).to(dtype)
+    w = (torch.randn(d_out, d_in, generator=g) / 4).to(dtype)
+    bias = torch.randn(d_out, generator=g).to(dtype)
+    a = (torch.randn(n, r, d_in, generator=g) / 4).to(bank_dtype)
+    b = (torch.randn(n, d_out, r, generator=g) / 2).to(bank_dtype)
+    s = torch.rand(n, generator=g) + 0.5
+    return x, w, bias, a, b, s
+
+
+def test_lora_bank_path_rules():
+    x, w, _, a, _, _ = _bank()
+    rows, tokens = torch.tensor([0, 2, -1]), torch.zeros(3, 5, dtype=torch.long)
+    path = dispatch.lora_bank_path
+    assert path(x, w, a, rows) == "lora_linear" and path(x, w, a, tokens) == "lora_linear"
+    assert path(x, w, a, rows, plain_base=False) == "lora_linear_delta"
+    assert path(x, w, a, rows, fused=False) == "lora_linear_delta"
+    assert path(x.double(), w, a, rows) == "lora_linear_delta"  # x and W differ: the base casts
+    xb, wb, _, ab, _, _ = _bank(torch.bfloat16)
+    assert path(xb, wb, ab, rows) == "rows"  # low precision on CPU, one adapter per sequence
+    assert path(xb, wb, ab, tokens) == "lora_linear"
+    xm, wm, _, am, _, _ = _bank(torch.bfloat16, torch.float32)
+    assert path(xm, wm, am, rows) == "rows"  # fp32 bank under a bf16 base
+    assert path(xm, wm, am, tokens) == "lora_linear_delta"
+    assert path(xm, wm, am, rows[:2]) == "lora_linear_delta"  # indices for another batch
+
+
+@pytest.mark.parametrize("case", ["fp32", "bf16", "mixed", "per_token", "plain_false", "fused_false"])
+def test_lora_bank_linear_is_the_op_its_path_names(fresh_dispatch, monkeypatch, case):
+    from lift_engine.adapters.context import AdapterContext
+    from lift_engine.ops.lora_linear_rows import lora_linear_rows
+
+    monkeypatch.setenv("LIFT_BACKEND", "reference")
+    dtype, bank_dtype = {"bf16": (torch.bfloat16, None), "mixed": (torch.bfloat16, torch.float32)}.get(
+        case, (torch.float32, None))
+    x, w, bias, a, b, s = _bank(dtype, bank_dtype)
+    ctx = AdapterContext(3)
+    ctx.set_indices(torch.tensor([[0, 0, 1, 1, -1], [2, 2, 2, -1, 0], [1, 0, 2, 1, 0]]) if case == "per_token"
+                    else torch.tensor([0, 2, -1]))
+    plain, fused = case != "plain_false", case != "fused_false"
+    base_calls = []
+
+    def base(t):
+        base_calls.append(1)
+        return torch.nn.functional.linear(t, w, bias)
+
+    got = dispatch.lora_bank_linear(x, w, bias, a, b, s, ctx, base=base, plain_base=plain, fused=fused)
+    path = dispatch.lora_bank_path(x, w, a, ctx.indices, plain_base=plain, fused=fused)
+    idx = ctx.token_indices(3, 5)
+    if path == "rows":
+        want = lora_linear_rows(x, w, bias, a, b, s, ctx.indices)
+    elif path == "lora_linear":
+        want = reference.lora_linear(x, w, bias, a, b, s, idx)
+    else:
+        delta = reference.lora_linear_delta(x.reshape(-1, 16).to(a.dtype), a, b, s, idx)
+        want = base(x) + delta.to(x.dtype).view(3, 5, -1)
+    assert torch.equal(got, want), path
+    assert bool(base_calls) == (path == "lora_linear_delta")
+    ctx.clear()  # no adapter active: the base alone
+    assert torch.equal(dispatch.lora_bank_linear(x, w, bias, a, b, s, ctx, base=base, plain_base=plain),
+                       torch.nn.functional.linear(x, w, bias))

@@ -123,17 +123,29 @@ def test_fused_ops_reject_mismatched_shapes_with_a_clear_error():
         cpu_backend.cross_entropy_with_grad_(torch.randn(3, 8), torch.zeros(2, dtype=torch.long))
 
 
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    monkeypatch.delenv("LIFT_BACKEND", raising=False)
+    monkeypatch.setattr(dispatch, "_warned", set())
+
+
 @needs_kernels
-def test_fused_ops_fall_back_to_the_reference_for_other_dtypes_and_mixed_inputs():
+def test_fused_ops_fall_back_to_the_reference_for_other_dtypes_and_mixed_inputs(fresh_warnings):
+    """The kernels refuse (dispatch.Unsupported); dispatch runs the reference and says so."""
     torch.manual_seed(5)
     x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
     w = torch.rand(9, dtype=torch.float64)
-    y = cpu_backend.rms_norm(x, w, 1e-6)
+    with pytest.raises(dispatch.Unsupported, match="float64"):
+        cpu_backend.rms_norm(x, w, 1e-6)
+    with pytest.warns(RuntimeWarning, match="float64"):
+        y = ops.rms_norm(x, w, 1e-6)
     assert torch.equal(y, reference.rms_norm(x, w, 1e-6))
     xb, wf = torch.randn(4, 9).bfloat16(), torch.rand(9)  # HF's mix: bf16 activations, fp32 weight
-    assert torch.equal(cpu_backend.rms_norm(xb, wf, 1e-6), reference.rms_norm(xb, wf, 1e-6))
+    with pytest.warns(RuntimeWarning, match="mixed dtypes"):
+        assert torch.equal(ops.rms_norm(xb, wf, 1e-6), reference.rms_norm(xb, wf, 1e-6))
     g, u = torch.randn(5, dtype=torch.float16), torch.randn(5, dtype=torch.float16)
-    assert torch.equal(cpu_backend.swiglu(g, u), reference.swiglu(g, u))
+    with pytest.warns(RuntimeWarning, match="float16"):
+        assert torch.equal(ops.swiglu(g, u), reference.swiglu(g, u))
 
 
 # ------------------------------------------------------------------ rotary
@@ -170,16 +182,20 @@ def test_rotary_kernel_backward_uses_each_half_of_the_tables():
 
 
 @needs_kernels
-def test_rotary_errors_and_fallbacks():
+def test_rotary_errors_and_fallbacks(fresh_warnings):
     x, (cos, sin) = torch.randn(2, 3, 7, 8), _rope_tables(2, 7, 8, torch.float32, seed=0)
     with pytest.raises(ValueError, match="rotary needs"):
         cpu_backend.rotary(x, cos[:, :5], sin[:, :5])
     with pytest.raises(ValueError, match="rotary needs"):
         cpu_backend.rotary(torch.randn(2, 3, 7, 7), torch.randn(2, 7, 7), torch.randn(2, 7, 7))
-    xh = x.half()  # fp16, and tables that want a gradient, go to the reference
-    assert torch.equal(cpu_backend.rotary(xh, cos.half(), sin.half()), reference.rotary(xh, cos.half(), sin.half()))
+    xh = x.half()  # fp16, and tables that want a gradient, go to the reference (through dispatch)
+    with pytest.raises(dispatch.Unsupported):
+        cpu_backend.rotary(xh, cos.half(), sin.half())
+    with pytest.warns(RuntimeWarning, match="float16"):
+        assert torch.equal(ops.rotary(xh, cos.half(), sin.half()), reference.rotary(xh, cos.half(), sin.half()))
     grad_cos = cos.clone().requires_grad_()
-    cpu_backend.rotary(x, grad_cos, sin).sum().backward()
+    with pytest.warns(RuntimeWarning, match="require a gradient"):
+        ops.rotary(x, grad_cos, sin).sum().backward()
     assert grad_cos.grad is not None
 
 

@@ -274,15 +274,35 @@ def test_bad_shapes_raise_value_error():
         cpu_backend.gated_memory_blend(attn, q[:, :1], *w, idx)
 
 
-def test_low_precision_goes_to_reference_by_default(monkeypatch):
+@pytest.fixture
+def forced_cpu(monkeypatch):
+    """LIFT_BACKEND=cpu with fresh warning memory: dispatch, not the backend, falls back."""
+    from lift_engine.ops import dispatch
+
+    monkeypatch.setenv("LIFT_BACKEND", "cpu")
+    monkeypatch.setattr(dispatch, "_warned", set())
+    return dispatch
+
+
+def test_low_precision_goes_to_reference_by_default(monkeypatch, forced_cpu):
+    from lift_engine import ops
+
     monkeypatch.setattr(cpu_backend, "LOW_PRECISION", False)
     args = [t.bfloat16() if t.is_floating_point() else t for t in lora_inputs("lora_shrink", 17, 9, 3, 5, 2, "none")]
-    torch.testing.assert_close(cpu_backend.lora_shrink(*args), reference.lora_shrink(*args), rtol=0, atol=0)
+    with pytest.raises(forced_cpu.Unsupported, match="LIFT_CPU_LOW_PRECISION"):
+        cpu_backend.lora_shrink(*args)  # the backend refuses; dispatch falls back
+    with pytest.warns(RuntimeWarning, match="cpu backend does not take these inputs for lora_shrink"):
+        torch.testing.assert_close(ops.lora_shrink(*args), reference.lora_shrink(*args), rtol=0, atol=0)
 
 
-def test_float64_goes_to_reference_exactly():
+def test_float64_goes_to_reference_exactly(forced_cpu):
+    from lift_engine import ops
+
     args = [t.double() if t.is_floating_point() else t for t in lora_inputs("lora_linear_delta", 17, 9, 3, 5, 2, "none")]
-    torch.testing.assert_close(cpu_backend.lora_linear_delta(*args), reference.lora_linear_delta(*args), rtol=0, atol=0)
+    with pytest.raises(forced_cpu.Unsupported, match="float64"):
+        cpu_backend.lora_linear_delta(*args)
+    with pytest.warns(RuntimeWarning, match="float64"):
+        torch.testing.assert_close(ops.lora_linear_delta(*args), reference.lora_linear_delta(*args), rtol=0, atol=0)
 
 
 def test_dispatch_picks_cpu_backend(monkeypatch):

@@ -303,8 +303,12 @@ def emulated_cuda_backend(monkeypatch):
     monkeypatch.setattr(_native, "load", lambda name: EmulatedKernels if name == "cuda" else real_load(name))
     sys.modules.pop("lift_engine.ops.cuda_backend", None)
     module = importlib.import_module("lift_engine.ops.cuda_backend")
-    monkeypatch.setattr(module, "_use_kernel",
-                        lambda *ts: ts[0].dtype in module._DTYPES and all(t.dtype == ts[0].dtype for t in ts))
+
+    def require_kernel(*ts):  # CPU tensors stand in for CUDA ones here
+        if not (ts[0].dtype in module._DTYPES and all(t.dtype == ts[0].dtype for t in ts)):
+            raise module.Unsupported("not an emulated kernel dtype")
+
+    monkeypatch.setattr(module, "_require_kernel", require_kernel)
 
     def launch(plan, kernel, *args):
         kernel(*args, plan.order, plan.bin_off, plan.tile_off, plan.max_tiles, 0)

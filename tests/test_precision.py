@@ -81,7 +81,7 @@ def test_lora_linear_rows_rejects_shapes_that_do_not_fit():
 def test_lora_layer_takes_the_row_path_only_for_per_row_indices_in_mixed_precision(monkeypatch):
     """A bf16 base with an fp32 bank and [B] indices goes through lora_linear_rows; per-token
     indices keep the token-level path; and both give the same logits."""
-    import lift_engine.adapters.lora as lora_module
+    from lift_engine.ops import dispatch  # the path choice lives in dispatch.lora_bank_linear
 
     model = make_tiny_model("llama", dtype=torch.bfloat16)
     for p in model.parameters():
@@ -92,8 +92,8 @@ def test_lora_layer_takes_the_row_path_only_for_per_row_indices_in_mixed_precisi
         for p in handle.trainable_parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     calls = []
-    real = lora_module.lora_linear_rows
-    monkeypatch.setattr(lora_module, "lora_linear_rows", lambda *a: calls.append(1) or real(*a))
+    real = dispatch.lora_linear_rows
+    monkeypatch.setattr(dispatch, "lora_linear_rows", lambda *a: calls.append(1) or real(*a))
     ids = torch.randint(0, 128, (3, 6), generator=torch.Generator().manual_seed(2))
     rows = torch.tensor([2, 0, -1])
     with handle.use(rows), torch.no_grad():

@@ -31,8 +31,6 @@ from torch import nn
 from lift_engine import ops
 from lift_engine.adapters.context import AdapterContext
 
-GATE_SCALE = 3.0  # fixed in ops.gated_memory_blend (DESIGN.md §3)
-
 
 def gate_dim(head_dim: int) -> int:
     """s = ⌊√d⌋, the width of the gate's hidden layer."""

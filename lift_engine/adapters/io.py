@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lift_engine.adapters.patching import AdapterHandle, attach_adapters, decoder_layers, head_geometry
-from lift_engine.config import ADAPTER_KINDS, LiftConfig
+from lift_engine.config import ADAPTER_KINDS, GATE_SCALE, LiftConfig
 from lift_engine.errors import AdapterError
 from lift_engine.fsutil import atomic_dir
 
@@ -91,7 +91,7 @@ def _gated_memory_config(handle: AdapterHandle, base: Any, dtype: torch.dtype) -
         "head_dim": bank.head_dim,
         "gate_dim": bank.gate_dim,
         "hidden": bank.hidden,
-        "gate_scale": 3.0,
+        "gate_scale": GATE_SCALE,
         "dtype": _dtype_name(dtype),
     }
 

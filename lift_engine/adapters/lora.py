@@ -8,15 +8,15 @@ LoRABankLinear wraps a frozen nn.Linear W and a bank of N LoRA adapters:
     lora_b  [N, out, r]  Parameter, zeros (so a fresh adapter is the base model)
     scaling [N]          buffer, α/r per adapter
 
-While adapters are active the layer is one op, lift_engine.ops.lora_linear (base weight +
-LoRA): one fused GEMM on the Triton backend; on the reference and C++ CPU backends exactly
-F.linear + lora_linear_delta, the autograd graph this layer built before the op existed,
-so outputs and gradients are bit for bit unchanged there. It falls back to
-base_layer(x) + ops.lora_linear_delta when the base is not a plain, hook-free nn.Linear
-or the dtypes differ (see `_fusable`), or when `fused` is False. With one adapter per
-sequence and a bank in another dtype than x (fp32 adapters on a bf16 base, the mixed-
-precision training of lift_engine.precision) or low precision on CPU, it is
-ops.lora_linear_rows instead: two batched GEMMs, no per-token gather (`_row_path`).
+The forward asks the dispatch point, lift_engine.ops.lora_bank_linear, which op to run
+(ops/dispatch.py, `lora_bank_path`): while adapters are active usually one op,
+ops.lora_linear (base weight + LoRA: one fused GEMM on the Triton backend; on the
+reference and C++ CPU backends exactly F.linear + lora_linear_delta, so outputs and
+gradients are bit for bit those of the two-op path); base_layer(x) + ops.lora_linear_delta
+when the base is not a plain, hook-free nn.Linear or the dtypes differ, or when `fused`
+is False; with one adapter per sequence and a bank in another dtype than x (fp32
+adapters on a bf16 base, the mixed-precision training of lift_engine.precision) or low
+precision on CPU, ops.lora_linear_rows: two batched GEMMs, no per-token gather.
 The indices come from the shared AdapterContext.
 """
 from __future__ import annotations
@@ -28,7 +28,6 @@ from torch import nn
 
 from lift_engine import ops
 from lift_engine.adapters.context import AdapterContext
-from lift_engine.ops.lora_linear_rows import lora_linear_rows
 
 
 def kaiming_uniform_bound(fan_in: int) -> float:
@@ -97,8 +96,8 @@ class LoRABankLinear(nn.Module):
         self.lora_b[n].zero_()
         self.scaling[n] = self.default_scaling
 
-    #: Use the one-op paths (ops.lora_linear when `_fusable`, ops.lora_linear_rows when `_row_path`);
-    #: False keeps the two-op path base_layer(x) + ops.lora_linear_delta.
+    #: Let dispatch pick a one-op path (ops.lora_linear, ops.lora_linear_rows); False keeps
+    #: the two-op path base_layer(x) + ops.lora_linear_delta.
     fused: bool = True
 
     def _plain_base(self) -> bool:
@@ -110,38 +109,15 @@ class LoRABankLinear(nn.Module):
                 and "forward" not in base.__dict__)
 
     def _fusable(self, x: torch.Tensor) -> bool:
-        """ops.lora_linear takes x, W and the bank in one dtype (no casts)."""
-        return self.fused and self._plain_base() and x.dtype == self.base_layer.weight.dtype == self.lora_a.dtype
-
-    def _row_path(self, x: torch.Tensor) -> bool:
-        """ops.lora_linear_rows: one adapter per sequence ([B] indices for x [B, S, in]) and
-        either a bank in another dtype than x (fp32 master weights under a bf16 base) or
-        low precision on CPU, where the C++ kernels are fp32 only and the reference's
-        per-token gather is slow."""
-        idx = self.context.indices
-        if not (self.fused and idx is not None and idx.dim() == 1 and x.dim() == 3 and idx.shape[0] == x.shape[0]
-                and x.dtype == self.base_layer.weight.dtype and self._plain_base()):
-            return False
-        return x.dtype != self.lora_a.dtype or (x.device.type == "cpu" and x.dtype != torch.float32)
+        """Dispatch would run ops.lora_linear on x with per-token indices (x, W and the bank in one dtype)."""
+        return ops.lora_bank_path(x, self.base_layer.weight, self.lora_a, None, plain_base=self._plain_base(),
+                                  fused=self.fused) == "lora_linear"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] (leading dims [B, S] or [B]) → [..., out]."""
-        ctx = self.context
-        if not ctx.active:
-            return self.base_layer(x)
         base = self.base_layer
-        if self._row_path(x):
-            return lora_linear_rows(x, base.weight, base.bias, self.lora_a, self.lora_b, self.scaling,
-                                    ctx.indices.to(x.device))
-        batch = x.shape[0] if x.dim() > 1 else 1
-        seq = x.numel() // self.in_features // batch
-        idx = ctx.token_indices(batch, seq, device=x.device)
-        if self._fusable(x):  # same graph as below on the reference/C++ backends (ops/reference/lora_linear.py)
-            return ops.lora_linear(x, base.weight, base.bias, self.lora_a, self.lora_b, self.scaling, idx)
-        y = base(x)
-        flat = x.reshape(-1, self.in_features)
-        delta = ops.lora_linear_delta(flat.to(self.lora_a.dtype), self.lora_a, self.lora_b, self.scaling, idx)
-        return y + delta.to(y.dtype).view(*x.shape[:-1], self.out_features)
+        return ops.lora_bank_linear(x, base.weight, base.bias, self.lora_a, self.lora_b, self.scaling, self.context,
+                                    base=base, plain_base=self._plain_base(), fused=self.fused)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, num_adapters={self.num_adapters}, rank={self.rank}"

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lift_engine.adapters.context import AdapterContext
-from lift_engine.adapters.gated_memory import GATE_SCALE, GatedMemoryBank, GatedOutput, QueryCapture
+from lift_engine.adapters.gated_memory import GatedMemoryBank, GatedOutput, QueryCapture
 from lift_engine.adapters.lora import LoRABankLinear
 from lift_engine.config import ADAPTER_KINDS, LiftConfig
 from lift_engine.errors import AdapterError
@@ -337,8 +337,6 @@ def _attach_lora(handle: AdapterHandle, layers: nn.ModuleList, prefix: str, dtyp
 def _attach_gated_memory(handle: AdapterHandle, layers: nn.ModuleList, prefix: str, dtype: torch.dtype | None,
                          init: bool = True) -> None:
     cfg = handle.config.gated_memory
-    if float(cfg.gate_scale) != GATE_SCALE:
-        raise AdapterError(f"gated_memory.gate_scale={cfg.gate_scale} is not supported (the ops fix it at {GATE_SCALE})")
     layout = _layout(handle.model)
     heads, dim = head_geometry(handle.model)
     for i, layer in enumerate(layers):

@@ -5,26 +5,21 @@
 A file's name is its stem; a directory contributes its .txt/.md/… files (sorted, not
 recursive, hidden files skipped); a .jsonl line is an object with the text under "text",
 "document" or "context" (LongBench) and an optional name under "name", "id" or "_id"
-(default <stem>-<line number>). Names must be unique and usable as directory names.
+(default <stem>-<line number>). Names are made valid (lift_engine.names.sanitize_name:
+the one rule of the store and the job) and must be unique.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
-from lift_engine.batch.job import validate_name
 from lift_engine.batch.queue import DOC_SUFFIXES
 from lift_engine.errors import InputError
+from lift_engine.names import sanitize_name
 
 _TEXT_KEYS = ("text", "document", "context")
 _NAME_KEYS = ("name", "id", "_id")
-
-
-def _safe(name: str) -> str:
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)).strip("-.")
-    return cleaned[:128] or "doc"
 
 
 def collect_documents(sources: list[str]) -> list[tuple[str, str, str]]:
@@ -40,11 +35,11 @@ def collect_documents(sources: list[str]) -> list[tuple[str, str, str]]:
                            and p.suffix.lower() in DOC_SUFFIXES)
             if not files:
                 raise InputError(f"{source}: no documents ({', '.join(DOC_SUFFIXES)}) in this directory")
-            out += [(validate_name(_safe(p.stem)), read_document(p), str(p)) for p in files]
+            out += [(sanitize_name(p.stem), read_document(p), str(p)) for p in files]
         elif path.suffix.lower() == ".jsonl":
             out += _read_jsonl(path)
         else:
-            out.append((validate_name(_safe(path.stem)), read_document(path), str(path)))
+            out.append((sanitize_name(path.stem), read_document(path), str(path)))
     seen: dict[str, str] = {}
     for name, _, source in out:
         if name in seen:
@@ -71,8 +66,8 @@ def _read_jsonl(path: Path) -> list[tuple[str, str, str]]:
             if text is None or not text.strip():
                 raise InputError(f"{path}:{number}: no document text (keys {', '.join(_TEXT_KEYS)})")
             raw = next((row[k] for k in _NAME_KEYS if row.get(k) not in (None, "")), None)
-            name = _safe(raw) if raw is not None else f"{_safe(path.stem)}-{number}"
-            out.append((validate_name(name), text.replace("\r\n", "\n"), f"{os.fspath(path)}:{number}"))
+            name = sanitize_name(raw) if raw is not None else sanitize_name(path.stem, suffix=f"-{number}")
+            out.append((name, text.replace("\r\n", "\n"), f"{os.fspath(path)}:{number}"))
     if not out:
         raise InputError(f"{path}: no documents")
     return out

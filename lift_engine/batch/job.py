@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -55,23 +54,16 @@ from lift_engine.data.tasks import stored_qa_items
 from lift_engine.errors import InputError
 from lift_engine.fsutil import atomic_write_json
 from lift_engine.models.loading import model_device
+from lift_engine.names import validate_name
 from lift_engine.precision import compute_dtype, training_precision
 from lift_engine.prompts import PromptBuilder
 from lift_engine.samples import IGNORE_INDEX, RECIPE_VERSION, DocumentSamples, Sample, SampleRef, TeacherAnswer
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 STATUS_FILE = ".lift-batch-status.json"
 # The engine's identity in every job key and adapter manifest: the optimizer path and the
 # task/sample recipe (samples.RECIPE_VERSION). A checkpoint or adapter made by another
 # trainer or recipe is never resumed or reused.
 TRAINER_ID = f"batch-slot-adamw-v1+{RECIPE_VERSION}"
-
-
-def validate_name(name: str) -> str:
-    if not NAME_RE.match(name or "") or name in (".", ".."):
-        raise InputError(f"document name {name!r} is not usable as an adapter directory name "
-                         "(letters, digits, '.', '_', '-'; not starting with '.')")
-    return name
 
 
 @dataclass
@@ -174,7 +166,7 @@ class BatchTuneJob:
     # ================================================================ public API
     def submit(self, text: str, name: str, source: str = "") -> str:
         """Queue a document; it joins the running job at the next step with a free slot."""
-        validate_name(name)
+        validate_name(name, "document")
         with self._lock:
             if name in self.docs and self.docs[name].status not in ("done", "failed"):
                 raise InputError(f"document {name!r} is already in the job")

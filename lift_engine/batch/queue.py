@@ -18,9 +18,10 @@ import os
 import time
 from pathlib import Path
 
-from lift_engine.batch.job import BatchTuneJob, validate_name
+from lift_engine.batch.job import BatchTuneJob
 from lift_engine.errors import InputError
 from lift_engine.fsutil import atomic_write_json, atomic_write_text
+from lift_engine.names import validate_name
 
 DOC_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".text")
 
@@ -73,7 +74,7 @@ class QueueService:
 
         name = path.stem
         try:
-            validate_name(name)
+            validate_name(name, "document")
             if path.suffix.lower() not in DOC_SUFFIXES:
                 raise InputError(f"{path.name}: not a document (expected one of {', '.join(DOC_SUFFIXES)})")
             text = read_document(path)

@@ -5,7 +5,10 @@ its gradient — in fp32 or bf16 (see the section "fused elementwise ops" below)
 attention on AMX (section "attention").
 
 Importing this module raises ImportError when the extension is not built; dispatch.py
-then falls back to the reference and says so once.
+then falls back to the reference and says so once. Inputs a kernel does not take make
+its function raise dispatch.Unsupported (the reason: dtype, device, layout), and
+dispatch runs the reference op instead, saying so once; this module never calls the
+reference ops itself.
 
 How the kernels work (csrc/cpu/*.cpp): the adapter index is turned once per call into a
 plan — tokens sorted by adapter (stable counting sort, -1 dropped) and cut into blocks of
@@ -17,11 +20,11 @@ Weight gradients go to one private slot per range of blocks and are reduced per 
 so no two threads write the same memory. The Gated-Memory backward reuses the forward's
 pre-activations (saved only when a gradient is needed).
 
-The LoRA and Gated-Memory kernels are fp32. float16/bfloat16 inputs go to the reference op unless
-LIFT_CPU_LOW_PRECISION=1 (or `LOW_PRECISION = True`), which casts them to fp32 around the
-kernels (autograd casts the gradients back): measured on this machine, eager bf16
-(oneDNN, AMX) beats that cast path with one adapter, and loses to it with 16 (see
-bench/README.md). float64 and non-CPU tensors always go to the reference op.
+The LoRA and Gated-Memory kernels are fp32. float16/bfloat16 inputs are refused (so they
+run the reference op) unless LIFT_CPU_LOW_PRECISION=1 (or `LOW_PRECISION = True`), which
+casts them to fp32 around the kernels (autograd casts the gradients back): measured on
+this machine, eager bf16 (oneDNN, AMX) beats that cast path with one adapter, and loses
+to it with 16 (see bench/README.md). float64 and non-CPU tensors are always refused.
 
 Which ops are exposed (the names dispatch.py looks up) is decided by measurement: an op
 is exposed only where the C++ path beats PyTorch eager on this machine (issue 3 target
@@ -35,11 +38,14 @@ import os
 import torch
 import torch.nn.functional as F
 
-from lift_engine.ops import reference
 from lift_engine.ops._native import load
+from lift_engine.ops.dispatch import Unsupported
 from lift_engine.ops.reference.attention import check_attention
+from lift_engine.ops.reference.cross_entropy_with_grad import check_cross_entropy
 from lift_engine.ops.reference.lora_linear import check_linear
+from lift_engine.ops.reference.rms_norm import check_rms_norm
 from lift_engine.ops.reference.rotary import check_rotary
+from lift_engine.ops.reference.swiglu import check_swiglu
 
 _C = load("cpu")  # ImportError with the reason when not built
 
@@ -56,14 +62,30 @@ def supports(device_type: str) -> str | None:
     return None if device_type == "cpu" else "the C++ CPU kernels run on CPU tensors only"
 
 
-def _cpu_tensors_of(dtypes, *tensors: torch.Tensor) -> bool:
-    """All tensors on the CPU, in one dtype, which is one of `dtypes`."""
-    dtype = tensors[0].dtype
-    return dtype in dtypes and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
-def _use_kernel(*tensors: torch.Tensor) -> bool:
-    return _cpu_tensors_of((torch.float32, *(_LOW_PRECISION_DTYPES if LOW_PRECISION else ())), *tensors)
+def _require_cpu_tensors_of(dtypes, *tensors: torch.Tensor, hint: str = "") -> None:
+    """Unsupported unless all tensors are on the CPU, in one dtype, which is one of `dtypes`."""
+    if any(t.device.type != "cpu" for t in tensors):
+        raise Unsupported("tensors not on the CPU")
+    found = sorted({_dtype_name(t.dtype) for t in tensors})
+    if len(found) > 1:
+        raise Unsupported(f"mixed dtypes {', '.join(found)}")
+    if tensors[0].dtype not in dtypes:
+        raise Unsupported(f"{found[0]} inputs (the kernels take {', '.join(map(_dtype_name, dtypes))}){hint}")
+
+
+def _require_kernel(*tensors: torch.Tensor) -> None:
+    """The LoRA and Gated-Memory kernels' dtypes: float32, and bf16/fp16 under LOW_PRECISION."""
+    hint = "" if LOW_PRECISION else "; LIFT_CPU_LOW_PRECISION=1 runs bfloat16/float16 on float32 copies"
+    _require_cpu_tensors_of((torch.float32, *(_LOW_PRECISION_DTYPES if LOW_PRECISION else ())), *tensors, hint=hint)
+
+
+def _require_cpu(t: torch.Tensor, name: str) -> None:
+    if t.device.type != "cpu":
+        raise Unsupported(f"{name} not on the CPU")
 
 
 def _check_tokens(x: torch.Tensor, idx: torch.Tensor) -> None:
@@ -173,8 +195,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, adapter_idx: torch.Tensor
 
     h[t] = x[t] @ lora_a[adapter_idx[t]].T, 0 where adapter_idx[t] < 0.
     """
-    if not _use_kernel(x, lora_a):
-        return reference.lora_shrink(x, lora_a, adapter_idx)
+    _require_kernel(x, lora_a)
     _check_tokens(x, adapter_idx)
     return _LoraShrink.apply(_f32(x), _f32(lora_a), adapter_idx).to(x.dtype)
 
@@ -184,8 +205,8 @@ def lora_expand(h: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor, ad
 
     y[t] = scaling[a] · h[t] @ lora_b[a].T with a = adapter_idx[t]; 0 where a < 0.
     """
-    if not _use_kernel(h, lora_b) or scaling.device.type != "cpu":
-        return reference.lora_expand(h, lora_b, scaling, adapter_idx)
+    _require_kernel(h, lora_b)
+    _require_cpu(scaling, "scaling")
     _check_tokens(h, adapter_idx)
     return _LoraExpand.apply(_f32(h), _f32(lora_b), _f32(scaling), adapter_idx).to(h.dtype)
 
@@ -201,8 +222,8 @@ def lora_linear_delta(
 
     x: [T, in], lora_a: [N, r, in], lora_b: [N, out, r], scaling: [N], adapter_idx: [T] → [T, out].
     """
-    if not _use_kernel(x, lora_a, lora_b) or scaling.device.type != "cpu":
-        return reference.lora_linear_delta(x, lora_a, lora_b, scaling, adapter_idx)
+    _require_kernel(x, lora_a, lora_b)
+    _require_cpu(scaling, "scaling")
     _check_tokens(x, adapter_idx)
     return _LoraDelta.apply(_f32(x), _f32(lora_a), _f32(lora_b), _f32(scaling), adapter_idx).to(x.dtype)
 
@@ -225,6 +246,8 @@ def lora_linear(
     lora_b: [N, out, r], scaling: [N], adapter_idx: [T] → [..., out].
     """
     check_linear(x, weight, lora_b)
+    _require_kernel(x, lora_a, lora_b)  # before the base GEMM: what the delta below takes
+    _require_cpu(scaling, "scaling")
     y = F.linear(x, weight, bias)
     return y + lora_linear_delta(x.reshape(-1, x.shape[-1]), lora_a, lora_b, scaling, adapter_idx).view(y.shape)
 
@@ -243,8 +266,7 @@ def gated_memory_blend(
     out = (1 − g) · attn + g · W2 silu(W1 q), g = σ(3 (w4 · silu(W3 q) − 1)), per token's adapter;
     tokens with adapter_idx < 0 pass attn_out through.
     """
-    if not _use_kernel(attn_out, q, w1, w2, w3, w4):
-        return reference.gated_memory_blend(attn_out, q, w1, w2, w3, w4, adapter_idx)
+    _require_kernel(attn_out, q, w1, w2, w3, w4)
     if attn_out.shape != q.shape or attn_out.dim() != 3:
         raise ValueError(f"attn_out {tuple(attn_out.shape)} and q {tuple(q.shape)} must both be [T, H, d]")
     if adapter_idx.shape != (q.shape[0],):
@@ -255,12 +277,12 @@ def gated_memory_blend(
 
 # ------------------------------------------------ fused elementwise ops (fp32 or bf16)
 # Float32 or bfloat16 storage, float32 math, one rounding per output (the references round
-# twice in bf16: within ~1 bf16 ulp of them). Anything else goes to the reference op.
+# twice in bf16: within ~1 bf16 ulp of them). Anything else is refused (Unsupported).
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _use_fused(*tensors: torch.Tensor) -> bool:
-    return _cpu_tensors_of(_FUSED_DTYPES, *tensors)
+def _require_fused(*tensors: torch.Tensor) -> None:
+    _require_cpu_tensors_of(_FUSED_DTYPES, *tensors)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -294,15 +316,17 @@ class _SwiGLU(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [..., H]; weight: [H]; eps → weight ⊙ x · rsqrt(mean(x²) + eps), [..., H] (one C++ pass each way)."""
-    if x.dim() < 1 or weight.shape != x.shape[-1:] or x.numel() == 0 or not _use_fused(x, weight):
-        return reference.rms_norm(x, weight, eps)
+    check_rms_norm(x, weight)
+    if x.shape[-1] == 0:
+        raise Unsupported("a last dim of size 0")
+    _require_fused(x, weight)
     return _RMSNorm.apply(x, weight, float(eps))
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gate, up: [..., I] → silu(gate) ⊙ up (one C++ pass each way; σ recomputed in backward)."""
-    if gate.shape != up.shape or gate.numel() == 0 or not _use_fused(gate, up):
-        return reference.swiglu(gate, up)
+    check_swiglu(gate, up)
+    _require_fused(gate, up)
     return _SwiGLU.apply(gate, up)
 
 
@@ -322,17 +346,21 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     """x: [B, H, L, D]; cos, sin: [B or 1, L, D] → x ⊙ cos + rotate_half(x) ⊙ sin, [B, H, L, D]
     contiguous (one C++ pass each way; no gradient for the tables)."""
     check_rotary(x, cos, sin)
-    if (x.numel() == 0 or cos.dtype != x.dtype or sin.dtype != x.dtype or cos.requires_grad or sin.requires_grad
-            or not _use_fused(x, cos, sin)):
-        return reference.rotary(x, cos, sin)
+    if cos.requires_grad or sin.requires_grad:
+        raise Unsupported("cos/sin tables that require a gradient (the kernel gives none)")
+    _require_fused(x, cos, sin)
     return _Rotary.apply(x, cos, sin)
 
 
 def cross_entropy_with_grad_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """logits: [R, V] (overwritten with softmax − onehot); targets: [R] int64 → loss [R] float32."""
-    if (logits.dim() != 2 or logits.stride(-1) != 1 or targets.shape != logits.shape[:1]
-            or not _use_fused(logits) or targets.dtype != torch.int64 or targets.device.type != "cpu"):
-        return reference.cross_entropy_with_grad_(logits, targets)
+    check_cross_entropy(logits, targets)
+    if logits.stride(-1) != 1:
+        raise Unsupported("logits whose last dim is not contiguous")
+    _require_fused(logits)
+    if targets.dtype != torch.int64:
+        raise Unsupported(f"{_dtype_name(targets.dtype)} targets (the kernel takes int64)")
+    _require_cpu(targets, "targets")
     with torch.no_grad():
         return _C.cross_entropy_with_grad_(logits, targets)
 
@@ -340,17 +368,22 @@ def cross_entropy_with_grad_(logits: torch.Tensor, targets: torch.Tensor) -> tor
 # ------------------------------------------- attention (bf16 on AMX)
 # csrc/cpu/attention_cpu.cpp: causal/masked GQA attention with oneDNN's brgemm micro-kernels,
 # forward and backward, for bf16 q/k/v with a head dim that is a multiple of 16 on a CPU
-# where oneDNN packs bf16 (AMX / AVX512-BF16); other inputs go to the reference, and on a
-# CPU without those the op is not exposed at all. The trainers route only bf16 attention
+# where oneDNN packs bf16 (AMX / AVX512-BF16); other inputs are refused (Unsupported), and on
+# a CPU without those the op is not exposed at all. The trainers route only bf16 attention
 # here (precision.training_attention): fp32 keeps torch's sdpa, whose fp32 flash kernels
 # beat the reference's plain math.
 _ATTENTION_AVAILABLE = bool(_C.attention_available())
 
 
-def _use_attention_kernel(q, k, v, mask) -> bool:
-    """Inputs that passed check_attention and that the kernel takes."""
-    return (_cpu_tensors_of((torch.bfloat16,), q, k, v) and q.shape[-1] % 16 == 0 and q.shape[2] > 0
-            and k.shape[2] > 0 and (mask is None or mask.device.type == "cpu"))
+def _require_attention_kernel(q, k, v, mask) -> None:
+    """Unsupported unless the kernel takes these inputs (which passed check_attention)."""
+    _require_cpu_tensors_of((torch.bfloat16,), q, k, v)
+    if q.shape[-1] % 16:
+        raise Unsupported("a head dim that is not a multiple of 16")
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise Unsupported("empty sequences")
+    if mask is not None:
+        _require_cpu(mask, "mask")
 
 
 class _Attention(torch.autograd.Function):
@@ -370,10 +403,9 @@ class _Attention(torch.autograd.Function):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, causal: bool, scale: float) -> torch.Tensor:
     """q: [B, Hq, Lq, D]; k, v: [B, Hkv, Lk, D]; mask: bool [B or 1, Lq, Lk] or None → [B, Hq, Lq, D]
-    (the C++ AMX kernel for bf16, else the reference)."""
+    (the C++ AMX kernel; bf16 only)."""
     check_attention(q, k, v, mask)
-    if not _use_attention_kernel(q, k, v, mask):
-        return reference.attention(q, k, v, mask, causal, scale)
+    _require_attention_kernel(q, k, v, mask)
     return _Attention.apply(q, k, v, mask, bool(causal), float(scale))
 
 
@@ -384,7 +416,8 @@ if not _ATTENTION_AVAILABLE:  # not exposed: dispatch falls back, and the traine
 # ------------------------------------------- backward entry points for custom_ops.py
 # Under torch.compile, lift_engine.ops.custom_ops calls `<op>_backward(..., needs)` of the
 # backend that ran the forward (no autograd inside a custom op). They recompute the plan
-# (and what the forward saved) and return the gradients in the reference formulas' order.
+# (and what the forward saved) and return the gradients in the reference formulas' order;
+# inputs the forward refuses they refuse too (custom_ops then uses the plain formulas).
 
 
 def _needs(needs, n):
@@ -392,9 +425,7 @@ def _needs(needs, n):
 
 
 def lora_shrink_backward(dh, x, lora_a, adapter_idx, needs=(True, True)):
-    if not _use_kernel(x, lora_a):
-        from lift_engine.ops.custom_ops import ref_lora_shrink_backward
-        return ref_lora_shrink_backward(dh, x, lora_a, adapter_idx, needs)
+    _require_kernel(x, lora_a)
     need_dx, need_da = _needs(needs, 2)
     order, blocks = _plan(adapter_idx, lora_a.shape[0])
     dx, da = _C.shrink_bwd(_f32(dh), _f32(x), _f32(lora_a), order, blocks, need_dx, need_da)
@@ -402,9 +433,8 @@ def lora_shrink_backward(dh, x, lora_a, adapter_idx, needs=(True, True)):
 
 
 def lora_expand_backward(dy, h, lora_b, scaling, adapter_idx, needs=(True, True, True)):
-    if not _use_kernel(h, lora_b) or scaling.device.type != "cpu":
-        from lift_engine.ops.custom_ops import ref_lora_expand_backward
-        return ref_lora_expand_backward(dy, h, lora_b, scaling, adapter_idx, needs)
+    _require_kernel(h, lora_b)
+    _require_cpu(scaling, "scaling")
     need_dh, need_db, need_ds = _needs(needs, 3)
     order, blocks = _plan(adapter_idx, lora_b.shape[0])
     b32, s32 = _f32(lora_b), _f32(scaling)
@@ -416,9 +446,8 @@ def lora_expand_backward(dy, h, lora_b, scaling, adapter_idx, needs=(True, True,
 
 
 def lora_linear_delta_backward(dy, x, lora_a, lora_b, scaling, adapter_idx, needs=(True,) * 4):
-    if not _use_kernel(x, lora_a, lora_b) or scaling.device.type != "cpu":
-        from lift_engine.ops.custom_ops import ref_lora_linear_delta_backward
-        return ref_lora_linear_delta_backward(dy, x, lora_a, lora_b, scaling, adapter_idx, needs)
+    _require_kernel(x, lora_a, lora_b)
+    _require_cpu(scaling, "scaling")
     need_dx, need_da, need_db, need_ds = _needs(needs, 4)
     order, blocks = _plan(adapter_idx, lora_a.shape[0])
     x32, a32, b32, s32 = _f32(x), _f32(lora_a), _f32(lora_b), _f32(scaling)
@@ -432,9 +461,7 @@ def lora_linear_delta_backward(dy, x, lora_a, lora_b, scaling, adapter_idx, need
 
 
 def gated_memory_blend_backward(dout, attn_out, q, w1, w2, w3, w4, adapter_idx, needs=(True,) * 6):
-    if not _use_kernel(attn_out, q, w1, w2, w3, w4):
-        from lift_engine.ops.custom_ops import ref_gated_memory_blend_backward
-        return ref_gated_memory_blend_backward(dout, attn_out, q, w1, w2, w3, w4, adapter_idx, needs)
+    _require_kernel(attn_out, q, w1, w2, w3, w4)
     needs = _needs(needs, 6)
     order, blocks = _plan(adapter_idx, w1.shape[0])
     args = [_f32(t) for t in (attn_out, q, w1, w2, w3, w4)]

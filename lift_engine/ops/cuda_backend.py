@@ -14,8 +14,10 @@ token per lane, so each weight element read serves a tile (SGMV-style); the grou
     tile_off  bin b owns tiles tile_off[b] .. tile_off[b+1] − 1       int32 [N + 2]
 
 Kernels run on the current stream. Inputs are float32, float16 or bfloat16 (one dtype per
-call; `scaling` is used in float32); accumulation is float32. The one host sync per call
-is the adapter-index range check the reference also does (IndexError on a bad index).
+call; `scaling` is used in float32); accumulation is float32. Other inputs make the
+functions raise dispatch.Unsupported, and dispatch runs the reference op (saying so
+once). The one host sync per call is the adapter-index range check the reference also
+does (IndexError on a bad index).
 
 Gradients: LoRA backward runs on CUDA kernels too (dx, dh: the same tiled kernels with
 transposed weight strides; dA, dB: per-tile outer products added atomically in float32).
@@ -26,8 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from lift_engine.ops import reference
 from lift_engine.ops._native import load
+from lift_engine.ops.dispatch import Unsupported
 
 _C = load("cuda")  # ImportError with the reason when not built
 
@@ -44,9 +46,19 @@ def supports(device_type: str) -> str | None:
     return None
 
 
-def _use_kernel(*tensors: torch.Tensor) -> bool:
-    dtype = tensors[0].dtype
-    return dtype in _DTYPES and all(t.is_cuda and t.dtype == dtype for t in tensors)
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _require_kernel(*tensors: torch.Tensor) -> None:
+    """Unsupported unless all tensors are CUDA tensors of one dtype among _DTYPES."""
+    if not all(t.is_cuda for t in tensors):
+        raise Unsupported("tensors not on a CUDA device")
+    found = sorted({_dtype_name(t.dtype) for t in tensors})
+    if len(found) > 1:
+        raise Unsupported(f"mixed dtypes {', '.join(found)}")
+    if tensors[0].dtype not in _DTYPES:
+        raise Unsupported(f"{found[0]} inputs (the kernels take {', '.join(map(_dtype_name, _DTYPES))})")
 
 
 def _check_tokens(x: torch.Tensor, idx: torch.Tensor, n_adapters: int) -> None:
@@ -238,24 +250,21 @@ def _scaling(scaling: torch.Tensor, device) -> torch.Tensor:
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, adapter_idx: torch.Tensor) -> torch.Tensor:
     """x: [T, in], lora_a: [N, r, in], adapter_idx: [T] int64 → [T, r] (0 where adapter_idx < 0)."""
-    if not _use_kernel(x, lora_a):
-        return reference.lora_shrink(x, lora_a, adapter_idx)
+    _require_kernel(x, lora_a)
     _check_tokens(x, adapter_idx, lora_a.shape[0])
     return _LoraShrink.apply(_c(x), _c(lora_a), adapter_idx)
 
 
 def lora_expand(h: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor, adapter_idx: torch.Tensor) -> torch.Tensor:
     """h: [T, r], lora_b: [N, out, r], scaling: [N], adapter_idx: [T] → [T, out] = s[a] · h B[a]ᵀ."""
-    if not _use_kernel(h, lora_b):
-        return reference.lora_expand(h, lora_b, scaling, adapter_idx)
+    _require_kernel(h, lora_b)
     _check_tokens(h, adapter_idx, lora_b.shape[0])
     return _LoraExpand.apply(_c(h), _c(lora_b), _scaling(scaling, h.device), adapter_idx)
 
 
 def lora_linear_delta(x, lora_a, lora_b, scaling, adapter_idx):
     """x: [T, in], lora_a: [N, r, in], lora_b: [N, out, r], scaling: [N], adapter_idx: [T] → [T, out]."""
-    if not _use_kernel(x, lora_a, lora_b):
-        return reference.lora_linear_delta(x, lora_a, lora_b, scaling, adapter_idx)
+    _require_kernel(x, lora_a, lora_b)
     _check_tokens(x, adapter_idx, lora_a.shape[0])
     return _LoraDelta.apply(_c(x), _c(lora_a), _c(lora_b), _scaling(scaling, x.device), adapter_idx)
 
@@ -264,14 +273,14 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, adapter_idx):
     """F.linear(x, weight, bias) (cuBLAS) + the delta above on x as [T, in]: x [..., in],
     weight [out, in], bias [out] | None, lora_a [N, r, in], lora_b [N, out, r], scaling [N],
     adapter_idx [T] → [..., out]."""
+    _require_kernel(x, lora_a, lora_b)  # before the base GEMM: what the delta below takes
     y = torch.nn.functional.linear(x, weight, bias)
     return y + lora_linear_delta(x.reshape(-1, x.shape[-1]), lora_a, lora_b, scaling, adapter_idx).view(y.shape)
 
 
 def gated_memory_blend(attn_out, q, w1, w2, w3, w4, adapter_idx):
     """attn_out, q: [T, H, d]; w1 [N,H,2d,d], w2 [N,H,d,2d], w3 [N,H,s,d], w4 [N,H,1,s]; adapter_idx [T] → [T, H, d]."""
-    if not _use_kernel(attn_out, q, w1, w2, w3, w4):
-        return reference.gated_memory_blend(attn_out, q, w1, w2, w3, w4, adapter_idx)
+    _require_kernel(attn_out, q, w1, w2, w3, w4)
     if attn_out.shape != q.shape or attn_out.dim() != 3:
         raise ValueError(f"attn_out {tuple(attn_out.shape)} and q {tuple(q.shape)} must both be [T, H, d]")
     if adapter_idx.shape != (q.shape[0],):
@@ -284,9 +293,7 @@ def gated_memory_blend(attn_out, q, w1, w2, w3, w4, adapter_idx):
 
 
 def lora_shrink_backward(dh, x, lora_a, adapter_idx, needs=(True, True)):
-    if not _use_kernel(x, lora_a):
-        from lift_engine.ops.custom_ops import ref_lora_shrink_backward
-        return ref_lora_shrink_backward(dh, x, lora_a, adapter_idx, needs)
+    _require_kernel(x, lora_a)
     plan = Plan(adapter_idx, lora_a.shape[0], x.device)
     dh, x, lora_a = _c(dh.to(x.dtype)), _c(x), _c(lora_a)
     dx = _shrink_dx(dh, lora_a, plan) if needs[0] else None
@@ -295,9 +302,7 @@ def lora_shrink_backward(dh, x, lora_a, adapter_idx, needs=(True, True)):
 
 
 def lora_expand_backward(dy, h, lora_b, scaling, adapter_idx, needs=(True, True, True)):
-    if not _use_kernel(h, lora_b):
-        from lift_engine.ops.custom_ops import ref_lora_expand_backward
-        return ref_lora_expand_backward(dy, h, lora_b, scaling, adapter_idx, needs)
+    _require_kernel(h, lora_b)
     plan = Plan(adapter_idx, lora_b.shape[0], h.device)
     dy, h, lora_b, s = _c(dy.to(h.dtype)), _c(h), _c(lora_b), _scaling(scaling, h.device)
     dh = _expand_dh(dy, lora_b, s, plan) if needs[0] else None
@@ -306,9 +311,7 @@ def lora_expand_backward(dy, h, lora_b, scaling, adapter_idx, needs=(True, True,
 
 
 def lora_linear_delta_backward(dy, x, lora_a, lora_b, scaling, adapter_idx, needs=(True,) * 4):
-    if not _use_kernel(x, lora_a, lora_b):
-        from lift_engine.ops.custom_ops import ref_lora_linear_delta_backward
-        return ref_lora_linear_delta_backward(dy, x, lora_a, lora_b, scaling, adapter_idx, needs)
+    _require_kernel(x, lora_a, lora_b)
     plan = Plan(adapter_idx, lora_a.shape[0], x.device)
     x, lora_a, lora_b, s = _c(x), _c(lora_a), _c(lora_b), _scaling(scaling, x.device)
     h = _shrink(x, lora_a, plan)

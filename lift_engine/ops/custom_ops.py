@@ -20,15 +20,17 @@ Backward: autograd cannot run inside a custom op's implementation (the dispatche
 left the autograd layer), so every backward is an explicit formula. A backend may
 provide `<op>_backward` (the Triton backend does, with its kernels; attention also
 provides `gated_memory_attention_forward`, which returns the attention output and the
-base-2 logsumexp the backward needs); for a backend that does not, the plain-PyTorch
-formulas below are used — they are exact for any backend, since every backend computes
-the reference's function. They are tested against autograd of the reference ops.
+base-2 logsumexp the backward needs); for a backend that does not, or that refuses the
+inputs (dispatch.Unsupported: then with a warning once), the plain-PyTorch formulas
+below are used — they are exact for any backend, since every backend computes the
+reference's function. They are tested against autograd of the reference ops.
 
 Eager code does not come here: dispatch calls the backend directly (its own autograd)
 and routes to these ops only while torch.compile is tracing.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -36,9 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lift_engine.config import GATE_SCALE
 from lift_engine.ops import dispatch
 from lift_engine.ops.reference.gated_memory_attention import apply_rope
-from lift_engine.ops.reference.gated_memory_blend import GATE_SCALE, gated_memory_blend as _ref_blend
+from lift_engine.ops.reference.gated_memory_blend import gated_memory_blend as _ref_blend
 from lift_engine.ops.reference.lora import lora_shrink as _ref_shrink
 
 LN2 = math.log(2.0)
@@ -215,13 +218,21 @@ def ref_gated_memory_attention_backward(dout, q, k, v, cos, sin, w1, w2, w3, w4,
 
 # ============================================================== backend selection
 def _impl(op: str, name: str, device: torch.device, fallback):
-    """The function `name` of the backend dispatch picks for `op` on `device`, or `fallback`."""
+    """The function `name` of the backend dispatch picks for `op` on `device` (`fallback`
+    where that backend has none), called through dispatch.call_backend: inputs the backend
+    refuses (Unsupported) go to `fallback` instead — for the op itself the reference op —
+    with a warning once."""
     backend, fn = dispatch.resolve(op, device)
     if name == op:
+        fallback = getattr(dispatch._load("reference"), op)
+    else:
+        module = dispatch._load(backend)
+        fn = None if isinstance(module, Exception) else getattr(module, name, None)
+        if fn is None:
+            return fallback
+    if backend == "reference":
         return fn
-    module = dispatch._load(backend)
-    found = None if isinstance(module, Exception) else getattr(module, name, None)
-    return found if found is not None else fallback
+    return functools.partial(dispatch.call_backend, name, backend, fn, fallback)
 
 
 def _fresh(out: Tensor, *inputs) -> Tensor:
@@ -393,13 +404,14 @@ def _bias_slot(bias: Optional[Tensor], weight: Tensor) -> Tensor:
 @torch.library.custom_op("lift::lora_linear_backward", mutates_args=())
 def lora_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
                          lora_b: Tensor, scaling: Tensor, adapter_idx: Tensor, needs: list[bool]) -> list[Tensor]:
-    fn = _impl("lora_linear", "lora_linear_backward", x.device, None)
-    if fn is None:  # base part in plain PyTorch, LoRA part by the backend's delta backward
-        delta_backward = _impl("lora_linear", "lora_linear_delta_backward", x.device, ref_lora_linear_delta_backward)
+    # Base part in plain PyTorch, LoRA part by the backend's delta backward, unless the
+    # backend has a lora_linear_backward of its own.
+    delta_backward = _impl("lora_linear", "lora_linear_delta_backward", x.device, ref_lora_linear_delta_backward)
 
-        def fn(*args):
-            return ref_lora_linear_backward(*args, delta_backward=delta_backward)
+    def composed(*args):
+        return ref_lora_linear_backward(*args, delta_backward=delta_backward)
 
+    fn = _impl("lora_linear", "lora_linear_backward", x.device, composed)
     with torch.no_grad():
         grads = fn(dy, x, weight, bias, lora_a, lora_b, scaling, adapter_idx, tuple(needs))
         return _grads_out(grads, (x, weight, _bias_slot(bias, weight), lora_a, lora_b, scaling), needs)

@@ -3,13 +3,22 @@
 Backends: "reference" (pure PyTorch, always there), "triton", "cuda", "cpu" (C++).
 `LIFT_BACKEND` forces one: a backend asked for explicitly that cannot load raises
 BackendUnavailable. Without it the choice is automatic by device, falling back to the
-reference and saying so once (a warning per op and backend).
+reference and saying so once (a warning per op, backend and reason).
 
 A backend is a module exposing some of the op names in OPS with the reference's
 signature; ops it lacks fall back to the reference. A backend may also define
 `supports(device) -> None | str`: a reason string means its kernels cannot run on that
 device (e.g. Triton on CPU without TRITON_INTERPRET=1) — a forced backend then raises
 BackendUnavailable with that reason, the automatic choice falls back with a warning.
+
+Inputs a backend's kernels do not take (a dtype, a layout, a device they do not run on):
+the backend's function raises `Unsupported` before computing anything, and dispatch runs
+the reference op instead, with a warning once per (op, backend, reason) — forced or
+automatic alike. A backend never calls the reference op itself. The same holds for the
+`<op>_backward` entry points the custom ops use (custom_ops.py, through `call_backend`).
+
+Which op a multi-adapter LoRA layer runs (the fused `lora_linear`, the per-row
+`lora_linear_rows`, or base + `lora_linear_delta`) is decided here too: `lora_bank_linear`.
 
 Under torch.compile the public functions below call the `torch.ops.lift.*` custom ops
 (custom_ops.py: fake implementations for tracing, explicit backward formulas), which
@@ -24,6 +33,8 @@ from types import ModuleType
 from typing import Callable
 
 import torch
+
+from lift_engine.ops.lora_linear_rows import lora_linear_rows
 
 OPS = ("lora_shrink", "lora_expand", "lora_linear_delta", "lora_linear", "gated_memory_blend",
        "gated_memory_attention")
@@ -51,8 +62,15 @@ class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot be loaded here."""
 
 
+class Unsupported(Exception):
+    """Raised by a backend's op, before it computes anything, when its kernels cannot take
+    these inputs; the message is the reason. Dispatch then runs the reference op and warns
+    once per (op, backend, reason), so a reason names dtypes or properties, never shapes or
+    values."""
+
+
 _loaded: dict[str, ModuleType | Exception] = {}
-_warned: set[tuple[str, str]] = set()
+_warned: set[tuple[str, str, str]] = set()
 
 
 def _load(name: str) -> ModuleType | Exception:
@@ -111,11 +129,23 @@ def _unsupported(module: ModuleType, device_type: str) -> str | None:
     return None if supports is None else supports(device_type)
 
 
-def _warn_once(op: str, backend: str, message: str) -> None:
-    key = (op, backend)
+def _warn_once(op: str, backend: str, message: str, stacklevel: int = 3) -> None:
+    key = (op, backend, message)
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(f"lift_engine: {message}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"lift_engine: {message}", RuntimeWarning, stacklevel=stacklevel)
+
+
+def call_backend(op: str, backend: str, fn: Callable, fallback: Callable, *args, **kwargs):
+    """fn(*args, **kwargs), the function `op` of `backend`; where the backend raises
+    Unsupported, fallback(*args, **kwargs) (the reference) after a warning, once per
+    (op, backend, reason)."""
+    try:
+        return fn(*args, **kwargs)
+    except Unsupported as exc:
+        _warn_once(op, backend, f"the {backend} backend does not take these inputs for {op} ({exc}); "
+                                "using the reference", stacklevel=4)
+        return fallback(*args, **kwargs)
 
 
 def _dispatching(op: str) -> Callable:
@@ -127,8 +157,10 @@ def _dispatching(op: str) -> Callable:
 
             return custom_ops.call(op, *args, **kwargs)
         tensor = next(a for a in args if isinstance(a, torch.Tensor))
-        _, fn = resolve(op, tensor.device)
-        return fn(*args, **kwargs)
+        backend, fn = resolve(op, tensor.device)
+        if backend == "reference":
+            return fn(*args, **kwargs)
+        return call_backend(op, backend, fn, getattr(_load("reference"), op), *args, **kwargs)
 
     call.__name__ = op
     call.__doc__ = getattr(_load("reference"), op).__doc__
@@ -147,6 +179,61 @@ rotary = _dispatching("rotary")
 cross_entropy_with_grad_ = _dispatching("cross_entropy_with_grad_")
 attention = _dispatching("attention")
 
+
+# ------------------------------------------------ a LoRA bank on a frozen linear: which op
+def lora_bank_path(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, indices: torch.Tensor | None, *,
+                   plain_base: bool = True, fused: bool = True) -> str:
+    """The op `lora_bank_linear` runs for these inputs:
+
+    "rows"              lora_linear_rows: one adapter per sequence (indices [B] for x
+                        [B, S, in]) and either a bank in another dtype than x (fp32 master
+                        weights under a bf16 base) or low precision on CPU, where the C++
+                        kernels are fp32 only and the reference's per-token gather is slow;
+    "lora_linear"       ops.lora_linear, base + LoRA in one op: x, W and the bank in one
+                        dtype (no casts);
+    "lora_linear_delta" base(x) + ops.lora_linear_delta on x cast to the bank's dtype: a
+                        base that is not a plain linear, x in another dtype than W, or
+                        fused=False.
+
+    The first two compute F.linear(x, W, bias) themselves, so they need `plain_base`.
+    """
+    if fused and plain_base and x.dtype == weight.dtype:
+        if (indices is not None and indices.dim() == 1 and x.dim() == 3 and indices.shape[0] == x.shape[0]
+                and (x.dtype != lora_a.dtype or (x.device.type == "cpu" and x.dtype != torch.float32))):
+            return "rows"
+        if x.dtype == lora_a.dtype:
+            return "lora_linear"
+    return "lora_linear_delta"
+
+
+def lora_bank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                     lora_b: torch.Tensor, scaling: torch.Tensor, context, *,
+                     base: Callable[[torch.Tensor], torch.Tensor], plain_base: bool, fused: bool = True) -> torch.Tensor:
+    """A frozen linear plus a bank of LoRA adapters selected per token (adapters/lora.py).
+
+    x: [..., in] (leading dims [B, S] or [B]); weight [out, in], bias [out] | None: the base's;
+    lora_a [N, r, in], lora_b [N, out, r], scaling [N]; context: the AdapterContext (its
+    `indices` as set, and `token_indices`, which caches the flat index per batch shape);
+    base: the base layer's forward; plain_base: base(x) is exactly F.linear(x, weight, bias)
+    (an nn.Linear without hooks); fused: False keeps base(x) + lora_linear_delta
+    → [..., out]. The op is chosen by `lora_bank_path`; each then picks its backend here.
+    """
+    if not context.active:
+        return base(x)
+    indices = context.indices
+    path = lora_bank_path(x, weight, lora_a, indices, plain_base=plain_base, fused=fused)
+    if path == "rows":
+        return lora_linear_rows(x, weight, bias, lora_a, lora_b, scaling, indices.to(x.device))
+    in_features = lora_a.shape[2]
+    batch = x.shape[0] if x.dim() > 1 else 1
+    seq = x.numel() // in_features // batch
+    idx = context.token_indices(batch, seq, device=x.device)
+    if path == "lora_linear":  # on the reference/C++ backends the same graph as below (reference/lora_linear.py)
+        return lora_linear(x, weight, bias, lora_a, lora_b, scaling, idx)
+    y = base(x)
+    flat = x.reshape(-1, in_features)
+    delta = lora_linear_delta(flat.to(lora_a.dtype), lora_a, lora_b, scaling, idx)
+    return y + delta.to(y.dtype).view(*x.shape[:-1], lora_b.shape[1])
 
 # Register torch.ops.lift.* now (vLLM and compiled graphs look them up by name).
 from lift_engine.ops import custom_ops as _custom_ops  # noqa: E402,F401

@@ -10,8 +10,9 @@ When it loads (DESIGN.md §5):
     CUDA tensors when compiled, CPU tensors only when interpreted. The automatic choice
     (dispatch.AUTO_ORDER) tries Triton only for CUDA tensors.
 
-Inputs the kernels do not take (float64, mixed dtypes, non-CUDA/CPU devices) go to the
-reference op, like the other native backends do.
+Inputs the kernels do not take (float64, mixed dtypes, non-CUDA/CPU devices) make the
+functions below raise dispatch.Unsupported; dispatch then runs the reference op and says
+so once (this module never calls the reference ops itself).
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ from lift_engine.kernels.lora_expand import lora_expand as _k_expand  # noqa: E4
 from lift_engine.kernels.lora_linear import MAX_FUSED_RANK, lora_linear as _k_linear  # noqa: E402
 from lift_engine.kernels.lora_linear_delta import lora_linear_delta as _k_delta  # noqa: E402
 from lift_engine.kernels.lora_shrink import lora_shrink as _k_shrink  # noqa: E402
-from lift_engine.ops import reference  # noqa: E402
+from lift_engine.ops.dispatch import Unsupported  # noqa: E402
 from lift_engine.ops.reference.lora_linear import check_linear  # noqa: E402
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -66,37 +67,45 @@ def supports(device: torch.device | str) -> str | None:
     return f"Triton kernels do not run on {kind} tensors"
 
 
-def _kernel_ok(*tensors: torch.Tensor) -> bool:
-    dtype = tensors[0].dtype
-    return (dtype in _KERNEL_DTYPES and all(t.dtype == dtype for t in tensors)
-            and tensors[0].device.type in ("cuda", "cpu"))
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _require_kernel(*tensors: torch.Tensor) -> None:
+    """Unsupported unless the kernels take these tensors: one dtype among _KERNEL_DTYPES, on
+    CUDA (or CPU, interpreted; supports() has checked the device kind)."""
+    found = sorted({_dtype_name(t.dtype) for t in tensors})
+    if len(found) > 1:
+        raise Unsupported(f"mixed dtypes {', '.join(found)}")
+    if tensors[0].dtype not in _KERNEL_DTYPES:
+        raise Unsupported(f"{found[0]} inputs (the kernels take {', '.join(map(_dtype_name, _KERNEL_DTYPES))})")
+    if tensors[0].device.type not in ("cuda", "cpu"):
+        raise Unsupported(f"{tensors[0].device.type} tensors")
 
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, adapter_idx: torch.Tensor) -> torch.Tensor:
-    if not _kernel_ok(x, lora_a):
-        return reference.lora_shrink(x, lora_a, adapter_idx)
+    _require_kernel(x, lora_a)
     return _k_shrink(x, lora_a, adapter_idx)
 
 
 def lora_expand(h: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor, adapter_idx: torch.Tensor) -> torch.Tensor:
-    if not _kernel_ok(h, lora_b):
-        return reference.lora_expand(h, lora_b, scaling, adapter_idx)
+    _require_kernel(h, lora_b)
     return _k_expand(h, lora_b, scaling, adapter_idx)
 
 
 def lora_linear_delta(
     x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor, adapter_idx: torch.Tensor
 ) -> torch.Tensor:
-    if not _kernel_ok(x, lora_a, lora_b):
-        return reference.lora_linear_delta(x, lora_a, lora_b, scaling, adapter_idx)
+    _require_kernel(x, lora_a, lora_b)
     return _k_delta(x, lora_a, lora_b, scaling, adapter_idx)
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scaling, adapter_idx):
     """x Wᵀ + bias + LoRA delta in one fused GEMM (kernels/lora_linear.py) on x flattened to
     [T, in]; ranks above the fused kernel's limit take the base linear + the delta kernel."""
-    if not _kernel_ok(x, weight, lora_a, lora_b) or (bias is not None and bias.device != x.device):
-        return reference.lora_linear(x, weight, bias, lora_a, lora_b, scaling, adapter_idx)
+    _require_kernel(x, weight, lora_a, lora_b)
+    if bias is not None and bias.device != x.device:
+        raise Unsupported("a bias on another device than x")
     check_linear(x, weight, lora_b)
     flat = x.reshape(-1, x.shape[-1])
     if lora_b.shape[-1] > MAX_FUSED_RANK:
@@ -107,29 +116,21 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, adapter_idx):
 
 
 def gated_memory_blend(attn_out, q, w1, w2, w3, w4, adapter_idx):
-    if not _kernel_ok(attn_out, q, w1, w2, w3, w4):
-        return reference.gated_memory_blend(attn_out, q, w1, w2, w3, w4, adapter_idx)
+    _require_kernel(attn_out, q, w1, w2, w3, w4)
     return _k_blend(attn_out, q, w1, w2, w3, w4, adapter_idx)
 
 
 def gated_memory_attention(q, k, v, cos, sin, w1, w2, w3, w4, adapter_idx, scale=None):
-    if not _kernel_ok(q, k, v, w1, w2, w3, w4):
-        return reference.gated_memory_attention(q, k, v, cos, sin, w1, w2, w3, w4, adapter_idx, scale)
+    _require_kernel(q, k, v, w1, w2, w3, w4)
     return _k_attention(q, k, v, cos, sin, w1, w2, w3, w4, adapter_idx, scale)
 
 
 # ----------------------------------------------------------- backward entry points
 # Used by the custom ops (custom_ops.py) under torch.compile, where a backward must be an
-# explicit function. Each takes the op's inputs plus `needs` (which gradients to return).
-def _ref_backward(name: str):
-    from lift_engine.ops import custom_ops
-
-    return getattr(custom_ops, "ref_" + name)
-
-
+# explicit function. Each takes the op's inputs plus `needs` (which gradients to return),
+# and refuses (Unsupported) what the forward refuses: custom_ops then uses its formulas.
 def lora_shrink_backward(dh, x, lora_a, adapter_idx, needs=(True, True)):
-    if not _kernel_ok(x, lora_a, dh):
-        return _ref_backward("lora_shrink_backward")(dh, x, lora_a, adapter_idx, needs)
+    _require_kernel(x, lora_a, dh)
     from lift_engine.kernels.lora_expand import expand_launch
     from lift_engine.kernels.lora_segment_outer import segment_outer_launch
 
@@ -142,8 +143,7 @@ def lora_shrink_backward(dh, x, lora_a, adapter_idx, needs=(True, True)):
 
 
 def lora_expand_backward(dy, h, lora_b, scaling, adapter_idx, needs=(True, True, True)):
-    if not _kernel_ok(h, lora_b, dy):
-        return _ref_backward("lora_expand_backward")(dy, h, lora_b, scaling, adapter_idx, needs)
+    _require_kernel(h, lora_b, dy)
     from lift_engine.kernels.lora_expand import expand_backward
 
     meta = _kc.build_segments(adapter_idx, lora_b.shape[0])
@@ -153,8 +153,7 @@ def lora_expand_backward(dy, h, lora_b, scaling, adapter_idx, needs=(True, True,
 
 
 def lora_linear_delta_backward(dy, x, lora_a, lora_b, scaling, adapter_idx, needs=(True,) * 4):
-    if not _kernel_ok(x, lora_a, lora_b, dy):
-        return _ref_backward("lora_linear_delta_backward")(dy, x, lora_a, lora_b, scaling, adapter_idx, needs)
+    _require_kernel(x, lora_a, lora_b, dy)
     from lift_engine.kernels.lora_linear_delta import delta_backward
     from lift_engine.kernels.lora_shrink import shrink_launch
 
@@ -164,8 +163,7 @@ def lora_linear_delta_backward(dy, x, lora_a, lora_b, scaling, adapter_idx, need
 
 
 def gated_memory_blend_backward(dout, attn_out, q, w1, w2, w3, w4, adapter_idx, needs=(True,) * 6):
-    if not _kernel_ok(attn_out, q, w1, w2, w3, w4, dout):
-        return _ref_backward("gated_memory_blend_backward")(dout, attn_out, q, w1, w2, w3, w4, adapter_idx, needs)
+    _require_kernel(attn_out, q, w1, w2, w3, w4, dout)
     from lift_engine.kernels.gated_memory_blend import blend_backward
 
     return blend_backward(dout, attn_out, q, w1, w2, w3, w4, adapter_idx, needs)
@@ -173,8 +171,7 @@ def gated_memory_blend_backward(dout, attn_out, q, w1, w2, w3, w4, adapter_idx, 
 
 def gated_memory_attention_forward(q, k, v, cos, sin, w1, w2, w3, w4, adapter_idx, scale=None):
     """→ (out [B,S,H,d], attn [B,S,H,d], lse2 [B,S,H] fp32, base-2 logsumexp)."""
-    if not _kernel_ok(q, k, v, w1, w2, w3, w4):
-        return _ref_backward("gated_memory_attention_forward")(q, k, v, cos, sin, w1, w2, w3, w4, adapter_idx, scale)
+    _require_kernel(q, k, v, w1, w2, w3, w4)
     from lift_engine.kernels.gated_memory_attention import attention_fwd_launch
 
     return attention_fwd_launch(q, k, v, cos, sin, w1, w2, w3, w4, adapter_idx, scale)
@@ -182,9 +179,7 @@ def gated_memory_attention_forward(q, k, v, cos, sin, w1, w2, w3, w4, adapter_id
 
 def gated_memory_attention_backward(dout, q, k, v, cos, sin, w1, w2, w3, w4, adapter_idx, attn, lse2, scale=None,
                                     needs=(True,) * 7):
-    if not _kernel_ok(q, k, v, w1, w2, w3, w4, dout):
-        return _ref_backward("gated_memory_attention_backward")(dout, q, k, v, cos, sin, w1, w2, w3, w4, adapter_idx,
-                                                                attn, lse2, scale, needs)
+    _require_kernel(q, k, v, w1, w2, w3, w4, dout)
     from lift_engine.kernels.gated_memory_attention import attention_bwd_launch
 
     return attention_bwd_launch(dout, q, k, v, cos, sin, w1, w2, w3, w4, adapter_idx, attn, lse2, scale, needs)

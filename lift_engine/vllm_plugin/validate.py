@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from lift_engine.config import GATE_SCALE
 from lift_engine.errors import AdapterError
 from lift_engine.store import GM_CONFIG_FILE, GM_WEIGHTS_FILE, LORA_CONFIG_FILE, LORA_WEIGHTS_FILE
 
@@ -214,8 +215,8 @@ def _validate_gated_memory(path: Path, geometry: ModelGeometry) -> AdapterSummar
     for key, value in want.items():
         if config.get(key) != value:
             raise _fail(path, f"{GM_CONFIG_FILE} says {key}={config.get(key)!r}, this model needs {value}")
-    if config.get("gate_scale", 3.0) != 3.0:
-        raise _fail(path, f"gate_scale {config.get('gate_scale')!r} is not supported (3.0)")
+    if config.get("gate_scale", GATE_SCALE) != GATE_SCALE:
+        raise _fail(path, f"gate_scale {config.get('gate_scale')!r} is not supported ({GATE_SCALE})")
     tensors = _load_tensors(path / GM_WEIGHTS_FILE, path)
     shapes = geometry.gated_memory_shapes(factor)
     expected = {f"model.layers.{i}.self_attn.gated_memory.{w}": shape

@@ -13,11 +13,16 @@ from __future__ import annotations
 import torch
 
 
-def cross_entropy_with_grad_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """logits: [R, V] float (overwritten with the gradient); targets: [R] int64 in [0, V) → loss [R] float32."""
+def check_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> None:
+    """Shapes every backend's cross_entropy_with_grad_ accepts (the range of targets is checked by each)."""
     if logits.dim() != 2 or targets.shape != logits.shape[:1] or logits.shape[1] == 0:
         raise ValueError(f"cross_entropy_with_grad_ needs logits [R, V>0] and targets [R], got "
                          f"{tuple(logits.shape)} and {tuple(targets.shape)}")
+
+
+def cross_entropy_with_grad_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits: [R, V] float (overwritten with the gradient); targets: [R] int64 in [0, V) → loss [R] float32."""
+    check_cross_entropy(logits, targets)
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= logits.shape[1]):
         raise IndexError(f"targets out of range for {logits.shape[1]} classes")
     z = logits.to(torch.float32)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-GATE_SCALE = 3.0
+from lift_engine.config import GATE_SCALE
 
 
 def memory_and_gate(

@@ -11,8 +11,13 @@ import torch
 import torch.nn.functional as F
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """gate, up: [..., I], same shape and dtype → [..., I]."""
+def check_swiglu(gate: torch.Tensor, up: torch.Tensor) -> None:
+    """Shapes every backend's swiglu accepts."""
     if gate.shape != up.shape:
         raise ValueError(f"swiglu needs gate and up of one shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up: [..., I], same shape and dtype → [..., I]."""
+    check_swiglu(gate, up)
     return F.silu(gate) * up
