@@ -63,6 +63,7 @@ class HFGenerator:
         self.batch_size = max(1, int(batch_size))
         self.seed = seed
         self.label = "the base model"
+        self.source = "model"  # Query.source of what it writes (lift_engine.data.queries)
         self.last_errors: list[str] = []
 
     def prompt_text(self, prompt: str) -> str:
@@ -231,6 +232,7 @@ class OpenAIGenerator:
             max(2, self.concurrency) if max_consecutive_failures is None else max(1, int(max_consecutive_failures))
         )
         self.label = f"qa endpoint {self.base_url}"
+        self.source = "endpoint"  # Query.source of what it writes (lift_engine.data.queries)
         self.last_errors: list[str] = []  # why each failed prompt of the last generate_many failed
         self._chat = True  # False once the server turned out to have no chat route
         self._client = _openai_client(self.base_url, api_key, self.timeout, self.retries, backoff)
@@ -287,6 +289,13 @@ class OpenAIGenerator:
         )
         return _reply_text(reply, chat=False)
 
+    def request_bound(self) -> float:
+        """Seconds one prompt may take with all its retries: (retries + 1) · timeout plus
+        the waits between tries."""
+        waits = [_MAX_BACKOFF if self.backoff is None else min(self.backoff * 2 ** k, _MAX_BACKOFF)
+                 for k in range(self.retries)]
+        return (self.retries + 1) * self.timeout + sum(waits)
+
     def generate_many(self, prompts: list[str], max_new_tokens: int = 256) -> list[str | None]:
         """Completions of `prompts`, in order; None where a prompt failed. Never raises.
 
@@ -294,9 +303,9 @@ class OpenAIGenerator:
         is kept in `last_errors`. After `max_consecutive_failures` failures in a row with
         no success yet, the remaining prompts are not sent (a down endpoint costs a few
         requests, not all). The call returns by a wall-clock deadline of
-        ceil(len / concurrency) · (retries + 1) · (timeout + 8 s) + 5 s even when a server
-        trickles bytes (`timeout` bounds each read, not a whole reply); a request still
-        running then counts as failed and is abandoned to its own timeout.
+        ceil(len / concurrency) · `request_bound()` + 2 s even when a server trickles
+        bytes (`timeout` bounds each read, not a whole reply); a request still running
+        then counts as failed and is abandoned to its own timeout.
         """
         import threading
         from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -322,7 +331,7 @@ class OpenAIGenerator:
                         tripped.set()
             return (text, None) if error is None else (None, error)
 
-        budget = -(-n // self.concurrency) * (self.retries + 1) * (self.timeout + _MAX_BACKOFF) + 5.0
+        budget = -(-n // self.concurrency) * self.request_bound() + 2.0
         deadline = time.monotonic() + budget
         results: list[tuple[str | None, str | None]] = [(None, f"no reply within {budget:.0f} s")] * n
         pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="lift-qa")
