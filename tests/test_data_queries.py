@@ -491,3 +491,37 @@ def test_make_query_generator_for_an_endpoint():
     with pytest.raises(ValueError, match="kinds"):
         QueryConfig(kinds=("gossip",)).validate()
     assert Query("q", "facts", 0, "model").answer is None
+
+
+def test_endpoint_without_chat_route_falls_back_to_completions():
+    paths = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            paths.append(self.path)
+            if self.path.endswith("/chat/completions"):
+                status, data = 404, {"error": {"message": "no such route"}}
+            else:
+                assert body["prompt"] == "Say hi" and body["max_tokens"] == 5
+                status, data = 200, {"choices": [{"text": "hi there", "index": 0}]}
+            raw = json.dumps(data).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        gen = OpenAIGenerator(f"http://127.0.0.1:{httpd.server_address[1]}", "m", timeout=5, retries=0)
+        assert gen.generate_many(["Say hi", "Say hi"], max_new_tokens=5) == ["hi there", "hi there"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert paths[0] == "/v1/chat/completions" and paths[-1] == "/v1/completions"
+    assert paths.count("/v1/completions") == 2 and len(paths) <= 4  # the chat route is not asked again once missing
