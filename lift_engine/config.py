@@ -50,6 +50,45 @@ class QAConfig:
     qa_model: str | None = None  # model name at the endpoint
 
 
+QUERY_KINDS: tuple[str, ...] = (
+    "facts", "definition", "number-date", "who-what-when", "summary", "comparison", "how-to-use",
+)
+
+
+@dataclass
+class QueryConfig:
+    """Queries about chunks of a document, for context distillation (DESIGN.md §2.6;
+    lift_engine.data.queries). Endpoint and model name come from QAConfig."""
+
+    chunk_tokens: int = 512  # tokens per chunk (one teacher prompt each); chunks end at sentence ends when they can
+    queries_per_chunk: int = 4  # generated queries asked per chunk, kinds rotating over `kinds`
+    kinds: tuple[str, ...] = QUERY_KINDS
+    extractive_per_chunk: int = 2  # extractive questions (fact / wh / entity / cloze) per chunk, on average
+    template_queries: bool = True  # a kind with no generated query (no generator, or its reply dropped) gets an anchored template
+    max_new_tokens: int = 160  # generator tokens per query reply
+    generator_batch_size: int = 8  # prompts per model.generate call (base model as generator)
+    do_sample: bool = False  # base model as generator: greedy (False) or sampled with the seed
+    temperature: float = 0.7  # sampling temperature (base model when sampling; always for an endpoint)
+    endpoint_concurrency: int = 4  # requests in flight at once
+    request_timeout: float = 60.0  # seconds one request may wait for the server
+    retries: int = 2  # retries per request after the first try (the openai client's max_retries)
+
+    def validate(self) -> "QueryConfig":
+        """Raise ValueError naming the first bad field; returns self."""
+        for name in ("chunk_tokens", "max_new_tokens", "generator_batch_size", "endpoint_concurrency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("queries_per_chunk", "extractive_per_chunk", "retries"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.request_timeout <= 0:
+            raise ValueError(f"request_timeout must be positive, got {self.request_timeout}")
+        unknown = [k for k in self.kinds if k not in QUERY_KINDS]
+        if unknown or (self.queries_per_chunk and not self.kinds):
+            raise ValueError(f"kinds must be some of {list(QUERY_KINDS)}, got {list(self.kinds)}")
+        return self
+
+
 @dataclass
 class LoRAConfig:
     """LoRA adapter y = x Wᵀ + (α/r) (x Aᵀ) Bᵀ (DESIGN.md §3)."""

@@ -118,7 +118,7 @@ class _Server:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append((self.path, dict(self.headers), body))
+                outer.requests.append((self.path, self.headers, body))  # case-insensitive lookup
                 status = outer.statuses.pop(0) if len(outer.statuses) > 1 else outer.statuses[0]
                 if status == 200:
                     payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": "hello"}}]})

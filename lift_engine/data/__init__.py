@@ -1,5 +1,6 @@
 """The text/data layer of LIFT: documents, evaluation records, segmentation,
-truncation, auxiliary tasks (extractive and generated) and the synthetic QA set.
+truncation, auxiliary tasks (extractive and generated), queries about chunks (context
+distillation) and the synthetic QA set.
 
 Names are imported lazily from their modules (lift_engine.data.documents, ...), so
 importing one piece does not import the others.
@@ -29,6 +30,13 @@ _EXPORTS = {
     "parse_triple": "qa_synthesis",
     "passes_evidence_check": "qa_synthesis",
     "synthesize_qa": "qa_synthesis",
+    "Chunk": "queries",
+    "Query": "queries",
+    "QuerySet": "queries",
+    "QueryGenerator": "queries",
+    "document_chunks": "queries",
+    "generate_queries": "queries",
+    "make_query_generator": "queries",
     "make_document": "synthetic",
     "make_dataset": "synthetic",
     "write_jsonl": "synthetic",
