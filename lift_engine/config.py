@@ -143,13 +143,13 @@ class TrainConfig:
 @dataclass
 class DistillConfig:
     """Context distillation (DESIGN.md §2.6): the frozen base reads one chunk of the
-    document and answers queries about it; the adapter learns to give the same next-token
-    distributions (top k) without the chunk."""
+    document and answers queries about it (LiftConfig.queries says which chunks and
+    queries); the adapter learns to give the same next-token distributions (top k)
+    without the chunk."""
 
     enabled: bool = False
+    generate_queries: bool = True  # the base model (or qa.qa_endpoint) writes queries; False: extractive + templates
     top_k: int = 20  # teacher tokens kept per answer position (Cartridges: 20)
-    chunk_tokens: int = 256  # tokens of document the teacher reads per query; chunks cover the whole document
-    queries_per_chunk: int = 4
     max_answer_tokens: int = 48  # longest teacher answer
     teacher_batch: int = 16  # teacher answers decoded together
 
@@ -177,6 +177,7 @@ class LiftConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    queries: QueryConfig = field(default_factory=QueryConfig)  # the queries of distillation
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -190,8 +191,9 @@ class LiftConfig:
         for (section, key), value in FINGERPRINT_DEFAULTS.items():
             if data[section].get(key) == value:
                 data[section].pop(key)
-        if not data["distill"]["enabled"]:  # the other distill fields change nothing then
+        if not data["distill"]["enabled"]:  # the other distill fields and the queries change nothing then
             data.pop("distill")
+            data.pop("queries")
         for key in ("window", "max_new_tokens"):
             data["inference"].pop(key)
         data["gated_memory"]["gate_scale"] = GATE_SCALE  # hashed as when it was a field: fingerprints unchanged
@@ -209,6 +211,7 @@ class LiftConfig:
             "train": TrainConfig,
             "inference": InferenceConfig,
             "distill": DistillConfig,
+            "queries": QueryConfig,
         }
         kwargs = {}
         for key, value in data.items():
@@ -221,7 +224,7 @@ class LiftConfig:
                     if legacy != GATE_SCALE:
                         raise ValueError(f"gated_memory.gate_scale={legacy!r} is not supported: the gate scale of "
                                          f"Gated Memory is fixed at {GATE_SCALE}")
-                for tup in ("targets", "betas"):
+                for tup in ("targets", "betas", "kinds"):
                     if tup in value and isinstance(value[tup], list):
                         value[tup] = tuple(value[tup])
                 kwargs[key] = sub[key](**value)

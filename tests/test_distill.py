@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from helpers_pipeline import make_tiny_model_dir
 from lift_engine.batch.job import BatchTuneJob
 from lift_engine.batch.loss import chunked_distill_loss, chunked_token_loss
-from lift_engine.batch.teacher import TEACHER_FILE, chunk_spans
+from lift_engine.batch.teacher import TEACHER_FILE
+from lift_engine.data.queries import document_chunks
 from lift_engine.checkpoint import partial_dir_for
 from lift_engine.config import BatchConfig
 from lift_engine.models.loading import load_base_model
@@ -30,8 +31,8 @@ def model_dir(tmp_path_factory) -> Path:
 def distill_config(adapter: str = "lora"):
     cfg = tiny_config(adapter)
     cfg.distill.enabled = True
-    cfg.distill.chunk_tokens = 40
-    cfg.distill.queries_per_chunk = 2
+    cfg.queries.chunk_tokens = 40
+    cfg.queries.queries_per_chunk = 2
     cfg.distill.max_answer_tokens = 6
     cfg.distill.top_k = 5
     cfg.train.distill_weight = 0.5
@@ -104,7 +105,7 @@ def test_teacher_targets_come_from_the_base_model_reading_the_chunk(model_dir, t
 
         targets = job._teacher_targets("long", ids, build_qa_items(DOCS["long"], cfg, None, False))
         assert targets, "no distillation targets"
-        chunks = len(chunk_spans(len(ids), cfg.distill))
+        chunks = len(document_chunks(ids, base.tokenizer, cfg.queries.chunk_tokens))
         assert chunks > 1 and all(0 <= t.chunk < chunks for t in targets)
         for t in targets:
             assert t.top_ids.shape == t.top_logprobs.shape == (len(t.answer_ids), cfg.distill.top_k)
@@ -150,3 +151,26 @@ def test_distillation_batched_equals_one_by_one(model_dir, tmp_path, adapter):
         assert solo.keys() == batched.keys()
         for key in solo:
             torch.testing.assert_close(batched[key], solo[key], rtol=1e-3, atol=5e-5, msg=f"{name} {key}")
+
+
+def test_a_dead_query_endpoint_warns_and_the_document_still_tunes(model_dir, tmp_path):
+    """The QA endpoint is a closed port: bounded retries, a warning naming it, and the
+    document distils on extractive and template queries."""
+    import socket
+    import time
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = distill_config()
+    cfg.qa.qa_endpoint, cfg.qa.qa_model = f"http://127.0.0.1:{port}/v1", "none"
+    cfg.queries.retries, cfg.queries.request_timeout = 1, 2.0
+    lines = []
+    began = time.monotonic()
+    outcome = tune_document(load_base_model(str(model_dir)), DOCS["long"], tmp_path / "a", cfg, progress=False,
+                            log=lines.append)
+    assert time.monotonic() - began < 120
+    assert (outcome.adapter_dir / "adapter_model.safetensors").is_file()
+    warnings = [line for line in lines if "warning" in line]
+    assert warnings and f"127.0.0.1:{port}" in warnings[0], lines
+    assert any("distillation targets" in line and not line.split(": ")[1].startswith("0 ") for line in lines), lines

@@ -45,11 +45,12 @@ from lift_engine.batch.forward import plain_token_loss
 from lift_engine.batch.optim import SlotAdamW, clip_per_slot
 from lift_engine.batch.planner import MemoryPlanner, pass_limits
 from lift_engine.batch.prefix import prefix_shared_token_loss, shared_context_refs
-from lift_engine.batch.teacher import chunk_spans, extractive_queries, stored_teacher_answers, teacher_answers
+from lift_engine.batch.teacher import stored_teacher_answers, teacher_answers
 from lift_engine.checkpoint import (load_checkpoint, partial_dir_for, remove_work_dir, reset_stale_work_dir,
                                     save_checkpoint)
 from lift_engine.config import BatchConfig, LiftConfig
 from lift_engine.data.documents import document_sha256, tokenize_long
+from lift_engine.data.queries import document_chunks, generate_queries, make_query_generator
 from lift_engine.data.tasks import stored_qa_items
 from lift_engine.errors import InputError
 from lift_engine.fsutil import atomic_write_json
@@ -306,16 +307,22 @@ class BatchTuneJob:
             self._publish(doc)
 
     def _teacher_targets(self, name: str, ids: list[int], qa) -> list[TeacherAnswer]:
-        """Context-distillation targets of one document (batch/teacher.py): the base model,
-        adapters off, answers queries about each chunk with the chunk in its prompt."""
-        spans = chunk_spans(len(ids), self.cfg.distill)
-        chunk_ids = [ids[start:end] for start, end in spans]
-        texts = [self.base.tokenizer.decode(c) for c in chunk_ids]
-        queries = extractive_queries(qa, texts, self.cfg.distill.queries_per_chunk)
-        targets, dropped = teacher_answers(self.model, self.handle, self.base.tokenizer, self.prompts, chunk_ids,
-                                           queries, self.cfg.distill)
-        self.log(f"{name}: {len(targets)} distillation targets over {len(spans)} chunks"
-                 + (f" ({dropped} empty teacher answers dropped)" if dropped else ""))
+        """Context-distillation targets of one document (batch/teacher.py): queries about
+        every chunk (data/queries.py: extractive, generated, templates), then the base
+        model, adapters off, answers each with its chunk in the prompt."""
+        cfg = self.cfg
+        chunks = document_chunks(ids, self.base.tokenizer, cfg.queries.chunk_tokens)
+        generator = make_query_generator(dataclasses.replace(cfg.qa, use_generator=cfg.distill.generate_queries),
+                                         cfg.queries, self.base, seed=cfg.train.seed)
+        query_set = generate_queries(chunks, generator, cfg.queries, seed=cfg.train.seed, extractive=qa)
+        for warning in query_set.warnings:
+            self.log(f"{name}: warning: {warning}")
+        queries = [(q.chunk, q.question) for q in query_set.queries]
+        targets, empty = teacher_answers(self.model, self.handle, self.base.tokenizer, self.prompts,
+                                         [ids[c.start : c.end] for c in chunks], queries, cfg.distill)
+        dropped = {reason: n for reason, n in {**query_set.dropped, "empty answer": empty}.items() if n}
+        self.log(f"{name}: {len(targets)} distillation targets over {len(chunks)} chunks"
+                 + (f" (dropped: {', '.join(f'{n} {r}' for r, n in dropped.items())})" if dropped else ""))
         return targets
 
     def _already_done(self, doc: DocState) -> bool:

@@ -26,8 +26,6 @@ import torch
 from lift_engine.batch.forward import collate
 from lift_engine.batch.loss import loss_positions
 from lift_engine.config import DistillConfig
-from lift_engine.data.extractive import QAItem
-from lift_engine.data.segmentation import segment_spans
 from lift_engine.fsutil import atomic_write_bytes
 from lift_engine.inference import AnswerRequest, greedy_answer_ids
 from lift_engine.models.loading import model_device
@@ -100,23 +98,3 @@ def stored_teacher_answers(work_dir: Path, make: Callable[[], list[TeacherAnswer
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buffer.getvalue())
     return targets
-
-
-def chunk_spans(n_tokens: int, cfg: DistillConfig) -> list[tuple[int, int]]:
-    """Contiguous token spans [start, end) of cfg.chunk_tokens covering the whole document."""
-    return segment_spans(n_tokens, cfg.chunk_tokens, cfg.chunk_tokens)
-
-
-def extractive_queries(qa_items: list[QAItem], chunk_texts: list[str], per_chunk: int) -> list[tuple[int, str]]:
-    """(chunk, question) for the extractive tasks whose evidence (else answer) lies in one
-    chunk's text, at most `per_chunk` per chunk, in task order."""
-    out, taken = [], [0] * len(chunk_texts)
-    for item in qa_items:
-        for needle in (item.evidence, item.answer):
-            chunk = next((c for c, text in enumerate(chunk_texts) if needle and needle.strip() in text), None)
-            if chunk is not None:
-                break
-        if chunk is not None and taken[chunk] < per_chunk:
-            out.append((chunk, item.question))
-            taken[chunk] += 1
-    return out
