@@ -21,6 +21,11 @@ from lift_engine.models.loading import model_device
 from lift_engine.prompts import PromptBuilder
 
 
+# Padded prompt tokens per answering batch: 16 questions over a 512-token window fit; a
+# 5k-token full-context prompt decodes alone (its prefill's attention grows as rows × L²).
+DEFAULT_BATCH_TOKENS = 8192
+
+
 def context_for_window(doc_ids: list[int] | None, window: int | None, prompts: PromptBuilder) -> list[int] | None:
     """The document's ids cut to `window` tokens (None: no context; window None: whole)."""
     if not doc_ids:
@@ -58,12 +63,16 @@ def greedy_answers(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     progress: Callable[[int], object] | None = None,
+    max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
 ) -> list[str]:
     """Greedy answers to `requests`, decoded in batches that mix adapters; in request order.
 
     handle: the AdapterHandle whose slots the requests name (None: every request must be
     a base-model one). batch_size: rows decoded together. progress: called with the
     number of answers finished after each batch (e.g. a tqdm bar's `update`).
+    max_batch_tokens: a batch also ends before its padded prompt tokens (rows × longest)
+    would pass this (a batch holds at least one row): long full-context prompts decode a
+    few at a time, so the prefill's activations stay bounded.
 
     Requests are sorted by prompt length (longest first, so a batch that does not fit
     fails at once) and cut into batches of `batch_size`. A batch of B prompts, longest L:
@@ -94,8 +103,21 @@ def greedy_answers(
     cancels in q·k; the mask is what keeps padding out.
     """
     tokens = greedy_answer_ids(model, tokenizer, prompts, requests, handle=handle, max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, progress=progress)
+                               batch_size=batch_size, progress=progress, max_batch_tokens=max_batch_tokens)
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in tokens]
+
+
+def answer_batches(order: list[int], lengths: list[int], batch_size: int, max_tokens: int) -> list[list[int]]:
+    """`order` (longest first) cut into batches of at most batch_size rows and at most
+    max_tokens padded tokens (rows × the batch's longest, its first row); ≥ 1 row each."""
+    batches: list[list[int]] = []
+    for i in order:
+        current = batches[-1] if batches else None
+        if current is None or len(current) >= batch_size or (len(current) + 1) * lengths[current[0]] > max_tokens:
+            batches.append([i])
+        else:
+            current.append(i)
+    return batches
 
 
 @torch.no_grad()
@@ -109,6 +131,7 @@ def greedy_answer_ids(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     progress: Callable[[int], object] | None = None,
+    max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
 ) -> list[list[int]]:
     """greedy_answers' generated token ids per request, up to and including the first stop
     token (what a one-row generation returns after the prompt); arguments as there."""
@@ -128,8 +151,7 @@ def greedy_answer_ids(
     fill = pad_id if pad_id is not None else (stops[0] if stops else 0)  # left padding's id: masked, any id does
     order = sorted(range(len(requests)), key=lambda i: -len(encoded[i]))  # stable: ties keep request order
     answers: list[list[int]] = [[] for _ in requests]
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
+    for rows in answer_batches(order, [len(e) for e in encoded], batch_size, max_batch_tokens):
         width = max(len(encoded[i]) for i in rows)
         input_ids = torch.full((len(rows), width), fill, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

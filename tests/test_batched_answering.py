@@ -232,7 +232,7 @@ def test_load_adapters_errors(tmp_path):
 
 
 # ------------------------------------------------------------------ lift demo
-def test_demo_columns_are_decoded_in_batches(monkeypatch):
+def test_demo_columns_are_decoded_inanswer_batches(monkeypatch):
     from lift_engine import demo
     from lift_engine.data.documents import tokenize_long
 
@@ -255,3 +255,12 @@ def test_demo_columns_are_decoded_in_batches(monkeypatch):
                               max_new_tokens=6, handle=column_handle, slot=0 if column_handle else None)
                 for q in questions]
         assert got == want
+
+
+def test_answer_batches_respect_the_token_budget():
+    from lift_engine.inference import answer_batches
+
+    lengths = [100, 90, 80, 10, 10, 10]
+    assert answer_batches([0, 1, 2, 3, 4, 5], lengths, batch_size=4, max_tokens=199) == [[0], [1, 2], [3, 4, 5]]
+    assert answer_batches([0, 1, 2, 3, 4, 5], lengths, batch_size=2, max_tokens=10**6) == [[0, 1], [2, 3], [4, 5]]
+    assert answer_batches([0], [5000], batch_size=16, max_tokens=100) == [[0]]  # a long prompt still decodes, alone
