@@ -35,3 +35,21 @@ def tiny_model_dir(tmp_path):
 
     return make
 
+
+
+@pytest.fixture(scope="session")
+def ray_runtime():
+    """One local Ray runtime for the whole session (each start costs seconds): its GCS address.
+
+    Skipped when ray is not installed. Ray's worker processes inherit this process's
+    environment, so they import this checkout's lift_engine (PYTHONPATH).
+    """
+    ray = pytest.importorskip("ray")
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
