@@ -26,7 +26,10 @@ class ServiceConfig:
     tune_config: dict | None = None
     max_active: int = 8  # documents tuned together by one actor (its adapter bank)
     checkpoint_every: int = 1  # steps between per-document checkpoints
+    prefix_sharing: bool = False  # BatchTuneJob's prefix_sharing (faster on CPU; changes the samples)
+    memory_budget: int | None = None  # bytes per actor's training step (None: 80% of what is free)
     actor_cpus: float = 1.0  # Ray CPUs reserved per actor
+    device: str | None = None  # where each actor tunes (None: CPU; "cuda": one GPU per actor)
     ray_num_cpus: int | None = None  # CPUs of a local Ray runtime (None: tune_workers × actor_cpus)
     max_document_bytes: int = 4 << 20  # larger uploads: 413
     max_queued_per_tenant: int = 16  # queued + tuning documents per tenant; more: 429

@@ -44,7 +44,8 @@ class TuneWorker:
     blocks until its document is done, while `progress` and `pid` answer at once.
     """
 
-    def __init__(self, base_model: str, cfg_dict: dict, work_dir: str, store: str, job_options: dict) -> None:
+    def __init__(self, base_model: str, cfg_dict: dict, work_dir: str, store: str, job_options: dict,
+                 device: str | None = None) -> None:
         from lift_engine.batch.job import BatchTuneJob
         from lift_engine.config import LiftConfig
         from lift_engine.models.loading import load_base_model
@@ -53,7 +54,7 @@ class TuneWorker:
         self.store = AdapterStore(store, create=True)
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        base = load_base_model(base_model, progress=False)
+        base = load_base_model(base_model, progress=False, device=device)
         self.job = BatchTuneJob(base, LiftConfig.from_dict(cfg_dict), self.work_dir, log=self._log, **job_options)
         self.job.start()
 
@@ -147,7 +148,9 @@ class TuningPool:
                 cpus = cfg.ray_num_cpus or max(1, int(round(cfg.tune_workers * cfg.actor_cpus)))
                 ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
                 self._owns_ray = True
-        self._cls = ray.remote(TuneWorker).options(num_cpus=cfg.actor_cpus, max_concurrency=1000, max_restarts=0)
+        gpus = 1 if (cfg.device or "cpu").startswith("cuda") else 0
+        self._cls = ray.remote(TuneWorker).options(num_cpus=cfg.actor_cpus, num_gpus=gpus, max_concurrency=1000,
+                                                   max_restarts=0)
         self._lock = threading.Lock()
         self._actors: list[_Actor] = []
         self._next_index = 0
@@ -208,8 +211,10 @@ class TuningPool:
     # ------------------------------------------------------------------ internals
     def _spawn(self) -> _Actor:
         cfg = self.cfg
-        job_options = {"max_active": cfg.max_active, "checkpoint_every": cfg.checkpoint_every}
-        handle = self._cls.remote(cfg.base_model, cfg.lift_config().to_dict(), str(cfg.work_dir), cfg.store, job_options)
+        job_options = {"max_active": cfg.max_active, "checkpoint_every": cfg.checkpoint_every,
+                       "prefix_sharing": cfg.prefix_sharing, "memory_budget": cfg.memory_budget}
+        handle = self._cls.remote(cfg.base_model, cfg.lift_config().to_dict(), str(cfg.work_dir), cfg.store, job_options,
+                                  cfg.device)
         actor = _Actor(handle=handle, index=self._next_index)
         self._next_index += 1
         self._actors.append(actor)
