@@ -109,6 +109,7 @@ def test_pool_tunes_publishes_and_survives_sigkill_of_an_actor(ray_runtime, mode
         for tenant, doc_id in docs:
             record = service.get(tenant, doc_id)
             assert record.state == "ready", record.error
+            assert record.worker.split(":")[1] != str(victim["pid"])
             info = store.get(tenant, record.name)
             assert info is not None and info.version == record.adapter_version
             assert (info.manifest().get("extra") or {}).get("source") == doc_id
@@ -116,6 +117,8 @@ def test_pool_tunes_publishes_and_survives_sigkill_of_an_actor(ray_runtime, mode
                 assert record.attempts == 2 and record.resumed_from >= 1  # from its checkpoint, not from scratch
         assert {a["pid"] for a in service.pool.actors()}.isdisjoint({victim["pid"]})
         assert len(service.pool.actors()) == 2  # a replacement was started
+        nodes = {service.get(t, d).worker.split(":")[0] for t, d in docs}
+        assert len(nodes) == 2  # the session's cluster has two nodes of one CPU: one actor on each
         work = tmp_path / "store" / ".lift-documents" / "work"
         assert not [p for p in work.iterdir() if p.name.startswith("doc-") or ".lift-partial" in p.name]
         # the adapters are distinct documents' (two tenants, same name "long0")

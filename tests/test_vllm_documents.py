@@ -1,6 +1,6 @@
 """Documents in, answers out, end to end (issue 19): `lift serve` (vLLM on CPU + the plugin)
-with its tuning pool on the session's real Ray runtime (--ray-address), driven over
-loopback. Uploads are tuned by a Ray actor, published into the store, and answered by
+with a tuning pool of two actors on the session's real two-node Ray cluster
+(--ray-address; one actor per node), driven over loopback. Uploads are tuned by a Ray actor, published into the store, and answered by
 name with the `lift ask` prompt — checked token for token against lift's own HF path —
 then deleted; a bounded load run has 3 tenants upload 6 documents at once while others
 chat: no errors, no cross-tenant answers, every document settles, memory stays flat.
@@ -58,7 +58,7 @@ def server(ray_runtime, tmp_path_factory):
     log = root / "server.log"
     cmd = testing.serve_command(model_dir, store.root, port, tenants, extra=[
         "--enforce-eager", "--max-loras", "4", "--max-model-len", "512", "--cache-dir", str(root / "cache"),
-        "--tune-workers", "1", "--ray-address", ray_runtime, "--tune-config", str(root / "tune.json"),
+        "--tune-workers", "2", "--ray-address", ray_runtime, "--tune-config", str(root / "tune.json"),
         "--max-queued-documents", "4",
         "--", "--max-num-seqs", "16", "--distributed-executor-backend", "uni", "--seed", "0",
     ])
@@ -202,6 +202,11 @@ def test_load_three_tenants_upload_while_others_chat(server):
             for other in tenants:
                 if other != tenant:
                     assert h.get(f"/v1/documents/{ids[(other, 'contract')]}").status_code == 404
+    # two tuning workers, on the two nodes of the session's Ray cluster (separate raylet processes),
+    # both tuned adapters that are served above
+    records = [json.loads(p.read_text()) for p in (store.root / ".lift-documents" / "records").glob("*/*.json")]
+    nodes = {r["worker"].split(":")[0] for r in records if r["name"] == "contract"}
+    assert len(nodes) == 2, [r["worker"] for r in records]
     # memory flat: another round of the same traffic leaves the server's resident memory where it was
     rss_loaded = testing.process_tree_rss(server["proc"].pid)
     with ThreadPoolExecutor(12) as pool:

@@ -214,7 +214,7 @@ class DocumentService:
     def _on_done(self, task, result: dict) -> None:
         record = self._update(task.tenant, task.doc_id, state="ready", adapter_version=result.get("version"),
                               resumed_from=int(result.get("resumed_from") or 0), attempts=task.attempts,
-                              finished_at=time.time())
+                              finished_at=time.time(), worker=f"{result.get('node')}:{result.get('pid')}")
         if record is None:  # deleted while it was tuning: its adapter must not stay behind
             self._remove_adapter(DocumentRecord(id=task.doc_id, tenant=task.tenant, name=task.name))
             return

@@ -65,6 +65,13 @@ class TuneWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    @staticmethod
+    def node() -> str:
+        """The Ray node (machine) this actor runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def progress(self) -> dict:
         return self.job.progress()
 
@@ -76,7 +83,8 @@ class TuneWorker:
         """
         published = self._already_published(doc_id, tenant, name)
         if published is not None:
-            return {"ok": True, "version": published, "resumed_from": 0, "steps": 0, "pid": os.getpid()}
+            return {"ok": True, "version": published, "resumed_from": 0, "steps": 0, "pid": os.getpid(),
+                    "node": self.node()}
         self.job.submit(text, doc_id, source=doc_id)
         try:
             out = self.job.collect(doc_id)
@@ -90,7 +98,7 @@ class TuneWorker:
         published = self.store.publish(tenant, name, out)
         shutil.rmtree(out, ignore_errors=True)
         return {"ok": True, "version": published.version, "resumed_from": int(info.get("resumed_from") or 0),
-                "steps": int(info.get("steps") or 0), "pid": os.getpid()}
+                "steps": int(info.get("steps") or 0), "pid": os.getpid(), "node": self.node()}
 
     def _already_published(self, doc_id: str, tenant: str, name: str) -> str | None:
         """The version in the store when this very document was published there already."""

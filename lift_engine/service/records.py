@@ -48,6 +48,7 @@ class DocumentRecord:
     finished_at: float | None = None
     adapter_version: str | None = None
     resumed_from: int = 0  # the step its last actor resumed at (0: from scratch)
+    worker: str | None = None  # "<ray node id>:<pid>" of the actor that finished it
 
     def public(self, progress: dict | None = None) -> dict:
         """What the API shows the tenant (no context ids, no internal paths)."""
