@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import sys
 import threading
@@ -35,6 +36,7 @@ logger = logging.getLogger("lift_engine.service")
 
 POLL_S = 0.25  # how often the dispatcher looks at finished calls
 PROGRESS_EVERY_S = 1.0  # how often it asks the actors for progress
+ACTOR_PREFIX = "lift-tune"  # actor names: "lift-tune-<random>-<index>"
 
 
 class TuneWorker:
@@ -157,8 +159,11 @@ class TuningPool:
                 ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
                 self._owns_ray = True
         gpus = 1 if (cfg.device or "cpu").startswith("cuda") else 0
-        self._cls = ray.remote(TuneWorker).options(num_cpus=cfg.actor_cpus, num_gpus=gpus, max_concurrency=1000,
-                                                   max_restarts=0)
+        self._cls = ray.remote(TuneWorker)
+        self._options = {"num_cpus": cfg.actor_cpus, "num_gpus": gpus, "max_concurrency": 1000, "max_restarts": 0}
+        # Actors are named "<prefix>-<index>" (Ray named actors, in this driver's namespace), so
+        # that operators and tests can find one with ray.util.list_named_actors(all_namespaces=True).
+        self.name_prefix = f"{ACTOR_PREFIX}-{secrets.token_hex(4)}"
         self._lock = threading.Lock()
         self._actors: list[_Actor] = []
         self._next_index = 0
@@ -221,7 +226,7 @@ class TuningPool:
         cfg = self.cfg
         job_options = {"max_active": cfg.max_active, "checkpoint_every": cfg.checkpoint_every,
                        "prefix_sharing": cfg.prefix_sharing, "memory_budget": cfg.memory_budget}
-        handle = self._cls.remote(cfg.base_model, cfg.lift_config().to_dict(), str(cfg.work_dir), cfg.store, job_options,
+        handle = self._cls.options(name=f"{self.name_prefix}-{self._next_index}", **self._options).remote(cfg.base_model, cfg.lift_config().to_dict(), str(cfg.work_dir), cfg.store, job_options,
                                   cfg.device)
         actor = _Actor(handle=handle, index=self._next_index)
         self._next_index += 1
