@@ -144,11 +144,16 @@ def test_restarted_service_finishes_queued_and_half_tuned_documents(ray_runtime,
     wait_until(lambda: not pid_alive(pid), 30, "the actor to die")
     states = {i: first.get("acme", i).state for i in ids}
     assert all(s in ("queued", "tuning") for s in states.values()), states
+    # a serving replica without tuning workers (same store) leaves them pending and sees them
+    replica = DocumentService(service_config(store_root, model_dir, workers=0))
+    assert replica.start() == 0
+    assert replica.find_by_name("acme", "part0").state == states[ids[0]]
     second = DocumentService(service_config(store_root, model_dir, workers=1))
     try:
         assert [r.state for r in second.list("acme")] == [states[i] for i in ids]
         assert second.start() == 2
         wait_until(lambda: all_settled(second, [("acme", i) for i in ids]), 300, "the restarted service", every=0.2)
+        assert [replica.get("acme", i).state for i in ids] == ["ready", "ready"]  # read from the shared records
         records = [second.get("acme", i) for i in ids]
         assert [r.state for r in records] == ["ready", "ready"], [r.error for r in records]
         assert records[0].resumed_from >= 1

@@ -55,7 +55,10 @@ class DocumentService:
         self.prompts = PromptBuilder(self.tokenizer, self.lift_cfg.inference.use_chat_template)
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
-        self._docs: dict[tuple[str, str], DocumentRecord] = {(r.tenant, r.id): r for r in self.records.all()}
+        # Records this server tunes (or that need no tuning) are kept in memory; with no pool,
+        # records are read from disk on every lookup, so a replica without tuning workers sees
+        # the documents another replica (sharing the store) accepted and tunes.
+        self._docs: dict[tuple[str, str], DocumentRecord] = {}
         self.pool = None
         self.pool_error: str | None = None
         if cfg.tune_workers > 0:
@@ -68,10 +71,15 @@ class DocumentService:
                 self.pool_error = f"tuning is unavailable: {type(exc).__name__}: {exc}"
                 logger.error("lift: %s", self.pool_error)
 
+        if self.pool is not None:
+            self._docs = {(r.tenant, r.id): r for r in self.records.all()}
+
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> int:
         """Hand every queued or half-tuned document (from before a restart) to the pool; returns how many."""
         count = 0
+        if self.pool is None:  # another server (one with tuning workers) owns the pending documents
+            return 0
         with self._lock:
             pending = [r for r in self._docs.values() if r.state in PENDING]
         for record in sorted(pending, key=lambda r: r.created_at):
@@ -88,20 +96,29 @@ class DocumentService:
             self.pool.close()
 
     # ------------------------------------------------------------------ queries
-    def list(self, tenant: str) -> list[DocumentRecord]:
+    def _tenant_records(self, tenant: str) -> list[DocumentRecord]:
+        if self.pool is None:  # a replica without tuning: disk is the truth (see __init__)
+            with self._lock:
+                mine = {i: r for (t, i), r in self._docs.items() if t == tenant}
+            return list({**{r.id: r for r in self.records.tenant(tenant)}, **mine}.values())
         with self._lock:
-            return sorted((r for (t, _), r in self._docs.items() if t == tenant), key=lambda r: r.created_at)
+            return [r for (t, _), r in self._docs.items() if t == tenant]
+
+    def list(self, tenant: str) -> list[DocumentRecord]:
+        return sorted(self._tenant_records(tenant), key=lambda r: r.created_at)
 
     def get(self, tenant: str, doc_id: str) -> DocumentRecord | None:
         """The tenant's own document (another tenant's id is None, like a missing one)."""
         with self._lock:
-            return self._docs.get((tenant, doc_id))
+            record = self._docs.get((tenant, doc_id))
+        if record is None and self.pool is None:
+            record = self.records.load(tenant, doc_id)
+        return record
 
     def find_by_name(self, tenant: str, name: str) -> DocumentRecord | None:
-        with self._lock:
-            for (t, _), record in self._docs.items():
-                if t == tenant and record.name == name:
-                    return record
+        for record in self._tenant_records(tenant):
+            if record.name == name:
+                return record
         return None
 
     def progress(self, record: DocumentRecord) -> dict | None:
@@ -110,12 +127,12 @@ class DocumentService:
     def wait(self, tenant: str, doc_id: str, timeout: float) -> DocumentRecord | None:
         """Block until the document is ready or failed (or `timeout` seconds); the record then."""
         deadline = time.monotonic() + max(0.0, timeout)
-        with self._changed:
-            while True:
-                record = self._docs.get((tenant, doc_id))
-                left = deadline - time.monotonic()
-                if record is None or record.state not in PENDING or left <= 0:
-                    return record
+        while True:
+            record = self.get(tenant, doc_id)
+            left = deadline - time.monotonic()
+            if record is None or record.state not in PENDING or left <= 0:
+                return record
+            with self._changed:
                 self._changed.wait(timeout=min(left, 1.0))
 
     # ------------------------------------------------------------------ changes
@@ -151,7 +168,7 @@ class DocumentService:
         with self._lock:
             self._check_name(tenant, record.name)
             if not hybrid:
-                pending = sum(1 for (t, _), r in self._docs.items() if t == tenant and r.state in PENDING)
+                pending = sum(1 for r in self._tenant_records(tenant) if r.state in PENDING)
                 if pending >= self.cfg.max_queued_per_tenant:
                     raise DocumentError(429, f"{pending} documents are already waiting to be tuned (the limit is "
                                         f"{self.cfg.max_queued_per_tenant}); try again when some are ready")
@@ -166,7 +183,7 @@ class DocumentService:
     def _check_name(self, tenant: str, name: str) -> None:
         if name in self.cfg.served_names:
             raise DocumentError(409, f"the name {name!r} is the base model's; choose another")
-        if any(t == tenant and r.name == name for (t, _), r in self._docs.items()):
+        if any(r.name == name for r in self._tenant_records(tenant)):
             raise DocumentError(409, f"a document named {name!r} exists already; delete it first or choose another name")
         if self.store.get(tenant, name) is not None:
             raise DocumentError(409, f"an adapter named {name!r} exists already; choose another name")
@@ -175,6 +192,8 @@ class DocumentService:
         """Forget the document and remove its adapter from the store; the record, or None if unknown."""
         with self._lock:
             record = self._docs.pop((tenant, doc_id), None)
+            if record is None and self.pool is None:
+                record = self.records.load(tenant, doc_id)
             if record is None:
                 return None
             self.records.delete(tenant, doc_id)

@@ -112,6 +112,15 @@ class RecordStore:
             except (OSError, InvalidName):
                 pass
 
+    def tenant(self, tenant: str) -> list[DocumentRecord]:
+        """The tenant's readable records."""
+        try:
+            paths = sorted((self.root / validate_name(tenant, "tenant")).glob("*.json"))
+        except InvalidName:
+            return []
+        records = (self.load(tenant, p.stem) for p in paths if not p.name.startswith("."))
+        return [r for r in records if r is not None and r.tenant == tenant]
+
     def all(self) -> list[DocumentRecord]:
         """Every readable record (unreadable or foreign files are skipped)."""
         out = []
