@@ -20,9 +20,22 @@ _service = None
 _state = "off"  # off → starting → up | failed
 _error: str | None = None
 _thread: threading.Thread | None = None
+_stopping = threading.Event()
 
 
 def _build(cfg: ServiceConfig) -> None:
+    """Build the service, then keep this thread alive until stop(), and close it here.
+
+    The thread must outlive the service: a local Ray runtime started from it (ray.init)
+    runs its GCS and raylet as children that Linux signals when the *thread* that spawned
+    them exits (PR_SET_PDEATHSIG), which would take Ray down a minute later.
+    """
+    _start(cfg)
+    _stopping.wait()
+    _close()
+
+
+def _start(cfg: ServiceConfig) -> None:
     global _service, _state, _error
     try:
         from lift_engine.service.documents import DocumentService
@@ -66,11 +79,23 @@ def status() -> tuple[str, str | None]:
 
 def stop() -> None:
     """Close the service (its actors are killed; their documents resume after a restart)."""
-    global _service, _state
+    global _thread, _state
     thread = _thread
-    if thread is not None:
-        thread.join(timeout=120)
+    if thread is None:
+        return
+    _stopping.set()
+    thread.join(timeout=120)
     with _lock:
-        service, _service, _state = _service, None, "off"
+        _thread, _state = None, "off"
+    _stopping.clear()
+
+
+def _close() -> None:
+    global _service
+    with _lock:
+        service, _service = _service, None
     if service is not None:
-        service.close()
+        try:
+            service.close()
+        except Exception:
+            logger.exception("lift: closing the document service failed")
