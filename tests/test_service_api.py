@@ -91,6 +91,10 @@ def test_bad_uploads_answer_4xx_and_store_nothing(server):
     assert call(app, "POST", "/v1/documents", {"text": SHORT}, key="k-admin")[0] == 403
     assert call(app, "GET", "/v1/documents/doc-0000000000000000", key="k-acme")[0] == 404
     assert call(app, "DELETE", "/v1/documents/..%2F..%2Fx", key="k-acme")[0] == 404
+    for method, path, status in [("PUT", "/v1/documents", 405), ("GET", "/v1/documents/a/b", 404),
+                                 ("POST", "/v1/documents/doc-0000000000000000", 405)]:
+        got, data = call(app, method, path, {"text": SHORT}, key="k-acme")
+        assert got == status and json.loads(data)["error"]["code"] == status
     assert records(root) == before
 
 
@@ -209,3 +213,19 @@ def test_serve_passes_the_document_service_settings(tmp_path):
         serve.build_command(serve_args(model=model_dir, store=tmp_path / "s", tune_config=str(bad)))
     with pytest.raises(LiftError, match="tune-workers"):
         serve.build_command(serve_args(model=model_dir, store=tmp_path / "s", tune_workers=-1))
+
+
+def test_a_document_deleted_while_tuning_leaves_nothing_behind(server):
+    app, store = server["app"], server["store"]
+    status, doc = post_doc(app, "k-acme", LONG + " Gone.", name="gone")
+    assert status == 202
+    assert call(app, "DELETE", f"/v1/documents/{doc['id']}", key="k-acme")[0] == 200
+    pool = runtime.current().pool
+    deadline = time.monotonic() + 240
+    while pool.load() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pool.load() == 0
+    assert store.get("acme", "gone") is None
+    assert call(app, "POST", "/v1/completions", {"model": "gone", "prompt": "x"}, key="k-acme")[0] == 404
+    work = server["root"] / "store" / ".lift-documents" / "work"
+    assert not [p.name for p in work.iterdir() if doc["id"] in p.name]

@@ -25,6 +25,7 @@ import asyncio
 import json
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -158,8 +159,14 @@ async def delete_document(request: Request):
     return JSONResponse({"id": record.id, "object": "document", "name": record.name, "deleted": True})
 
 
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Unknown sub-paths (404) and methods (405) answer in the same JSON shape as the rest."""
+    what = "no such route" if exc.status_code == 404 else f"{request.method} is not allowed here"
+    return error_response(exc.status_code, f"{what}: {request.url.path}", _TYPES.get(exc.status_code, "BadRequestError"))
+
+
 def build_app() -> Starlette:
-    return Starlette(routes=[
+    return Starlette(exception_handlers={HTTPException: _http_error}, routes=[
         Route("/v1/documents", create_document, methods=["POST"]),
         Route("/v1/documents", list_documents, methods=["GET"]),
         Route("/v1/documents/{doc_id}", get_document, methods=["GET"]),
