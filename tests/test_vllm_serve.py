@@ -74,6 +74,7 @@ def booting(tmp_path_factory):
     log = root / "server.log"
     cmd = testing.serve_command(model_dir, store.root, port, tenants, extra=[
         "--enforce-eager", "--max-loras", "4", "--max-model-len", "512", "--cache-dir", str(root / "cache"),
+        "--tune-workers", "0",  # no tuning pool here (tests/test_vllm_documents.py has one)
         "--", "--max-num-seqs", "16", "--distributed-executor-backend", "uni", "--seed", "0",
     ])
     with open(log, "wb") as fh:

@@ -69,6 +69,13 @@ def read_document(
         raise InputError(f"{name}: cannot read ({exc.strerror or exc})") from None
 
 
+def read_document_bytes(data: bytes, name: str = "<upload>", max_control_fraction: float = 0.1) -> str:
+    """`read_document` for bytes already in memory (an upload): same checks, same errors."""
+    import io
+
+    return _read_stream(io.BytesIO(data), name, 1 << 20, max_control_fraction)
+
+
 def _read_stream(fh: BinaryIO, name: str, chunk_bytes: int, max_control_fraction: float) -> str:
     decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
     parts: list[str] = []

@@ -29,6 +29,12 @@ vLLM's routes:
   tenant's name in the response (also when streaming).
 - Admin keys may address any adapter as "<tenant>/<adapter>".
 
+Documents (lift_engine.service, issue 19): tenant keys may also use `/v1/documents`
+(upload, list, status, delete; lift_engine/service/api.py) and name a ready document as
+`model` in a completion request: the document's truncated context is put in front of the
+question and its adapter applied (409 while it is still tuning, unless the request asks
+to `wait` up to N seconds). The document service starts with the server (ASGI lifespan).
+
 Without a tenants file the server has one open tenant, "default" (no keys). An edited
 tenants file is picked up on the next request (an invalid edit is logged and ignored).
 """
@@ -52,6 +58,7 @@ DEFAULT_TENANT = "default"
 OPEN_PATHS = ("/health", "/ping", "/version")
 COMPLETION_PATHS = ("/v1/completions", "/v1/chat/completions")
 MODELS_PATHS = ("/v1/models",)
+DOCUMENTS_PATH = "/v1/documents"
 MAX_BODY_BYTES = 64 << 20
 
 
@@ -153,6 +160,7 @@ class TenantMiddleware:
         self._catalog = catalog
         names = served_names or [n for n in os.environ.get("LIFT_SERVED_NAME", "").split(",") if n]
         self.served_names = set(names)
+        self._documents_app = None
 
     def _stamp(self):
         """The tenants file's content digest (a tiny file: read per request, no mtime races)."""
@@ -186,6 +194,8 @@ class TenantMiddleware:
 
     # ------------------------------------------------------------------ ASGI
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            return await self._lifespan(scope, receive, send)
         if scope["type"] != "http" or scope.get("method") == "OPTIONS":
             if scope["type"] == "websocket":
                 return await self._respond(send, *_error(403, "websockets are not available", "PermissionError"))
@@ -201,6 +211,11 @@ class TenantMiddleware:
             return await self._respond(send, *_error(401, "Unauthorized: a valid API key is needed "
                                                           "(Authorization: Bearer <key>)", "AuthenticationError"))
         admin = tenant is None
+        if path == DOCUMENTS_PATH or path.startswith(DOCUMENTS_PATH + "/"):
+            if admin:
+                return await self._respond(send, *_error(403, "documents belong to tenants: use a tenant's key",
+                                                         "PermissionError"))
+            return await self._documents(scope, receive, send, tenant)
         if path in MODELS_PATHS and scope.get("method") == "GET" and not admin:
             return await self._list_models(send, tenant)
         if path in COMPLETION_PATHS and scope.get("method") == "POST":
@@ -209,6 +224,107 @@ class TenantMiddleware:
             return await self.app(scope, receive, send)
         return await self._respond(send, *_error(403, f"{path} is not available to tenant keys", "PermissionError"))
 
+    # ------------------------------------------------------------------ documents
+    async def _lifespan(self, scope, receive, send):
+        """Start the document service with the server, close it when the server stops."""
+        from lift_engine.service import runtime
+
+        runtime.start_in_background()
+
+        async def receive_and_watch():
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await asyncio.to_thread(runtime.stop)
+            return message
+
+        return await self.app(scope, receive_and_watch, send)
+
+    async def _documents(self, scope, receive, send, tenant: str):
+        if self._documents_app is None:
+            from lift_engine.service.api import build_app
+
+            self._documents_app = build_app()
+        from lift_engine.service.api import TENANT_KEY
+
+        scope = dict(scope)
+        scope[TENANT_KEY] = tenant
+        scope["lift.unload"] = self._unload
+        return await self._documents_app(scope, receive, send)
+
+    async def _unload(self, record) -> None:
+        """Take a deleted document's adapter out of vLLM (its admin route, called in-process)."""
+        from lift_engine.vllm_plugin.resolver import internal_name
+
+        body = json.dumps({"lora_name": internal_name(record.tenant, record.name, record.adapter_version)}).encode()
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/unload_lora_adapter", "raw_path": b"/v1/unload_lora_adapter",
+                 "root_path": "", "query_string": b"", "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0),
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+        sent = False
+
+        async def receive():
+            nonlocal sent
+            if sent:
+                await asyncio.sleep(3600)
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message):
+            pass  # 404 when vLLM never loaded it: nothing to do
+
+        try:
+            await self.app(scope, receive, send)
+        except Exception:
+            logger.exception("lift: unloading %s/%s failed", record.tenant, record.name)
+
+    async def _document_completion(self, tenant: str, model: str, request: dict, path: str):
+        """(request for vLLM, public name, internal name) for a completion naming a document,
+        an error response (status, body), or None when `model` is not one of the tenant's documents."""
+        from lift_engine.service import runtime
+        from lift_engine.service.api import rewrite_for_document
+        from lift_engine.service.documents import DocumentError
+        from lift_engine.service.records import PENDING
+
+        service = runtime.current()
+        if service is None:
+            return None
+        record = service.find_by_name(tenant, model)
+        if record is None:
+            return None
+        wait = request.pop("wait", None)
+        if wait is not None:
+            if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= service.cfg.max_wait_s:
+                return _error(400, f"wait must be a number of seconds from 0 to {service.cfg.max_wait_s:g}",
+                              "BadRequestError")
+            if record.state in PENDING and wait > 0:
+                record = await asyncio.to_thread(service.wait, tenant, record.id, float(wait))
+                if record is None:
+                    return not_found(model)
+        if record.state in PENDING:
+            progress = service.progress(record) or {}
+            detail = f" (step {progress.get('step', 0)} of {progress.get('steps', 0)})" if progress else ""
+            body = {"error": {"message": f"document {model!r} is {record.state}{detail}; it is not ready yet",
+                              "type": "DocumentNotReadyError", "param": "model", "code": 409,
+                              "document": record.public(progress or None)}}
+            return 409, json.dumps(body).encode()
+        if record.state == "failed":
+            body = {"error": {"message": f"document {model!r} failed: {record.error}", "type": "DocumentFailedError",
+                              "param": "model", "code": 409, "document": record.public()}}
+            return 409, json.dumps(body).encode()
+        try:
+            request = rewrite_for_document(path, request, record, service)
+        except DocumentError as exc:
+            return _error(exc.status, str(exc), "BadRequestError")
+        if record.mode == "hybrid":
+            request["model"] = sorted(self.served_names)[0] if self.served_names else request["model"]
+            return request, None, None
+        internal = await self._prepare(tenant, record.name)
+        if isinstance(internal, tuple):
+            return internal
+        request["model"] = internal
+        return request, model, internal
+
     # ------------------------------------------------------------------ routes
     async def _list_models(self, send, tenant: str) -> None:
         catalog = self.catalog
@@ -216,6 +332,12 @@ class TenantMiddleware:
         data = [{"id": n, "object": "model", "owned_by": "lift_engine", "created": 0} for n in sorted(self.served_names)]
         base = sorted(self.served_names)[0] if self.served_names else None
         data += [{"id": n, "object": "model", "owned_by": tenant, "created": 0, "parent": base} for n in names]
+        from lift_engine.service import runtime
+
+        service = runtime.current()
+        if service is not None:  # documents answered in context (hybrid) have no adapter in the store
+            data += [{"id": r.name, "object": "model", "owned_by": tenant, "created": int(r.created_at), "parent": base}
+                     for r in service.list(tenant) if r.state == "ready" and r.mode == "hybrid"]
         await self._respond(send, 200, json.dumps({"object": "list", "data": data}).encode())
 
     async def _completion(self, scope, receive, send, tenant: str | None) -> None:
@@ -238,7 +360,16 @@ class TenantMiddleware:
             request = None
         model = request.get("model") if isinstance(request, dict) else None
         public = internal = None
-        if isinstance(model, str) and model and model not in self.served_names:
+        path = scope["path"].removeprefix(scope.get("root_path", "")).rstrip("/")
+        document = None
+        if tenant is not None and isinstance(model, str) and model and model not in self.served_names:
+            document = await self._document_completion(tenant, model, request, path)
+        if isinstance(document, tuple) and len(document) == 2:
+            return await self._respond(send, *document)
+        if document is not None:
+            request, public, internal = document
+            body = json.dumps(request).encode()
+        elif isinstance(model, str) and model and model not in self.served_names:
             status_body = await self._prepare(tenant, model)
             if isinstance(status_body, tuple):
                 return await self._respond(send, *status_body)
