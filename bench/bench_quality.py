@@ -1,76 +1,171 @@
-"""Quality of LIFT on the project's synthetic long-document QA set (invented facts).
+"""Quality of LIFT on real prose (the development set) and on the synthetic set, side by side.
 
-Side by side in one run, on the same documents and questions:
+Methods, on the same documents and questions, in one run (`--methods` picks some; results
+accumulate in the JSON, so a long comparison can be run in parts):
 
-    truncated ICL             base model, context middle-truncated to the window
-    LIFT (LoRA) + trunc. ICL  the document's LoRA adapter + the same truncated context
-    LIFT (Gated Memory) + …   the document's Gated Memory adapter + the same context
-    full-context ICL          base model, the whole document (it fits the default model)
+    icl             truncated ICL: base model, context middle-truncated to the window
+    full-icl        full-context ICL, where the document fits the model's positions
+    oracle          oracle-passage ICL: the ~500 tokens around the answer's first occurrence
+                    in the prompt (the ceiling a perfect memory would reach with this model)
+    lift-old        LIFT + truncated ICL, the recipe before distillation (segments + extractive QA)
+    lift-new        LIFT + truncated ICL, the cpu preset (with context distillation)
+    … for LoRA and Gated Memory (`--adapters`)
 
-Usage: .venv/bin/python bench/bench_quality.py [--docs 2] [--model M] [--preset cpu]
-Writes bench/results/quality.json and quality.svg and prints a markdown table for the README.
-Tuned adapters are cached by (context, config, model) like `lift eval`, so an interrupted
-run resumes with the documents it has already tuned.
+Questions are split in two by position within their document: "choice" (even) — the part
+recipes were chosen on — and "held-out" (odd), reported apart. Tuning time is reported per
+1k tokens of document. Adapters are cached like `lift eval`'s, so a rerun tunes nothing.
+
+Usage: .venv/bin/python bench/bench_quality.py --set dev [--methods icl,lift-new] [--window 1024]
+       .venv/bin/python bench/bench_quality.py --set synthetic --docs 2
+Writes bench/results/quality_<set>.json and prints a markdown table.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-from lift_engine.config import make_config
-from lift_engine.data.records import EvalRecord
+from lift_engine.config import BatchConfig, LiftConfig, make_config
+from lift_engine.data.documents import tokenize_long
+from lift_engine.data.records import EvalRecord, read_records
 from lift_engine.data.synthetic import make_dataset
+from lift_engine.data.truncation import middle_truncate
 from lift_engine.evaluate import evaluate
 from lift_engine.fsutil import atomic_write_json
+from lift_engine.host_memory import keep_freed_memory
 from lift_engine.models.loading import load_base_model
 
-from bench_common import hardware, svg_bar_chart  # noqa: E402  (bench/ is on sys.path when run as a script)
+from bench_common import hardware  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 RESULTS = Path(__file__).parent / "results"
+DEV_SET = Path(__file__).resolve().parents[1].parent / "shared" / "eval" / "real_prose_dev.jsonl"
+ORACLE_TOKENS = 500
+
+
+def old_recipe(cfg: LiftConfig) -> LiftConfig:
+    """The cpu preset as it was before context distillation."""
+    out = LiftConfig.from_dict(cfg.to_dict())
+    out.distill.enabled = False
+    return out
+
+
+def split_of(records: list[EvalRecord]) -> dict[str, str]:
+    """record id → "choice" (even position within its document) or "held-out" (odd)."""
+    seen: dict[str, int] = {}
+    out = {}
+    for r in records:
+        k = seen.get(r.context, 0)
+        seen[r.context] = k + 1
+        out[r.id] = "choice" if k % 2 == 0 else "held-out"
+    return out
+
+
+def oracle_records(records: list[EvalRecord], tokenizer) -> tuple[list[EvalRecord], int]:
+    """Each record with its context cut to ~ORACLE_TOKENS tokens centred on the first
+    occurrence of an answer (case-insensitive); (records, how many answers were found)."""
+    out, found = [], 0
+    for r in records:
+        low = r.context.lower()
+        hits = [low.find(a.lower()) for a in r.answers if a and low.find(a.lower()) >= 0]
+        if hits:
+            found += 1
+            at = min(hits)
+            piece = r.context[max(0, at - 4 * ORACLE_TOKENS) : at + 4 * ORACLE_TOKENS]
+            ids = tokenize_long(piece, tokenizer)
+            sep = tokenizer("\n...\n", add_special_tokens=False)["input_ids"]
+            piece = tokenizer.decode(middle_truncate(ids, ORACLE_TOKENS, sep))
+        else:
+            piece = ""
+        out.append(dataclasses.replace(r, context=piece or " "))
+    return out, found
+
+
+def scores_by_split(predictions, split: dict[str, str]) -> dict:
+    out = {}
+    for part in ("choice", "held-out", "all"):
+        rows = [p for p in predictions if part == "all" or split[p.id] == part]
+        out[part] = {"questions": len(rows),
+                     "contains_answer": round(sum(p.scores["contains_answer"] for p in rows) / max(1, len(rows)), 3),
+                     "qa_f1": round(sum(p.scores["qa_f1"] for p in rows) / max(1, len(rows)), 3)}
+    return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--docs", type=int, default=2)
+    parser.add_argument("--set", choices=("dev", "synthetic"), default="dev")
+    parser.add_argument("--file", default=str(DEV_SET), help="the dev set (LongBench jsonl)")
+    parser.add_argument("--docs", type=int, default=2, help="synthetic documents")
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--window", type=int, default=None, help="default: 1024 (dev), the preset's (synthetic)")
+    parser.add_argument("--methods", default="icl,full-icl,oracle,lift-old,lift-new")
     parser.add_argument("--adapters", default="lora,gated-memory")
+    parser.add_argument("--compute-dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    parser.add_argument("--model", default=None)
     args = parser.parse_args()
+    keep_freed_memory()
 
-    rows = make_dataset(args.docs, seed=args.seed)
-    records = [EvalRecord(r["_id"], r["context"], r["input"], list(r["answers"]), "lift-synthetic") for r in rows]
+    if args.set == "dev":
+        records = read_records(args.file)
+    else:
+        rows = make_dataset(args.docs, seed=args.seed)
+        records = [EvalRecord(r["_id"], r["context"], r["input"], list(r["answers"]), "lift-synthetic") for r in rows]
     base = load_base_model(args.model)
-    runs = [("truncated ICL", "icl", "lora"), ("full-context ICL", "full-icl", "lora")]
-    runs += [(f"LIFT ({kind}) + truncated ICL", "lift", kind) for kind in args.adapters.split(",") if kind]
-    table = {}
-    began = time.monotonic()
-    for name, mode, kind in runs:
-        cfg = make_config(args.preset, kind)
-        start = time.monotonic()
-        summary, _ = evaluate(records, base, cfg, mode, cfg.inference.window, log=lambda *a: print(*a, file=sys.stderr))
-        summary["seconds"] = round(time.monotonic() - start, 1)
-        table[name] = summary
-        print(f"{name}: {json.dumps(summary)}", file=sys.stderr)
-    result = {"hardware": hardware(), "model": base.model_id, "documents": args.docs, "questions": len(records),
-              "preset": args.preset, "seconds": round(time.monotonic() - began, 1), "results": table}
+    split = split_of(records)
+    contexts = list(dict.fromkeys(r.context for r in records))
+    doc_tokens = {c: len(tokenize_long(c, base.tokenizer)) for c in contexts}
+    out_path = RESULTS / f"quality_{args.set}.json"
+    result = json.loads(out_path.read_text()) if out_path.is_file() else {"results": {}}
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    for method in [m for m in args.methods.split(",") if m]:
+        for kind in (args.adapters.split(",") if method.startswith("lift") else ["lora"]):
+            cfg = make_config("cpu", kind)
+            cfg.train.compute_dtype = args.compute_dtype
+            window = args.window or (1024 if args.set == "dev" else cfg.inference.window)
+            cfg.inference.window = window
+            name, mode, run_records, note = method, method, records, {}
+            if method == "lift-old":
+                cfg, mode = old_recipe(cfg), "lift"
+            elif method == "lift-new":
+                mode = "lift"
+            elif method == "full-icl":
+                limit = base.model.config.max_position_embeddings - cfg.inference.max_new_tokens - 256
+                run_records = [r for r in records if doc_tokens[r.context] <= limit]
+                note = {"documents_that_fit": len({r.context for r in run_records})}
+            elif method == "oracle":
+                run_records, found = oracle_records(records, base.tokenizer)
+                mode, note = "full-icl", {"answers_found_in_document": found}
+            if mode == "lift":
+                name = f"{method} ({kind})"
+            if not run_records:
+                continue
+            began = time.monotonic()
+            summary, predictions = evaluate(run_records, base, cfg, mode, window, BatchConfig(), progress=False, log=log,
+                                            force_lift=True)
+            seconds = time.monotonic() - began
+            row = {"mode": mode, "adapter": kind if mode == "lift" else None, "window": window,
+                   "seconds": round(seconds, 1), **note, **scores_by_split(predictions, split),
+                   "predictions": [{"id": p.id, "prediction": p.prediction, "answers": p.answers} for p in predictions]}
+            if mode == "lift":
+                tuned_tokens = sum(doc_tokens[c] for c in {r.context for r in run_records})
+                row["seconds_per_1k_document_tokens"] = round(seconds / (tuned_tokens / 1000), 2)
+            result["results"][name] = row
+            log(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'predictions'})}")
+    result.update({"hardware": hardware(), "model": base.model_id, "set": args.set, "questions": len(records),
+                   "documents": len(contexts), "document_tokens": list(doc_tokens.values()),
+                   "compute_dtype": args.compute_dtype})
     RESULTS.mkdir(exist_ok=True)
-    atomic_write_json(RESULTS / "quality.json", result)
-    svg_bar_chart(RESULTS / "quality.svg", f"LIFT quality: {len(records)} questions, {args.docs} synthetic documents",
-                  list(table), {key: [s.get(key, 0.0) for s in table.values()] for key in ("contains_answer", "qa_f1")},
-                  ylabel="score (higher is better)", subtitle=f"{base.model_id}; preset {args.preset}; window "
-                  f"{make_config(args.preset).inference.window}; {result['hardware']['cpu']}", log=False, value_format="{:.2f}")
-    print(f"\n{len(records)} questions over {args.docs} synthetic documents; {result['hardware']}\n")
-    print("| method | contains answer | qa-F1 | ROUGE-L | EM |")
-    print("|---|---|---|---|---|")
-    for name, s in table.items():
-        print(f"| {name} | {s.get('contains_answer', 0):.3f} | {s.get('qa_f1', 0):.3f} | {s.get('rouge_l', 0):.3f} | "
-              f"{s.get('exact_match', 0):.3f} |")
+    atomic_write_json(out_path, result)
+    print(f"\n{args.set}: {len(records)} questions over {len(contexts)} documents "
+          f"({', '.join(map(str, doc_tokens.values()))} tokens); {result['hardware']}\n")
+    print("| method | contains answer: choice | held-out | all | qa-F1 all | s per 1k doc tokens |")
+    print("|---|---|---|---|---|---|")
+    for name, s in result["results"].items():
+        print(f"| {name} | {s['choice']['contains_answer']:.3f} ({s['choice']['questions']}) | "
+              f"{s['held-out']['contains_answer']:.3f} ({s['held-out']['questions']}) | {s['all']['contains_answer']:.3f} | "
+              f"{s['all']['qa_f1']:.3f} | {s.get('seconds_per_1k_document_tokens', '')} |")
     return 0
 
 
