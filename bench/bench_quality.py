@@ -7,15 +7,15 @@ accumulate in the JSON, so a long comparison can be run in parts):
     full-icl        full-context ICL, where the document fits the model's positions
     oracle          oracle-passage ICL: the ~500 tokens around the answer's first occurrence
                     in the prompt (the ceiling a perfect memory would reach with this model)
-    lift-old        LIFT + truncated ICL, the recipe before distillation (segments + extractive QA)
-    lift-new        LIFT + truncated ICL, the cpu preset (with context distillation)
+    lift-old        LIFT + truncated ICL, the cpu preset's recipe (segments + extractive QA)
+    lift-distill    LIFT + truncated ICL, the cpu preset plus context distillation (the candidate)
     … for LoRA and Gated Memory (`--adapters`)
 
 Questions are split in two by position within their document: "choice" (even) — the part
 recipes were chosen on — and "held-out" (odd), reported apart. Tuning time is reported per
 1k tokens of document. Adapters are cached like `lift eval`'s, so a rerun tunes nothing.
 
-Usage: .venv/bin/python bench/bench_quality.py --set dev [--methods icl,lift-new] [--window 1024]
+Usage: .venv/bin/python bench/bench_quality.py --set dev [--methods icl,lift-distill] [--window 1024]
        .venv/bin/python bench/bench_quality.py --set synthetic --docs 2
 Writes bench/results/quality_<set>.json and prints a markdown table.
 """
@@ -45,10 +45,10 @@ DEV_SET = Path(__file__).resolve().parents[1].parent / "shared" / "eval" / "real
 ORACLE_TOKENS = 500
 
 
-def old_recipe(cfg: LiftConfig) -> LiftConfig:
-    """The cpu preset as it was before context distillation."""
+def with_distillation(cfg: LiftConfig) -> LiftConfig:
+    """The config plus context distillation (DESIGN.md §2.6) at its default settings."""
     out = LiftConfig.from_dict(cfg.to_dict())
-    out.distill.enabled = False
+    out.distill.enabled = True
     return out
 
 
@@ -100,7 +100,7 @@ def main() -> int:
     parser.add_argument("--docs", type=int, default=2, help="synthetic documents")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--window", type=int, default=None, help="default: 1024 (dev), the preset's (synthetic)")
-    parser.add_argument("--methods", default="icl,full-icl,oracle,lift-old,lift-new")
+    parser.add_argument("--methods", default="icl,full-icl,oracle,lift-old,lift-distill")
     parser.add_argument("--adapters", default="lora,gated-memory")
     parser.add_argument("--compute-dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--model", default=None)
@@ -127,9 +127,9 @@ def main() -> int:
             cfg.inference.window = window
             name, mode, run_records, note = method, method, records, {}
             if method == "lift-old":
-                cfg, mode = old_recipe(cfg), "lift"
-            elif method == "lift-new":
                 mode = "lift"
+            elif method == "lift-distill":
+                cfg, mode = with_distillation(cfg), "lift"
             elif method == "full-icl":
                 limit = base.model.config.max_position_embeddings - cfg.inference.max_new_tokens - 256
                 run_records = [r for r in records if doc_tokens[r.context] <= limit]
