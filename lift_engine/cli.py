@@ -33,6 +33,9 @@ def _add_config(p: argparse.ArgumentParser) -> None:
                    help="OpenAI-compatible endpoint that writes auxiliary QA (default: the base model, when the preset uses a generator)")
     p.add_argument("--qa-model", default=None, metavar="NAME", help="model name at --qa-endpoint")
     p.add_argument("--seed", type=int, default=None, help="training seed")
+    p.add_argument("--distill", action="store_true",
+                   help="add context distillation: the base model reads each chunk and answers queries about it; "
+                        "the adapter learns its answers' distributions without the chunk (DESIGN.md §2.6)")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=None,
                    help="dtype of the frozen base model while tuning (default: the preset's). bfloat16 keeps the "
                         "adapter and optimizer in fp32 and runs the base's GEMMs in bf16: 2.2x faster batched tuning on "
@@ -68,6 +71,8 @@ def _config(args) -> LiftConfig:
         cfg.qa.num_generated = cfg.qa.num_generated or 10
     if args.seed is not None:
         cfg.train.seed = args.seed
+    if getattr(args, "distill", False):
+        cfg.distill.enabled = True
     if getattr(args, "compute_dtype", None):
         cfg.train.compute_dtype = args.compute_dtype
     if getattr(args, "window", None) is not None:
