@@ -105,8 +105,10 @@ def test_lower_rank_lora_into_a_bigger_bank(tmp_path):
     ids = torch.randint(0, 128, (1, 6))
     with handle.use(torch.tensor([1])):
         expected = _logits(base.model, ids)
+    # rtol 1e-4: the rank-8 bank runs other GEMM shapes than the rank-4 one; on an AMD EPYC
+    # without AMX one logit of 768 (0.12) differed by 1.2e-5 (relative 1e-4) in fp32.
     with bank.use(torch.tensor([1])):
-        torch.testing.assert_close(_logits(other.model, ids), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_logits(other.model, ids), expected, atol=1e-5, rtol=1e-4)
     again = save_adapter(bank, 1, tmp_path / "again", base=other, lift_config=cfg)
     assert json.loads((again / "adapter_config.json").read_text())["r"] == 4
 
