@@ -26,6 +26,14 @@ from lift_engine import ops
 DEFAULT_CHUNK = 1024
 
 
+def scaled_rows(unscaled: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor | None:
+    """The backward of a frozen-head loss whose forward kept d loss[t] / d h[t] as
+    `unscaled` [T, H]: row t scaled by grad[t] (in float32); None when h needs no gradient."""
+    if unscaled is None:
+        return None
+    return (unscaled.float() * grad.float()[:, None]).to(unscaled.dtype)
+
+
 class _ChunkedTokenLossFrozenHead(torch.autograd.Function):
     """The loss and its gradient for h in one pass (W and b need no gradient)."""
 
@@ -53,11 +61,7 @@ class _ChunkedTokenLossFrozenHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        (unscaled,) = ctx.saved_tensors
-        if unscaled is None:
-            return None, None, None, None, None
-        dh = (unscaled.float() * grad.float()[:, None]).to(unscaled.dtype)
-        return dh, None, None, None, None
+        return (scaled_rows(ctx.saved_tensors[0], grad),) + (None,) * 4
 
 
 class _ChunkedTokenLoss(torch.autograd.Function):
@@ -142,11 +146,7 @@ class _ChunkedDistillLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        (unscaled,) = ctx.saved_tensors
-        if unscaled is None:
-            return None, None, None, None, None, None
-        dh = (unscaled.float() * grad.float()[:, None]).to(unscaled.dtype)
-        return dh, None, None, None, None, None
+        return (scaled_rows(ctx.saved_tensors[0], grad),) + (None,) * 5
 
 
 def chunked_distill_loss(hidden: torch.Tensor, head: torch.nn.Module, top_ids: torch.Tensor, top_logprobs: torch.Tensor,
