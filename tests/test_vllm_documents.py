@@ -145,6 +145,7 @@ def test_upload_ask_and_delete_end_to_end(server):
             answer_ids(server, "acme", "report")
         assert h.delete(f"/v1/documents/{doc['id']}").json()["deleted"] is True
     assert store.get("globex", "report") is None
+    assert "lift: unloading" not in server["log"].read_text()  # taken out of vLLM too (its route answered)
     with pytest.raises(openai.NotFoundError):
         answer_ids(server, "globex", "report")
 

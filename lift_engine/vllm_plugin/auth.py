@@ -248,11 +248,14 @@ class TenantMiddleware:
 
         scope = dict(scope)
         scope[TENANT_KEY] = tenant
-        scope["lift.unload"] = self._unload
+        app = scope.get("app")  # the FastAPI app (Starlette sets it): vLLM's routes read request.app.state
+        scope["lift.unload"] = lambda record: self._unload(record, app)
         return await self._documents_app(scope, receive, send)
 
-    async def _unload(self, record) -> None:
-        """Take a deleted document's adapter out of vLLM (its admin route, called in-process)."""
+    async def _unload(self, record, app=None) -> None:
+        """Take a deleted document's adapter out of vLLM (its admin route, called in-process).
+
+        `app`: the request's scope["app"]; without it vLLM's route fails (KeyError 'app')."""
         from lift_engine.vllm_plugin.resolver import internal_name
 
         body = json.dumps({"lora_name": internal_name(record.tenant, record.name, record.adapter_version)}).encode()
@@ -260,6 +263,8 @@ class TenantMiddleware:
                  "scheme": "http", "path": "/v1/unload_lora_adapter", "raw_path": b"/v1/unload_lora_adapter",
                  "root_path": "", "query_string": b"", "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0),
                  "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+        if app is not None:
+            scope["app"] = app
         sent = False
 
         async def receive():

@@ -77,7 +77,11 @@ def make_adapter(base, kind: str, out_dir: Path, seed: int, rank: int = 8, stren
 
 
 def hf_greedy(base, adapter_dir: Path | None, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:
-    """lift_engine's own HF path (load_adapter + greedy generate, no early stop).
+    """lift_engine's own HF path (load_adapter + greedy decoding with the KV cache).
+
+    The reference for vLLM's `ignore_eos=True` greedy decoding: EOS is an ordinary token
+    here too — it is chosen when it has the best logit and decoding goes on after it
+    (`generate(min_new_tokens=…)` would instead *ban* EOS and pick the runner-up).
 
     Returns the generated ids and the smallest gap between the best and the second-best
     logit over the steps: a tiny gap is a near-tie that float reordering may flip, so a
@@ -90,12 +94,21 @@ def hf_greedy(base, adapter_dir: Path | None, prompt_ids: list[int], max_new_tok
         if handle is not None:
             handle.set_indices(torch.tensor([0]))
         ids = torch.tensor([prompt_ids])
+        new: list[int] = []
+        gaps: list[float] = []
+        past = None
+        step_ids = ids
         with torch.no_grad():
-            out = base.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                      min_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
-                                      return_dict_in_generate=True, pad_token_id=base.tokenizer.pad_token_id)
-        gaps = [float(torch.topk(step[0].float(), 2).values.diff().abs()) for step in out.logits]
-        return out.sequences[0, len(prompt_ids):].tolist(), min(gaps)
+            for _ in range(max_new_tokens):
+                length = len(prompt_ids) + len(new)
+                out = base.model(input_ids=step_ids, attention_mask=torch.ones((1, length), dtype=torch.long),
+                                 past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                top = torch.topk(out.logits[0, -1].float(), 2)
+                gaps.append(float(top.values[0] - top.values[1]))
+                new.append(int(top.indices[0]))
+                step_ids = torch.tensor([[new[-1]]])
+        return new, min(gaps)
     finally:
         if handle is not None:
             handle.remove()
