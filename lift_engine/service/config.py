@@ -27,7 +27,7 @@ class ServiceConfig:
     adapter: str = "lora"  # adapter kind when tune_config is None
     tune_config: dict | None = None
     # Each actor's tuning engine (its bank size, memory budget, prefix sharing, checkpoints).
-    tuning: BatchConfig = field(default_factory=lambda: BatchConfig(max_active=8, prefix_sharing=False))
+    tuning: BatchConfig = field(default_factory=lambda: BatchConfig(max_active=8))
     actor_cpus: float = 1.0  # Ray CPUs reserved per actor
     device: str | None = None  # where each actor tunes (None: CPU; "cuda": one GPU per actor)
     ray_num_cpus: int | None = None  # CPUs of a local Ray runtime (None: tune_workers × actor_cpus)
