@@ -16,6 +16,7 @@ from pathlib import Path
 from lift_engine.config import ADAPTER_KINDS, PRESETS, BatchConfig, LiftConfig, make_config
 from lift_engine.errors import InputError, LiftError
 from lift_engine.host_memory import keep_freed_memory
+from lift_engine.names import validate_name
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -177,6 +178,7 @@ def cmd_tune(args) -> int:
         return _cmd_tune_batched(args)
     args.document = args.document[0]
     cfg, settings = _config(args), _batch_settings(args)
+    validate_name(Path(args.output).resolve().name, "output directory")  # before the model loads
     store = _store_target(args)
     text = read_document(args.document)
     base = _load_base(args.model, args.device)
@@ -202,7 +204,6 @@ def _store_target(args, names: list[str] | None = None):
     output dir's name)."""
     if args.store is None:
         return None
-    from lift_engine.names import validate_name
     from lift_engine.store import AdapterStore
 
     validate_name(args.tenant, "tenant")
@@ -273,7 +274,7 @@ def cmd_tune_service(args) -> int:
     from lift_engine.service.config import ServiceConfig
     from lift_engine.service.documents import DocumentService
     from lift_engine.service.queue_front import QueueFrontEnd
-    from lift_engine.store import AdapterStore, validate_name
+    from lift_engine.store import AdapterStore
 
     cfg = _config(args)
     validate_name(args.tenant, "tenant")
