@@ -90,7 +90,7 @@ def greedy_answers(
     (e.g. sliding windows) and applies the model's generation_config exactly as a single
     question does, so a question's answer does not depend on whether it was decoded
     alone or in a batch (greedy_answer is this function with one request). A row stops
-    at EOS or the end-of-turn token (`_stop_ids`); finished rows wait, padded, until the
+    at EOS or the end-of-turn token (`stop_ids`); finished rows wait, padded, until the
     batch's last row stops, and each answer is cut after its first stop token, as a
     single-row generation would end.
 
@@ -146,7 +146,7 @@ def greedy_answer_ids(
         raise ValueError(f"adapter slot {min(slots)} is invalid (use None or -1 for the base model)")
     encoded = [prompts.question_prompt(context_for_window(r.doc_ids, r.window, prompts), r.question) for r in requests]
     device = model_device(model)
-    stops = _stop_ids(tokenizer, prompts)
+    stops = stop_ids(tokenizer, prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     fill = pad_id if pad_id is not None else (stops[0] if stops else 0)  # left padding's id: masked, any id does
     order = sorted(range(len(requests)), key=lambda i: -len(encoded[i]))  # stable: ties keep request order
@@ -203,7 +203,8 @@ def greedy_answer(
                           batch_size=1)[0]
 
 
-def _stop_ids(tokenizer, prompts: PromptBuilder) -> list[int]:
+def stop_ids(tokenizer, prompts: PromptBuilder) -> list[int]:
+    """The tokens that end an answer: end of sequence and the first end-of-turn token."""
     stops = set()
     if tokenizer.eos_token_id is not None:
         stops.add(tokenizer.eos_token_id)

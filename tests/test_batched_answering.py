@@ -16,7 +16,7 @@ from lift_engine.config import make_config
 from lift_engine.errors import AdapterError
 from lift_engine.inference import (
     AnswerRequest,
-    _stop_ids,
+    stop_ids,
     context_for_window,
     greedy_answer,
     greedy_answer_ids,
@@ -39,7 +39,7 @@ def _reference_ids(model, tokenizer, prompts, request, handle, max_new_tokens=NE
         with torch.no_grad():
             output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                     max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=_stop_ids(tokenizer, prompts))
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids(tokenizer, prompts))
     finally:
         if handle is not None:
             handle.set_indices(None)
@@ -112,7 +112,7 @@ def test_batched_answers_equal_one_question_at_a_time(kind, attn_impl):
         by_prompt.setdefault((request.question, request.window), {})[request.slot] = ids
     for answers_by_slot in by_prompt.values():
         assert all(answers_by_slot[slot] != answers_by_slot[None] for slot in (0, 1, 2))
-    stops = set(_stop_ids(tokenizer, prompts))
+    stops = set(stop_ids(tokenizer, prompts))
     assert any(ids[-1] in stops and len(ids) < NEW_TOKENS for ids in got)
     assert any(len(ids) == NEW_TOKENS for ids in got)
 

@@ -183,7 +183,7 @@ def test_two_tenants_lora_and_gated_memory_in_one_batch_equal_hf(server, world):
 def test_lift_ask_prompt_equals_greedy_answer(server, world):
     """The truncated-context prompt of `lift ask`, decoded by greedy_answer (HF) and by the server."""
     from lift_engine.adapters.io import load_adapter
-    from lift_engine.inference import _stop_ids, greedy_answer
+    from lift_engine.inference import stop_ids, greedy_answer
     from lift_engine.prompts import PromptBuilder
 
     base = world["base"]
@@ -199,7 +199,7 @@ def test_lift_ask_prompt_equals_greedy_answer(server, world):
             handle.remove()
         out = client(server, tenant).completions.create(
             model=name, prompt=ask_prompt(base.tokenizer, question), max_tokens=12, temperature=0,
-            extra_body={"stop_token_ids": _stop_ids(base.tokenizer, prompts), "return_token_ids": True},
+            extra_body={"stop_token_ids": stop_ids(base.tokenizer, prompts), "return_token_ids": True},
         )
         # Compared through one decoder: vLLM's incremental detokenizer holds back a trailing
         # incomplete UTF-8 byte sequence, which random byte-level tokens produce.

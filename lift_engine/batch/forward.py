@@ -19,6 +19,14 @@ from lift_engine.models.loading import model_device
 from lift_engine.samples import IGNORE_INDEX, Sample
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id training batches are padded with: pad, else end of sequence, else 0."""
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+
 def collate(
     samples: list[Sample], pad_id: int, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -41,7 +41,7 @@ import torch
 from lift_engine.adapters.io import read_manifest, save_adapter
 from lift_engine.adapters.patching import attach_adapters
 from lift_engine.batch.estimate import format_duration, plan_summary
-from lift_engine.batch.forward import plain_token_loss
+from lift_engine.batch.forward import pad_token_id, plain_token_loss
 from lift_engine.batch.optim import SlotAdamW, clip_per_slot
 from lift_engine.batch.planner import MemoryPlanner, pass_limits
 from lift_engine.batch.prefix import prefix_shared_token_loss, shared_context_refs
@@ -456,14 +456,6 @@ class BatchTuneJob:
             atomic_write_json(self.status_path, {"global_step": self.global_step, "documents": self.progress()})
         except OSError:
             pass
-
-
-def pad_token_id(tokenizer) -> int:
-    """The id training batches are padded with: pad, else end of sequence, else 0."""
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if value is not None:
-            return int(value)
-    return 0
 
 
 def read_status(out_root) -> dict | None:

@@ -23,11 +23,11 @@ from typing import Callable
 
 import torch
 
-from lift_engine.batch.forward import collate
+from lift_engine.batch.forward import collate, pad_token_id
 from lift_engine.batch.loss import loss_positions
 from lift_engine.config import DistillConfig
 from lift_engine.fsutil import atomic_write_bytes
-from lift_engine.inference import AnswerRequest, greedy_answer_ids
+from lift_engine.inference import AnswerRequest, greedy_answer_ids, stop_ids
 from lift_engine.models.loading import model_device
 from lift_engine.prompts import PromptBuilder
 from lift_engine.samples import IGNORE_INDEX, Sample, TeacherAnswer
@@ -46,7 +46,7 @@ def teacher_answers(model, handle, tokenizer, prompts: PromptBuilder, chunk_ids:
         requests = [AnswerRequest(q, chunk_ids[c], None, None) for c, q in queries]
         answers = greedy_answer_ids(model, tokenizer, prompts, requests, handle=handle,
                                     max_new_tokens=cfg.max_answer_tokens, batch_size=cfg.teacher_batch)
-        stops = set(prompts.end_of_turn_ids[:1]) | ({tokenizer.eos_token_id} - {None})
+        stops = set(stop_ids(tokenizer, prompts))
         kept = [(c, q, a) for (c, q), a in zip(queries, answers) if any(t not in stops for t in a)]
         targets = []
         for start in range(0, len(kept), cfg.teacher_batch):
@@ -63,8 +63,7 @@ def _distributions(model, handle, tokenizer, prompts, chunk_ids, batch, top_k: i
     for c, q, answer in batch:
         prompt = prompts.question_prompt(chunk_ids[c], q)
         samples.append(Sample(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer, "distill"))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    ids, mask, labels, _ = collate(samples, pad, model_device(model))
+    ids, mask, labels, _ = collate(samples, pad_token_id(tokenizer), model_device(model))
     with handle.use(torch.full((len(samples),), -1, dtype=torch.long, device=ids.device)):
         hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
     rows, cols, _ = loss_positions(labels)
