@@ -152,6 +152,15 @@ class DistillConfig:
     top_k: int = 20  # teacher tokens kept per answer position (Cartridges: 20)
     max_answer_tokens: int = 48  # longest teacher answer
     teacher_batch: int = 16  # teacher answers decoded together
+    # Fraction of the targets that also train, once per stage-2 epoch, with their chunk in
+    # the student's prompt exactly as the teacher saw it ("anchor" samples): where the
+    # window shows the passage, the adapter learns to leave the base's in-context answer
+    # alone (DESIGN.md §2.6, "never worse than the window"). 0: none.
+    anchor_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.anchor_fraction <= 1.0:
+            raise ValueError(f"distill.anchor_fraction must be in [0, 1], got {self.anchor_fraction}")
 
 
 @dataclass
@@ -236,7 +245,8 @@ class LiftConfig:
 # Fields added after adapters were published, left out of the fingerprint while they hold
 # the value every older adapter was tuned with, so that those keep their fingerprint.
 FINGERPRINT_DEFAULTS = {("train", "compute_dtype"): "float32", ("train", "segment_weight"): 1.0,
-                        ("train", "qa_weight"): 1.0, ("train", "distill_weight"): 1.0}
+                        ("train", "qa_weight"): 1.0, ("train", "distill_weight"): 1.0,
+                        ("distill", "anchor_fraction"): 0.0}
 
 # Fields that older manifests carry and that moved elsewhere (dropped when read back):
 # train.checkpoint_every is BatchConfig.checkpoint_every now.

@@ -6,6 +6,9 @@ Three kinds of sample, all placed behind a head/tail context of the document:
     qa:       question_prompt(context, question) + answer + end of turn  loss on the answer
     distill:  question_prompt(context, query) + teacher's answer         KL to the teacher's
               (DESIGN.md §2.6; the teacher read the query's chunk)        top-k at each answer token
+    anchor:   question_prompt(chunk, query) + teacher's answer           the same KL, with the
+              (distill.anchor_fraction of the targets; the student sees   passage in view
+              exactly the teacher's prompt)
 
 Each kind's per-token loss is scaled by its weight in the config (train.segment_weight,
 qa_weight, distill_weight); a kind of weight 0 is left out of the plan.
@@ -24,6 +27,7 @@ import torch
 
 from lift_engine.config import LiftConfig
 from lift_engine.data.extractive import QAItem
+from lift_engine.data.queries import Chunk, document_chunks
 from lift_engine.data.segmentation import segment_spans
 from lift_engine.data.truncation import head_tail_context
 from lift_engine.prompts import PromptBuilder
@@ -68,7 +72,7 @@ class TeacherAnswer:
 
 @dataclass(frozen=True)
 class SampleRef:
-    """A planned sample: kind ("segment" | "qa" | "distill"), its index, and the seed of its context split."""
+    """A planned sample: kind ("segment" | "qa" | "distill" | "anchor"), its index, and the seed of its context split."""
 
     kind: str
     index: int
@@ -91,11 +95,25 @@ class DocumentSamples:
         seg = self.cfg.segment
         self.spans = segment_spans(len(self.doc_ids), seg.length, seg.stride)
         self._qa_answers = [self.prompts.answer_ids(item.answer) for item in self.qa_items]
+        self._chunks: list[Chunk] | None = None
 
     # --- planning -----------------------------------------------------------------
+    @property
+    def chunks(self) -> list[Chunk]:
+        """The document's chunks as the teacher read them (data/queries.document_chunks)."""
+        if self._chunks is None:
+            self._chunks = document_chunks(self.doc_ids, self.prompts.tokenizer, self.cfg.queries.chunk_tokens)
+        return self._chunks
+
+    def anchor_indices(self) -> list[int]:
+        """Teacher answers that also train as anchors: distill.anchor_fraction of them, evenly spread."""
+        fraction = self.cfg.distill.anchor_fraction
+        n = len(self.teacher_answers)
+        return [i for i in range(n) if int((i + 1) * fraction) > int(i * fraction)]
+
     def epoch_plan(self, stage: int, epoch: int) -> list[SampleRef]:
         """Shuffled sample refs of one epoch: stage 1 segments only, stage 2 segments + QA +
-        distillation (kinds of weight 0 left out)."""
+        distillation + anchors (kinds of weight 0 left out)."""
         train = self.cfg.train
         rng = random.Random(f"{train.seed}-{self.doc}-{stage}-{epoch}")
         refs = []
@@ -106,6 +124,7 @@ class DocumentSamples:
                 refs += [SampleRef("qa", i, rng.randrange(2**31)) for i in range(len(self.qa_items))]
             if train.distill_weight:
                 refs += [SampleRef("distill", i, rng.randrange(2**31)) for i in range(len(self.teacher_answers))]
+                refs += [SampleRef("anchor", i, rng.randrange(2**31)) for i in self.anchor_indices()]
         rng.shuffle(refs)
         return refs
 
@@ -139,8 +158,11 @@ class DocumentSamples:
         elif ref.kind == "qa":
             prompt = self.prompts.question_prompt(context, self.qa_items[ref.index].question)
             response, weight = self._qa_answers[ref.index], train.qa_weight
-        elif ref.kind == "distill":
+        elif ref.kind in ("distill", "anchor"):
             target = self.teacher_answers[ref.index]
+            if ref.kind == "anchor":
+                chunk = self.chunks[target.chunk]
+                context = self.doc_ids[chunk.start : chunk.end]
             prompt = self.prompts.question_prompt(context, target.question)
             response, weight = list(target.answer_ids), train.distill_weight
             soft = (target.top_ids, target.top_logprobs)
@@ -153,11 +175,13 @@ class DocumentSamples:
         if ref.kind == "segment":
             start, end = self.spans[ref.index]
             return end - start
-        if ref.kind == "distill":
+        if ref.kind in ("distill", "anchor"):
             return len(self.teacher_answers[ref.index].answer_ids)
         return len(self._qa_answers[ref.index])
 
     def approx_length(self, ref: SampleRef) -> int:
         """Approximate sequence length of a sample (context + template + response)."""
+        if ref.kind == "anchor":
+            return self.cfg.queries.chunk_tokens + 48 + self.loss_tokens(ref)
         context = self.cfg.context.length if self.cfg.context.enabled else 0
         return min(context, len(self.doc_ids)) + 48 + self.loss_tokens(ref)

@@ -15,7 +15,7 @@ from lift_engine.batch.loss import chunked_distill_loss, chunked_token_loss
 from lift_engine.batch.teacher import TEACHER_FILE
 from lift_engine.data.queries import document_chunks
 from lift_engine.checkpoint import partial_dir_for
-from lift_engine.config import BatchConfig
+from lift_engine.config import BatchConfig, DistillConfig
 from lift_engine.models.loading import load_base_model
 from lift_engine.pipeline import tune_document
 from lift_engine.prompts import PromptBuilder
@@ -28,9 +28,10 @@ def model_dir(tmp_path_factory) -> Path:
     return make_tiny_model_dir(tmp_path_factory.mktemp("distill") / "model")
 
 
-def distill_config(adapter: str = "lora"):
+def distill_config(adapter: str = "lora", anchor_fraction: float = 0.0):
     cfg = tiny_config(adapter)
     cfg.distill.enabled = True
+    cfg.distill.anchor_fraction = anchor_fraction
     cfg.queries.chunk_tokens = 40
     cfg.queries.queries_per_chunk = 2
     cfg.distill.max_answer_tokens = 6
@@ -90,6 +91,36 @@ def test_kinds_of_weight_zero_leave_the_plan_and_weights_reach_the_samples(model
                                             teacher_answers=[target]).full_plan()} == {"distill"}
 
 
+def test_anchor_samples_show_the_student_the_teachers_own_prompt(model_dir):
+    """anchor_fraction of the targets train again with their chunk in view: the student's
+    prompt is exactly the teacher's, the target the same; the rest keep the head/tail context."""
+    base = load_base_model(str(model_dir))
+    cfg = distill_config(anchor_fraction=0.5)
+    prompts = PromptBuilder(base.tokenizer)
+    ids = base.tokenizer(DOCS["long"], add_special_tokens=False)["input_ids"]
+    chunks = document_chunks(ids, base.tokenizer, cfg.queries.chunk_tokens)
+    assert len(chunks) > 1
+    targets = [TeacherAnswer(f"Q{i}?", [5, 6, 7], torch.zeros(3, 2, dtype=torch.long), torch.full((3, 2), -0.1 * i),
+                             i % len(chunks)) for i in range(4)]
+    samples = DocumentSamples(ids, [], cfg, prompts, teacher_answers=targets)
+    plan = samples.full_plan()
+    anchors = [r for r in plan if r.kind == "anchor"]
+    assert len(anchors) == 2 * cfg.train.stage2_epochs and {r.index for r in anchors} == {1, 3}
+    assert not any(r.kind == "anchor" for r in samples.epoch_plan(1, 0))
+    for ref in anchors:
+        built, target = samples.build(ref), targets[ref.index]
+        chunk = chunks[target.chunk]
+        teacher_prompt = prompts.question_prompt(ids[chunk.start : chunk.end], target.question)
+        assert built.input_ids == teacher_prompt + [5, 6, 7] and built.labels[-3:] == [5, 6, 7]
+        assert built.soft[1] is target.top_logprobs and built.weight == cfg.train.distill_weight
+    plain = samples.build(next(r for r in plan if r.kind == "distill" and r.index == anchors[0].index))
+    assert plain.input_ids != samples.build(anchors[0]).input_ids
+    cfg.distill.anchor_fraction = 0.0
+    assert cfg.fingerprint() != distill_config(anchor_fraction=0.5).fingerprint()
+    with pytest.raises(ValueError, match="anchor_fraction"):
+        DistillConfig(anchor_fraction=1.5)
+
+
 def test_teacher_targets_come_from_the_base_model_reading_the_chunk(model_dir, tmp_path):
     """Targets are stored in the work dir; their top-1 token is the teacher's greedy answer
     token, and an adapter slot that is far from zero does not change them (adapter off)."""
@@ -124,11 +155,11 @@ def test_teacher_targets_come_from_the_base_model_reading_the_chunk(model_dir, t
         torch.testing.assert_close(a.top_logprobs, b.top_logprobs, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("adapter", ["lora", "gated-memory"])
-def test_distillation_batched_equals_one_by_one(model_dir, tmp_path, adapter):
-    """Two documents with distillation in one job (prefix sharing on) give each the adapter
-    its one-document job gives; the run trained on distill samples."""
-    cfg = distill_config(adapter)
+@pytest.mark.parametrize("adapter, anchor_fraction", [("lora", 0.0), ("gated-memory", 0.0), ("gated-memory", 0.5)])
+def test_distillation_batched_equals_one_by_one(model_dir, tmp_path, adapter, anchor_fraction):
+    """Two documents with distillation (and anchors) in one job (prefix sharing on) give
+    each the adapter its one-document job gives; the run trained on distill samples."""
+    cfg = distill_config(adapter, anchor_fraction)
     settings = BatchConfig(prefix_sharing=True, checkpoint_every=10**9)
     docs = {"short": DOCS["short"], "long": DOCS["long"]}
     for name, text in docs.items():
