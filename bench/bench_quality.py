@@ -9,10 +9,14 @@ accumulate in the JSON, so a long comparison can be run in parts):
                     in the prompt (the ceiling a perfect memory would reach with this model)
     lift-old        LIFT + truncated ICL, the cpu preset's recipe (segments + extractive QA)
     lift-distill    LIFT + truncated ICL, the cpu preset plus context distillation (the candidate)
+    lift-anchor     lift-distill plus anchor samples (distill.anchor_fraction = 0.5: the
+                    student also learns with the passage in view, to keep in-context answers)
     … for LoRA and Gated Memory (`--adapters`)
 
 Questions are split in two by position within their document: "choice" (even) — the part
-recipes were chosen on — and "held-out" (odd), reported apart. Tuning time is reported per
+recipes were chosen on — and "held-out" (odd), reported apart; and again by whether an
+answer is inside the truncated window ("in-window") or not ("outside"), the rows that say
+whether LIFT keeps what the window shows. Tuning time is reported per
 1k tokens of document. Adapters are cached like `lift eval`'s, so a rerun tunes nothing.
 
 Usage: .venv/bin/python bench/bench_quality.py --set dev [--methods icl,lift-distill] [--window 1024]
@@ -33,7 +37,8 @@ from lift_engine.data.documents import tokenize_long
 from lift_engine.data.records import EvalRecord, read_records
 from lift_engine.data.synthetic import make_dataset
 from lift_engine.data.truncation import middle_truncate
-from lift_engine.evaluate import evaluate
+from lift_engine import metrics
+from lift_engine.evaluate import Prediction, evaluate
 from lift_engine.fsutil import atomic_write_json
 from lift_engine.host_memory import keep_freed_memory
 from lift_engine.models.loading import load_base_model
@@ -83,10 +88,33 @@ def oracle_records(records: list[EvalRecord], tokenizer) -> tuple[list[EvalRecor
     return out, found
 
 
-def scores_by_split(predictions, split: dict[str, str]) -> dict:
+def with_anchors(cfg: LiftConfig, fraction: float = 0.5) -> LiftConfig:
+    """Distillation plus anchor samples (DistillConfig.anchor_fraction)."""
+    out = with_distillation(cfg)
+    out.distill.anchor_fraction = fraction
+    return out
+
+
+def window_split(records: list[EvalRecord], tokenizer, window: int) -> dict[str, str]:
+    """record id → "in-window" when an answer occurs (case-insensitive) in the context as
+    middle-truncated to `window` tokens, else "outside"."""
+    sep = tokenizer("\n...\n", add_special_tokens=False)["input_ids"]
+    shown: dict[str, str] = {}
     out = {}
-    for part in ("choice", "held-out", "all"):
-        rows = [p for p in predictions if part == "all" or split[p.id] == part]
+    for r in records:
+        if r.context not in shown:
+            ids = tokenize_long(r.context, tokenizer)
+            shown[r.context] = tokenizer.decode(middle_truncate(ids, window, sep)).lower()
+        out[r.id] = "in-window" if any(a and a.lower() in shown[r.context] for a in r.answers) else "outside"
+    return out
+
+
+def scores_by_split(predictions, *splits: dict[str, str]) -> dict:
+    """Containment and qa-F1 over all predictions and over each part of each split."""
+    out = {}
+    parts = [(part, split) for split in splits for part in sorted(set(split.values()))] + [("all", None)]
+    for part, split in parts:
+        rows = [p for p in predictions if split is None or split[p.id] == part]
         out[part] = {"questions": len(rows),
                      "contains_answer": round(sum(p.scores["contains_answer"] for p in rows) / max(1, len(rows)), 3),
                      "qa_f1": round(sum(p.scores["qa_f1"] for p in rows) / max(1, len(rows)), 3)}
@@ -104,6 +132,8 @@ def main() -> int:
     parser.add_argument("--adapters", default="lora,gated-memory")
     parser.add_argument("--compute-dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--model", default=None)
+    parser.add_argument("--rescore", action="store_true",
+                        help="recompute every stored row's split scores from its stored predictions; tune and answer nothing")
     args = parser.parse_args()
     keep_freed_memory()
 
@@ -119,7 +149,15 @@ def main() -> int:
     out_path = RESULTS / f"quality_{args.set}.json"
     result = json.loads(out_path.read_text()) if out_path.is_file() else {"results": {}}
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
-    for method in [m for m in args.methods.split(",") if m]:
+    if args.rescore:
+        by_id = {r.id: r for r in records}
+        for row in result["results"].values():
+            preds = [Prediction(p["id"], "", p["prediction"], p["answers"], metrics.score(p["prediction"], p["answers"]))
+                     for p in row["predictions"]]
+            shown = [by_id[p.id] for p in preds]
+            row.update(scores_by_split(preds, {p.id: split[p.id] for p in preds},
+                                       window_split(shown, base.tokenizer, row["window"])))
+    for method in [m for m in args.methods.split(",") if m and not args.rescore]:
         for kind in (args.adapters.split(",") if method.startswith("lift") else ["lora"]):
             cfg = make_config("cpu", kind)
             cfg.train.compute_dtype = args.compute_dtype
@@ -130,6 +168,8 @@ def main() -> int:
                 mode = "lift"
             elif method == "lift-distill":
                 cfg, mode = with_distillation(cfg), "lift"
+            elif method == "lift-anchor":
+                cfg, mode = with_anchors(cfg), "lift"
             elif method == "full-icl":
                 limit = base.model.config.max_position_embeddings - cfg.inference.max_new_tokens - 256
                 run_records = [r for r in records if doc_tokens[r.context] <= limit]
@@ -146,7 +186,8 @@ def main() -> int:
                                             force_lift=True)
             seconds = time.monotonic() - began
             row = {"mode": mode, "adapter": kind if mode == "lift" else None, "window": window,
-                   "seconds": round(seconds, 1), **note, **scores_by_split(predictions, split),
+                   "seconds": round(seconds, 1), **note,
+                   **scores_by_split(predictions, split, window_split(records, base.tokenizer, window)),
                    "predictions": [{"id": p.id, "prediction": p.prediction, "answers": p.answers} for p in predictions]}
             if mode == "lift":
                 tuned_tokens = sum(doc_tokens[c] for c in {r.context for r in run_records})
@@ -160,12 +201,12 @@ def main() -> int:
     atomic_write_json(out_path, result)
     print(f"\n{args.set}: {len(records)} questions over {len(contexts)} documents "
           f"({', '.join(map(str, doc_tokens.values()))} tokens); {result['hardware']}\n")
-    print("| method | contains answer: choice | held-out | all | qa-F1 all | s per 1k doc tokens |")
-    print("|---|---|---|---|---|---|")
+    parts = ("choice", "held-out", "in-window", "outside", "all")
+    print("| method | " + " | ".join(f"contains answer: {p}" for p in parts) + " | qa-F1 all | s per 1k doc tokens |")
+    print("|---" * (len(parts) + 3) + "|")
     for name, s in result["results"].items():
-        print(f"| {name} | {s['choice']['contains_answer']:.3f} ({s['choice']['questions']}) | "
-              f"{s['held-out']['contains_answer']:.3f} ({s['held-out']['questions']}) | {s['all']['contains_answer']:.3f} | "
-              f"{s['all']['qa_f1']:.3f} | {s.get('seconds_per_1k_document_tokens', '')} |")
+        cells = [f"{s[p]['contains_answer']:.3f} ({s[p]['questions']})" if p in s else "" for p in parts]
+        print(f"| {name} | " + " | ".join(cells) + f" | {s['all']['qa_f1']:.3f} | {s.get('seconds_per_1k_document_tokens', '')} |")
     return 0
 
 
