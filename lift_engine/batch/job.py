@@ -1,8 +1,9 @@
 """The tuning engine: one adapter bank, mixed batches, continuous admission (DESIGN.md §4).
 
 Every tuning in lift_engine runs here: `lift tune` on one document is a job of one
-(pipeline.tune_document), several documents, `lift eval`, `lift demo` and the queue
-service share one job each.
+(pipeline.tune_document), several documents, `lift eval` and `lift demo` share one job
+each, and every tuning actor of the document service (service/pool.py: `lift serve` and
+`lift tune-service`) runs one.
 
     job = BatchTuneJob(base, cfg, out_root, BatchConfig(max_active=16))
     job.submit(text, name="contract-a")          # any time, from any thread
