@@ -244,7 +244,11 @@ def test_a_delete_racing_with_the_publish_leaves_no_adapter(model_dir, tmp_path,
     try:
         worker.store = _StoreDeletingAtPublish(cfg.store, lambda: replica.delete("acme", record.id), when)
         path = records.root / "acme" / f"{record.id}.json"
-        result = worker.tune(record.id, DOCUMENT, "acme", "race", str(path), str(records.tombstone_path("acme", record.id)))
+        tombstone = str(records.tombstone_path("acme", record.id))
+        result = worker.tune(record.id, DOCUMENT, "acme", "race", str(path), tombstone)
+        # handed over again after the delete (e.g. a retry): refused before any tuning
+        assert worker.tune(record.id, DOCUMENT, "acme", "race", str(path), tombstone)["cancelled"] is True
+        assert len(worker.store.published) == 1
     finally:
         worker.job.close()
     assert worker.store.published  # it did publish

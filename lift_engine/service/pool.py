@@ -68,7 +68,7 @@ class TuneWorker:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         base = load_base_model(base_model, progress=False, device=device)
         self.job = BatchTuneJob(base, LiftConfig.from_dict(cfg_dict), self.work_dir, log=self._log, **job_options)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._cancelled: set[str] = set()  # cancel() may run before its tune() call has submitted
         self.job.start()
 
