@@ -18,7 +18,7 @@ from lift_engine.store import AdapterStore
 from lift_engine.vllm_plugin.auth import Tenants, TenantMiddleware, TenantsFileError
 from lift_engine.vllm_plugin.resolver import (AdapterCatalog, NotFound, RETIRE_AFTER_S, Settings,
                                               parse_internal_name)
-from lift_engine.vllm_plugin.testing import make_adapter
+from vllm_harness import make_adapter
 from lift_engine.vllm_plugin.validate import ModelGeometry, validate_adapter_dir
 
 
