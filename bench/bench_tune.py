@@ -269,7 +269,7 @@ def svg_chart(report: dict, path: Path) -> Path:
                      colors=COLORS)
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model dir (default: the default SmolLM2-135M)")
     parser.add_argument("--ns", default="1,4,16")
@@ -283,7 +283,7 @@ def main() -> int:
                         help="--model DIR holds config.json and the tokenizer only: initialise the weights randomly")
     parser.add_argument("--out", default=str(RESULTS / "bench_tune.json"))
     parser.add_argument("--plot-only", type=Path, metavar="JSON", help="only redraw the .svg of a results JSON")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.plot_only:
         print(f"plot: {svg_chart(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix('.svg'))}")
         return 0

@@ -82,7 +82,9 @@ def test_hardware_and_timing():
 @pytest.mark.parametrize("script,json_name", [("bench_lora", "bench_lora_cpu.json"),
                                               ("bench_gated_memory", "bench_gated_memory_cpu.json"),
                                               ("bench_cpu_ops", "bench_cpu_ops_fp32_1thread.json"),
-                                              ("bench_step_profile", "bench_step_profile.json")])
+                                              ("bench_step_profile", "bench_step_profile.json"),
+                                              ("bench_serve", "bench_serve.json"),
+                                              ("bench_tune", "bench_tune_run11_n16.json")])
 def test_plot_only_redraws_from_json(tmp_path, script, json_name):
     src = RESULTS / json_name
     if not src.exists():
@@ -92,5 +94,5 @@ def test_plot_only_redraws_from_json(tmp_path, script, json_name):
     shutil.copy(src, path)
     module = importlib.import_module(f"bench.{script}")
     assert module.main(["--plot-only", str(path)]) == 0
-    rows = data.get("cases") or data.get("rows") or data["groups"]
+    rows = data.get("cases") or data.get("rows") or data.get("groups") or data["results"]
     assert len(_bars(path.with_suffix(".svg"))) >= len(rows)
