@@ -38,7 +38,7 @@ from lift_engine.fsutil import atomic_write_json
 from lift_engine.host_memory import keep_freed_memory
 from lift_engine.models.loading import load_base_model
 
-from bench_common import hardware  # noqa: E402  (bench/ is on sys.path when run as a script)
+from bench.common import hardware
 
 RESULTS = Path(__file__).parent / "results"
 DEV_SET = Path(__file__).resolve().parents[1].parent / "shared" / "eval" / "real_prose_dev.jsonl"
