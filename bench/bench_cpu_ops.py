@@ -41,7 +41,7 @@ import torch
 from bench.common import bar_chart, hardware, hardware_line, paired_ratio, time_interleaved
 from lift_engine.fsutil import atomic_write_json
 from lift_engine.ops import reference
-from lift_engine.ops._native import status as native_status
+from lift_engine.ops.native import status as native_status
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -232,10 +232,10 @@ def main(argv=None) -> int:
     if native["cpu"] != "loaded":
         print(f"the C++ CPU extension is not available: {native['cpu']}")
         return 1
-    from lift_engine.ops import _native
+    from lift_engine.ops import native
 
     hw = hardware()
-    hw["gemm_backend"] = _native.load("cpu").gemm_backend
+    hw["gemm_backend"] = native.load("cpu").gemm_backend
     print("hardware:", hardware_line(hw), "| GEMM:", hw["gemm_backend"])
     started = time.time()
     rows = run(args.ops, args.adapters, args.mixes, args.modes, args.rounds, getattr(torch, args.dtype))

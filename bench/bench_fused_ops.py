@@ -34,7 +34,7 @@ from bench.bench_cpu_ops import summarise
 from bench.common import hardware, hardware_line, paired_ratio, time_interleaved
 from lift_engine.fsutil import atomic_write_json
 from lift_engine.ops import reference
-from lift_engine.ops._native import status as native_status
+from lift_engine.ops.native import status as native_status
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOKENS, HIDDEN, INTERMEDIATE, VOCAB, LOSS_CHUNK = 32 * 204, 576, 1536, 49152, 1024

@@ -61,7 +61,7 @@ def kernel_contenders(op: str, device: str) -> tuple[dict[str, Callable], dict[s
     for name in dispatch.BACKENDS:
         if name == "reference":
             continue
-        module = dispatch._load(name)
+        module = dispatch.load_backend(name)
         if isinstance(module, Exception):
             skipped[name] = f"does not load: {module}"
             continue

@@ -15,8 +15,8 @@ Questions are split in two by position within their document: "choice" (even) â€
 recipes were chosen on â€” and "held-out" (odd), reported apart. Tuning time is reported per
 1k tokens of document. Adapters are cached like `lift eval`'s, so a rerun tunes nothing.
 
-Usage: .venv/bin/python bench/bench_quality.py --set dev [--methods icl,lift-distill] [--window 1024]
-       .venv/bin/python bench/bench_quality.py --set synthetic --docs 2
+Usage: .venv/bin/python -m bench.bench_quality --set dev [--methods icl,lift-distill] [--window 1024]
+       .venv/bin/python -m bench.bench_quality --set synthetic --docs 2
 Writes bench/results/quality_<set>.json and prints a markdown table.
 """
 from __future__ import annotations

@@ -53,7 +53,7 @@ def prepare(args, work: Path) -> dict:
     import torch
 
     from lift_engine.models.loading import ensure_default_model, load_base_model
-    from lift_engine.vllm_plugin import testing
+    from tests import vllm_harness as testing
 
     if args.quick:
         from tests.helpers_tokenizer import make_tokenizer

@@ -58,7 +58,7 @@ def prepare(args, work: Path) -> dict:
     if args.quick:
         from tests.helpers_tokenizer import make_tokenizer
 
-        from lift_engine.vllm_plugin import testing
+        from tests import vllm_harness as testing
 
         model_dir = testing.tiny_llama_dir(work / "model", make_tokenizer(), logit_scale=4.0)
         cfg.segment.length, cfg.context.length, cfg.qa.num_extractive = 96, 24, 10
@@ -75,7 +75,7 @@ def prepare(args, work: Path) -> dict:
 
 
 def start_server(args, spec: dict, work: Path, workers: int, port: int) -> tuple[subprocess.Popen, Path]:
-    from lift_engine.vllm_plugin import testing
+    from tests import vllm_harness as testing
 
     store = work / f"store-w{workers}"
     log = work / f"server-w{workers}.log"
@@ -153,7 +153,7 @@ def upload_and_ask(url: str, tenant: str, text: str, name: str, max_wait: float)
 
 
 def run_workers(args, spec: dict, work: Path, workers: int) -> dict:
-    from lift_engine.vllm_plugin import testing
+    from tests import vllm_harness as testing
 
     port = testing.free_port()
     url = f"http://127.0.0.1:{port}"

@@ -48,7 +48,7 @@ for s in $STEPS; do
     build)
         # lift_engine.kernels is kernels/ (setup.py's package_dir); without an install, a link
         step build 150 bash -c "ln -sfn ../kernels lift_engine/kernels && MAX_JOBS=\$(nproc) TORCH_CUDA_ARCH_LIST=9.0 \
-            $PY setup.py build_ext --inplace && $PY -c 'from lift_engine.ops import _native; print(_native.status())'"
+            $PY setup.py build_ext --inplace && $PY -c 'from lift_engine.ops import native; print(native.status())'"
         ;;
     tests)
         step tests 150 "$PY" -m pytest -q -n 8 --timeout 120 -p no:cacheprovider -rfEs --tb=short \

@@ -38,7 +38,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from lift_engine.ops._native import load
+from lift_engine.ops.native import load
 from lift_engine.ops.dispatch import Unsupported
 from lift_engine.ops.reference.attention import check_attention
 from lift_engine.ops.reference.cross_entropy_with_grad import check_cross_entropy
