@@ -28,7 +28,7 @@ test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 bench-quality: venv
-	$(PY) bench/bench_quality.py
+	$(PY) -m bench.bench_quality
 
 clean:
 	rm -rf build *.egg-info

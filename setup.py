@@ -106,7 +106,7 @@ def _native_build():
         @staticmethod
         def _warn(what, exc):
             message = (f"lift_engine: building {what} failed ({exc}); the ops fall back to the "
-                       "reference path (lift_engine.ops._native.status() says why)")
+                       "reference path (lift_engine.ops.native.status() says why)")
             warnings.warn(message)
             print(f"WARNING: {message}", file=sys.stderr)
 

@@ -20,36 +20,30 @@ rounds of (baseline time / C++ time) from the same round, which cancels most of 
 of a shared machine. Min and median times are recorded too. No absolute time is a result
 on a shared CPU (DESIGN.md §9): read the ratios.
 
-    python bench/bench_cpu_ops.py                 # full run, ~5 min on 2 cores
-    python bench/bench_cpu_ops.py --quick         # fewer rounds and cases
-    python bench/bench_cpu_ops.py --ops lora_shrink gated_memory_blend --rounds 30
+    python -m bench.bench_cpu_ops                 # full run, ~5 min on 2 cores
+    python -m bench.bench_cpu_ops --quick         # fewer rounds and cases
+    python -m bench.bench_cpu_ops --ops lora_shrink gated_memory_blend --rounds 30
 
 Writes bench/results/bench_cpu_ops.json and a chart of the ratios next to it (.svg,
-bench_common.svg_bar_chart); `--plot-only JSON` redraws the chart of a results JSON.
+bench.common.bar_chart); `--plot-only JSON` redraws the chart of a results JSON.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from bench.common import bar_chart, hardware, hardware_line, paired_ratio, time_interleaved
+from lift_engine.fsutil import atomic_write_json
+from lift_engine.ops import reference
+from lift_engine.ops.native import status as native_status
 
-from bench_common import svg_bar_chart  # noqa: E402
-from lift_engine.ops import reference  # noqa: E402
-from lift_engine.ops._native import status as native_status  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 T, HIDDEN, RANK, OUT = 2048, 576, 16, 576
 HEADS, HEAD_DIM, GATE_DIM = 9, 64, 8
@@ -156,58 +150,15 @@ def make_runner(fn, args, trained, mode: str):
 # ------------------------------------------------------------------ timing
 
 
-def time_interleaved(runners: dict, rounds: int, warmup: int = 2) -> dict[str, list[float]]:
-    for _ in range(warmup):
-        for run in runners.values():
-            run()
-    times = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
-            t0 = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def summarise(times: dict[str, list[float]]) -> dict:
+    """Per contender min and median ms; cpp_vs_<baseline>: the median paired ratio (and the
+    ratio of the minima) of each baseline ("reference", "naive") over "cpp"."""
     out = {name: {"min_ms": min(v) * 1e3, "median_ms": statistics.median(v) * 1e3} for name, v in times.items()}
     for base in ("reference", "naive"):
         if base in times and "cpp" in times:
-            paired = [b / c for b, c in zip(times[base], times["cpp"])]
-            out[f"cpp_vs_{base}"] = statistics.median(paired)
+            out[f"cpp_vs_{base}"] = paired_ratio(times, base, "cpp")
             out[f"cpp_vs_{base}_min"] = min(times[base]) / min(times["cpp"])
     return out
-
-
-# ------------------------------------------------------------------ hardware
-
-
-def hardware() -> dict:
-    info = {"machine": platform.machine(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "logical_cpus": os.cpu_count()}
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        info["model_name"] = fields.get("Model name", "?")
-        info["cores_per_socket"] = fields.get("Core(s) per socket", "?")
-        info["sockets"] = fields.get("Socket(s)", "?")
-        info["l2"] = fields.get("L2 cache", "?")
-        flags = fields.get("Flags", "").split()
-        info["isa"] = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    except Exception as exc:  # no lscpu
-        info["model_name"] = f"unknown ({exc})"
-    try:
-        load = os.getloadavg()
-        info["load_average_at_start"] = [round(x, 2) for x in load]
-    except OSError:
-        pass
-    return info
-
-
-def hardware_line(hw: dict) -> str:
-    return (f"{hw.get('model_name')} ({hw.get('machine')}), {hw.get('logical_cpus')} logical CPUs, "
-            f"torch {hw['torch']} with {hw['torch_threads']} threads, ISA {','.join(hw.get('isa', []))}")
 
 
 # ------------------------------------------------------------------ main
@@ -243,14 +194,14 @@ def run(ops, adapters, mixes, modes, rounds, dtype) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path, hardware_line: str = "") -> Path:
-    """C++ speed-up over both baselines, one group per row (bench_common.svg_bar_chart, log scale)."""
+    """C++ speed-up over both baselines, one group per row (bench.common.bar_chart, log scale)."""
     dtypes = sorted({r.get("dtype", "") for r in rows})
     labels = [f"{r['op'].replace('gated_memory_', 'gm_')} N={r['n_adapters']} {r['mix'][:3]} {r['mode']}" for r in rows]
     series = {"C++ vs reference (eager)": [r["cpp_vs_reference"] for r in rows],
               "C++ vs naive adapter loop": [r["cpp_vs_naive"] for r in rows]}
-    out = svg_bar_chart(path, f"C++ CPU kernels: speed-up vs PyTorch eager ({', '.join(dtypes)})", labels, series,
-                        ylabel="speed-up (×, median paired ratio)", subtitle=hardware_line, log=True,
-                        hlines=[(1.0, "1× = parity"), (1.5, "target 1.5×")])
+    out = bar_chart(path, f"C++ CPU kernels: speed-up vs PyTorch eager ({', '.join(dtypes)})", labels, series,
+                    ylabel="speed-up (×, median paired ratio)", subtitle=hardware_line, log=True,
+                    hlines=[(1.0, "1× = parity"), (1.5, "target 1.5×")])
     print(f"plot: {out}")
     return out
 
@@ -281,10 +232,10 @@ def main(argv=None) -> int:
     if native["cpu"] != "loaded":
         print(f"the C++ CPU extension is not available: {native['cpu']}")
         return 1
-    from lift_engine.ops import _native
+    from lift_engine.ops import native
 
     hw = hardware()
-    hw["gemm_backend"] = _native.load("cpu").gemm_backend
+    hw["gemm_backend"] = native.load("cpu").gemm_backend
     print("hardware:", hardware_line(hw), "| GEMM:", hw["gemm_backend"])
     started = time.time()
     rows = run(args.ops, args.adapters, args.mixes, args.modes, args.rounds, getattr(torch, args.dtype))
@@ -298,10 +249,7 @@ def main(argv=None) -> int:
         "seconds": round(time.time() - started, 1),
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, args.out)
+    atomic_write_json(args.out, result, indent=1)
     print(f"results: {args.out}")
     plot(rows, args.out.with_suffix(".svg"), result["hardware_line"])
     return 0

@@ -13,7 +13,7 @@ answering seconds, total, the ratios against one-by-one, and how many answers eq
 one-by-one answers. Beside it: time to first answer for one long document (tune + one
 question through the batched path).
 
-Usage: .venv/bin/python bench/bench_eval.py [--docs 8] [--questions 8] [--compute-dtype bfloat16]
+Usage: .venv/bin/python -m bench.bench_eval [--docs 8] [--questions 8] [--compute-dtype bfloat16]
 Writes bench/results/bench_eval.json. Run it alone on the machine.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ from lift_engine.models.loading import load_base_model
 from lift_engine.pipeline import load_tuned, tune_document
 from lift_engine.prompts import PromptBuilder
 
-from bench_common import hardware  # noqa: E402  (bench/ is on sys.path when run as a script)
+from bench.common import hardware
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -17,31 +17,26 @@ in float32 and bfloat16; and, bf16 only, causal GQA attention q [32, 9, 204, 64]
 [32, 3, 204, 64] on the AMX kernel against what bf16 tuning ran before (torch's sdpa on
 fp32 copies, its flash kernel with enable_gqa) and against torch's sdpa in bf16.
 
-Timing as bench_cpu_ops.py: interleaved rounds, the ratio is the median over rounds of
+Timing as bench_cpu_ops (bench.common.time_interleaved): interleaved rounds, the ratio is the median over rounds of
 eager/C++ time in the same round (absolute times on a shared CPU are noise).
 
-    python bench/bench_fused_ops.py [--rounds 10] [--out bench/results/bench_fused_ops.json]
+    python -m bench.bench_fused_ops [--rounds 10] [--out bench/results/bench_fused_ops.json]
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from bench.bench_cpu_ops import summarise
+from bench.common import hardware, hardware_line, paired_ratio, time_interleaved
+from lift_engine.fsutil import atomic_write_json
+from lift_engine.ops import reference
+from lift_engine.ops.native import status as native_status
 
-from bench_cpu_ops import hardware, hardware_line, summarise, time_interleaved  # noqa: E402
-from lift_engine.ops import reference  # noqa: E402
-from lift_engine.ops._native import status as native_status  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 TOKENS, HIDDEN, INTERMEDIATE, VOCAB, LOSS_CHUNK = 32 * 204, 576, 1536, 49152, 1024
 
 
@@ -120,7 +115,7 @@ def main(argv=None) -> int:
         times = time_interleaved(runners(op, dtype, cpu_backend), args.rounds)
         summary = summarise(times)
         for base in (name for name in times if name.startswith("sdpa")):
-            summary[f"cpp_vs_{base}"] = statistics.median(b / c for b, c in zip(times[base], times["cpp"]))
+            summary[f"cpp_vs_{base}"] = paired_ratio(times, base, "cpp")
         rows.append({"op": op, "dtype": str(dtype).split(".")[-1], "mode": "fwd+bwd", "rounds": args.rounds, **summary})
         against = ", ".join(f"{name} {summary[name]['median_ms']:8.2f} ms ({summary[f'cpp_vs_{name}']:5.2f}x)"
                             for name in times if name != "cpp")
@@ -129,10 +124,7 @@ def main(argv=None) -> int:
               "shapes": {"tokens": TOKENS, "hidden": HIDDEN, "intermediate": INTERMEDIATE, "vocab": VOCAB,
                          "loss_chunk": LOSS_CHUNK},
               "timing": "interleaved rounds; ratio = median over rounds of eager/C++ in the same round", "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, args.out)
+    atomic_write_json(args.out, result, indent=1)
     print(f"results: {args.out}")
     return 0
 

@@ -22,10 +22,11 @@ unless a CPU backend implements the op).
 TFLOP/s count causal attention as 2·B·H·S²·d forward (QKᵀ and PV, half the square) and
 2.5× that backward, plus the memory MLP and gate (≈ 8·T·H·d² forward, 2× backward).
 
-    python bench/bench_gated_memory.py [--quick]
+    python -m bench.bench_gated_memory [--quick]
 
 Writes bench/results/bench_gated_memory.json (_cpu on CPU) and a chart of the ratios next to
-it (.svg, bench_common.svg_bar_chart); `--plot-only JSON` redraws a chart.
+it (.svg, bench.common.bar_chart); `--plot-only JSON` redraws a chart. Timing and ratios as
+bench_lora (bench.common.time_interleaved).
 Target (issue 3): fused fwd+bwd ≥ 2× the unfused PyTorch reference at 4k tokens (GPU).
 """
 from __future__ import annotations
@@ -34,7 +35,6 @@ import argparse
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,9 +46,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lora import (  # noqa: E402
-    hardware,
+from bench.bench_lora import (  # noqa: E402
     hardware_subtitle,
     kernel_contenders,
     measure,
@@ -57,7 +55,7 @@ from bench_lora import (  # noqa: E402
     summarize,
     write_results,
 )
-
+from bench.common import hardware  # noqa: E402
 from lift_engine.ops import reference  # noqa: E402
 from lift_engine.ops.reference.gated_memory_attention import apply_rope  # noqa: E402
 
@@ -187,8 +185,7 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rounds = args.rounds or (5 if args.quick else (20 if device == "cuda" else 5))
     hw = hardware(device)
-    print(f"bench_gated_memory on {hw.get('gpu') or hw.get('processor')} ({device}, {dtype}), torch {hw['torch']}, "
-          f"triton {hw['triton']}")
+    print(f"bench_gated_memory on {hardware_subtitle(hw, str(dtype))}, triton {hw['triton']}")
     if device != "cuda":
         print("GPU timing pending: no CUDA device in this run — the fused Triton kernel is not timed; "
               "CPU rows show the unfused reference and SDPA alone.")

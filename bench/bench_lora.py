@@ -18,15 +18,16 @@ batches of whole samples), "random" = adapters interleaved per token (decode bat
 dB). Shapes on a GPU: T = 4096 tokens, 4096 → 4096, rank 16 and 64; on CPU the default
 model's 576 → 576 at T = 2048, rank 16 (the kernels there are C++, if built).
 
-A ratio is the median over rounds of (other time / contender time) from the same round,
-which cancels most of the noise of a shared machine. TFLOP/s and GB/s are per contender
+Timing: bench.common.time_interleaved (torch.utils.benchmark on CPU, triton.testing.do_bench
+on a GPU), each sample ≥ ~20 ms of calls. A ratio is the median over rounds of (other time /
+contender time) from the same round, which cancels most of the noise of a shared machine. TFLOP/s and GB/s are per contender
 from the median time. No absolute CPU time is a result on a shared machine (DESIGN.md §9).
 
-    python bench/bench_lora.py            # GPU if present, else CPU (Triton rows skipped)
-    python bench/bench_lora.py --quick
+    python -m bench.bench_lora            # GPU if present, else CPU (Triton rows skipped)
+    python -m bench.bench_lora --quick
 
 Writes bench/results/bench_lora.json (bench_lora_cpu.json on CPU) and a chart of the ratios
-next to it (.svg, bench_common.svg_bar_chart); `--plot-only JSON` redraws a chart.
+next to it (.svg, bench.common.bar_chart); `--plot-only JSON` redraws a chart.
 Target (issue 3): multi-adapter LoRA ≥ 3× the per-adapter loop at 16 adapters on GPU.
 """
 from __future__ import annotations
@@ -34,10 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,44 +47,21 @@ from typing import Callable
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from bench_common import svg_bar_chart  # noqa: E402
+from bench.common import bar_chart, hardware, hardware_line, paired_ratio, time_interleaved  # noqa: E402
+from lift_engine.fsutil import atomic_write_json  # noqa: E402
 from lift_engine.ops import dispatch, reference  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
-# ============================================================ shared bench helpers
-def hardware(device: str) -> dict:
-    info = {"device": device, "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except Exception:  # noqa: BLE001
-        info["triton"] = None
-    info["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
-    if hasattr(os, "getloadavg"):
-        info["load_average_1_5_15min"] = [round(v, 2) for v in os.getloadavg()]  # shared machines: judge the run
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-    else:
-        info["processor"] = platform.processor() or platform.machine()
-    return info
-
-
+# ============================================================ helpers shared with bench_gated_memory
 def kernel_contenders(op: str, device: str) -> tuple[dict[str, Callable], dict[str, str]]:
     """Backends (besides the reference) that implement `op` and can run on `device`."""
     found, skipped = {}, {}
     for name in dispatch.BACKENDS:
         if name == "reference":
             continue
-        module = dispatch._load(name)
+        module = dispatch.load_backend(name)
         if isinstance(module, Exception):
             skipped[name] = f"does not load: {module}"
             continue
@@ -104,40 +79,9 @@ def kernel_contenders(op: str, device: str) -> tuple[dict[str, Callable], dict[s
     return found, skipped
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_once(fn: Callable, device: str, inner: int) -> float:
-    """Seconds per call, `inner` calls back to back."""
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3 / inner
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - t0) / inner
-
-
-def measure(fns: dict[str, Callable], device: str, rounds: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Interleaved timing: every round times each contender once (same conditions)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    _sync(device)
-    probe = {name: time_once(fn, device, 1) for name, fn in fns.items()}
-    inner = {name: max(1, min(50, int(0.02 / max(t, 1e-6)))) for name, t in probe.items()}  # ≥ ~20 ms/sample
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(time_once(fn, device, inner[name]))
-    return times
+def measure(fns: dict[str, Callable], device: str, rounds: int) -> dict[str, list[float]]:
+    """Interleaved timing (bench.common.time_interleaved), each sample ≥ ~20 ms of calls."""
+    return time_interleaved(fns, rounds, device=device, min_sample_s=0.02, max_calls=50)
 
 
 def summarize(times: dict[str, list[float]], flops: float, bytes_moved: float, baselines: tuple[str, ...]) -> dict:
@@ -151,9 +95,7 @@ def summarize(times: dict[str, list[float]], flops: float, bytes_moved: float, b
     for base in baselines:
         if base not in times:
             continue
-        out["ratios"][f"vs_{base}"] = {
-            name: statistics.median(b / t for b, t in zip(times[base], ts)) for name, ts in times.items() if name != base
-        }
+        out["ratios"][f"vs_{base}"] = {name: paired_ratio(times, base, name) for name in times if name != base}
     return out
 
 
@@ -170,26 +112,20 @@ def print_table(title: str, summary: dict, baseline: str) -> None:
 
 
 def write_results(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    """bench/results/<name>.json, written atomically."""
     path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write_json(path, payload)
     return path
 
 
 def hardware_subtitle(hw: dict, dtype: str = "") -> str:
     """One line for a chart: where the numbers come from."""
-    parts = [hw.get("gpu") or hw.get("processor") or "", hw.get("device", ""), dtype.replace("torch.", ""),
-             f"torch {hw.get('torch')}", f"{hw.get('cpu_threads')} CPU threads"]
-    if hw.get("load_average_1_5_15min"):
-        parts.append("load avg " + "/".join(f"{v:g}" for v in hw["load_average_1_5_15min"]))
-    return " · ".join(p for p in parts if p)
+    return hardware_line(hw, dtype.replace("torch.", ""))
 
 
 def plot_ratios(json_path: Path, cases: list[dict], baselines: str | tuple[str, ...], title: str,
                 subtitle: str = "") -> Path:
-    """Speed-ups as grouped bars (bench_common.svg_bar_chart), written next to the JSON as .svg.
+    """Speed-ups as grouped bars (bench.common.bar_chart), written next to the JSON as .svg.
 
     One group per case, one bar per contender: median paired ratio (baseline time / its
     time) against the first of `baselines` the case has ratios for (bench_lora's projection
@@ -205,9 +141,9 @@ def plot_ratios(json_path: Path, cases: list[dict], baselines: str | tuple[str, 
     names = list(dict.fromkeys(n for r in per_case for n in r))
     shown = {"base": "base GEMM alone (context)", "sdpa": "SDPA alone, no memory (context)"}
     series = {shown.get(n, n): [r.get(n) for r in per_case] for n in names}
-    return svg_bar_chart(Path(json_path).with_suffix(".svg"), title, labels, series,
-                         ylabel=f"speed-up vs {' / '.join(baselines)} (×)", subtitle=subtitle,
-                         hlines=[(1.0, "1× = " + " / ".join(baselines))])
+    return bar_chart(Path(json_path).with_suffix(".svg"), title, labels, series,
+                     ylabel=f"speed-up vs {' / '.join(baselines)} (×)", subtitle=subtitle,
+                     hlines=[(1.0, "1× = " + " / ".join(baselines))])
 
 
 # ===================================================================== LoRA bench
@@ -363,8 +299,7 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rounds = args.rounds or (5 if args.quick else (20 if device == "cuda" else 7))
     hw = hardware(device)
-    print(f"bench_lora on {hw.get('gpu') or hw.get('processor')} ({device}, {dtype}), torch {hw['torch']}, "
-          f"triton {hw['triton']}, {hw['cpu_threads']} CPU threads")
+    print(f"bench_lora on {hardware_line(hw, str(dtype))}, triton {hw['triton']}")
     if device != "cuda":
         print("GPU timing pending: no CUDA device in this run — Triton/CUDA rows are skipped; "
               "CPU rows compare the loop, the reference and the C++ backend when it is built.")

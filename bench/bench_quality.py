@@ -19,8 +19,8 @@ answer is inside the truncated window ("in-window") or not ("outside"), the rows
 whether LIFT keeps what the window shows. Tuning time is reported per
 1k tokens of document. Adapters are cached like `lift eval`'s, so a rerun tunes nothing.
 
-Usage: .venv/bin/python bench/bench_quality.py --set dev [--methods icl,lift-distill] [--window 1024]
-       .venv/bin/python bench/bench_quality.py --set synthetic --docs 2
+Usage: .venv/bin/python -m bench.bench_quality --set dev [--methods icl,lift-distill] [--window 1024]
+       .venv/bin/python -m bench.bench_quality --set synthetic --docs 2
 Writes bench/results/quality_<set>.json and prints a markdown table.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ from lift_engine.fsutil import atomic_write_json
 from lift_engine.host_memory import keep_freed_memory
 from lift_engine.models.loading import load_base_model
 
-from bench_common import hardware  # noqa: E402  (bench/ is on sys.path when run as a script)
+from bench.common import hardware
 
 RESULTS = Path(__file__).parent / "results"
 DEV_SET = Path(__file__).resolve().parents[1].parent / "shared" / "eval" / "real_prose_dev.jsonl"

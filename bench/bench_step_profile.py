@@ -1,10 +1,11 @@
 """Where one batched tuning step spends its time, and the %-of-peak ceiling that implies.
 
-One process: the matmul rate of this machine in the step's dtype (bench_tune.matmul_rates:
+One process: the matmul rate of this machine in the step's dtype (bench.bench_tune.matmul_rates:
 peak and sustained), then a BatchTuneJob on bench_tune's workload (N documents, same
 segments, QA and batch size), two warm-up steps (`--warmup`), and one step under torch.profiler with
 the shapes of every GEMM recorded. Printed, and written to
-bench/results/bench_step_profile.json with a chart (.svg) of seconds per op group:
+bench/results/bench_step_profile.json with a chart (.svg, bench.common.bar_chart) of seconds
+per op group (`--plot-only JSON` redraws it from a results JSON):
 
     frozen GEMMs   aten::mm / addmm: the frozen base's linears and output head
     LoRA           aten::bmm / baddbmm and the LoRA ops (lora_linear_rows in bf16, the C++
@@ -20,12 +21,13 @@ frozen GEMMs' own time: the % of the sustained rate the step would reach if ever
 that is not a frozen-base GEMM took no time at all. The profiler adds overhead to small
 ops; the step time printed is the profiled one.
 
-Usage: .venv/bin/python bench/bench_step_profile.py [--model DIR] [--n 16] [--dtype bfloat16]
+Usage: .venv/bin/python -m bench.bench_step_profile [--model DIR] [--n 16] [--dtype bfloat16]
        [--no-prefix]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -34,13 +36,13 @@ from pathlib import Path
 
 import torch
 
+from bench.common import bar_chart, hardware
 from lift_engine.batch.job import BatchTuneJob
 from lift_engine.fsutil import atomic_write_json
 from lift_engine.host_memory import keep_freed_memory
 from lift_engine.models.loading import load_base_model
 
-from bench_common import hardware, svg_bar_chart  # noqa: E402  (bench/ is on sys.path when run as a script)
-from bench_tune import RESULTS, add_workload_args, bench_config, make_documents, matmul_rates, model_flops, peak_shapes, with_dtype
+from bench.bench_tune import RESULTS, add_workload_args, bench_config, make_documents, matmul_rates, model_flops, peak_shapes, with_dtype
 
 GROUPS = ("frozen GEMMs", "LoRA", "attention", "norm/SwiGLU/RoPE", "loss", "optimizer", "other")
 FROZEN_GEMMS = {"aten::mm", "aten::addmm"}
@@ -121,7 +123,18 @@ def profile_step(job: BatchTuneJob):
     return report, groups
 
 
-def main() -> int:
+def write_chart(json_path: Path, result: dict) -> Path:
+    """The chart of a results payload (this run's, or a JSON read back with --plot-only): seconds
+    per op group, written next to the JSON as .svg."""
+    rows = {r["group"]: r["seconds"] for r in result["groups"]}
+    return bar_chart(Path(json_path).with_suffix(".svg"), "One batched tuning step: seconds per op group", list(rows),
+                     {"seconds": list(rows.values())}, ylabel="seconds (profiler self time)",
+                     subtitle=f"N={result['n']} · {result['dtype']} · prefix sharing "
+                              f"{'on' if result['prefix_sharing'] else 'off'} · {result['hardware'].get('cpu')}",
+                     log=False)
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model dir (default: the default SmolLM2-135M)")
     parser.add_argument("--n", type=int, default=16, help="documents in the job")
@@ -131,7 +144,11 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2,
                         help="unprofiled steps first (the first steps of a process page-fault their memory in)")
     parser.add_argument("--out", default=str(RESULTS / "bench_step_profile.json"))
-    args = parser.parse_args()
+    parser.add_argument("--plot-only", type=Path, metavar="JSON", help="only redraw the .svg of a results JSON")
+    args = parser.parse_args(argv)
+    if args.plot_only:
+        print(f"chart: {write_chart(args.plot_only, json.loads(args.plot_only.read_text()))}")
+        return 0
     if args.n < 1 or args.warmup < 0:
         parser.error("--n must be at least 1 and --warmup at least 0")
 
@@ -188,10 +205,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, result)
-    chart = svg_bar_chart(out.with_suffix(".svg"), "One batched tuning step: seconds per op group", list(GROUPS),
-                          {"seconds": [r["seconds"] for r in rows]}, ylabel="seconds (profiler self time)",
-                          subtitle=f"N={args.n} · {args.dtype} · prefix sharing {'on' if not args.no_prefix else 'off'} · "
-                                   f"{result['hardware'].get('cpu')}", log=False)
+    chart = write_chart(out, result)
     print(f"\nresults: {out}\nchart: {chart}", file=sys.stderr)
     return 0
 

@@ -27,11 +27,11 @@ or bf16 for the bf16 methods; square and model-shaped GEMMs): the best short win
 (peak) and the best shape's median window (sustained; matmul_rates), and
 every method's ratio to the (fp32) HF baseline. The run prints a markdown table and writes
 bench/results/bench_tune.json and its chart bench/results/bench_tune.svg
-(bench_common.svg_bar_chart); `--plot-only JSON` redraws the chart of a results JSON.
+(bench.common.bar_chart); `--plot-only JSON` redraws the chart of a results JSON.
 
 A shared CPU makes absolute times noisy; the ratios from one run are the result.
 
-Usage: .venv/bin/python bench/bench_tune.py [--model DIR] [--ns 1,4,16] [--doc-tokens 256]
+Usage: .venv/bin/python -m bench.bench_tune [--model DIR] [--ns 1,4,16] [--doc-tokens 256]
        [--methods hf,solo,batched,prefix]   (also: hf-bf16, solo-bf16, batched-bf16, prefix-bf16)
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ from lift_engine.pipeline import tune_document
 from lift_engine.prompts import PromptBuilder
 from lift_engine.samples import IGNORE_INDEX, DocumentSamples
 
-from bench_common import hardware, svg_bar_chart  # noqa: E402  (bench/ is on sys.path when run as a script)
+from bench.common import bar_chart, hardware, time_call
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = {"hf": "hf-trainer+peft", "solo": "lift one-by-one", "batched": "lift batched", "prefix": "lift batched+prefix",
@@ -71,17 +71,16 @@ def matmul_rates(shapes, windows: int = 5, seconds: float = 0.3, dtype: torch.dt
                  device: torch.device | str = "cpu") -> tuple[float, float]:
     """(peak, sustained) GFLOP/s of [m, k] @ [k, n] over `shapes`.
 
-    Every shape is timed in `windows` short windows, the shapes interleaved round by round.
+    Every shape is timed in `windows` windows of ≥ `seconds` each (bench.common.time_call:
+    torch.utils.benchmark on CPU, triton.testing.do_bench on CUDA), the shapes interleaved
+    round by round.
     peak: the best window of any shape. oneDNN's bf16 (AMX) GEMMs reach their speed only
     on some shapes (here 1024³ ran at ~40% of the model's own shapes), so the shapes include
     the model's. sustained: the best shape's median window. On this shared CPU, GEMMs run
     ~800 GFLOP/s usually and ~2000 in bursts (bench/README.md): peak is a burst, sustained
-    what a job lasting minutes can expect. On CUDA the products are timed in groups of 10
-    between synchronisations.
+    what a job lasting minutes can expect.
     """
     device = torch.device(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    group = 10 if device.type == "cuda" else 1
     operands = [(torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device))
                 for m, k, n in shapes]
     for a, b in operands:
@@ -90,14 +89,8 @@ def matmul_rates(shapes, windows: int = 5, seconds: float = 0.3, dtype: torch.dt
     rates: list[list[float]] = [[] for _ in shapes]
     for _ in range(windows):
         for i, (a, b) in enumerate(operands):
-            sync()
-            reps, began = 0, time.perf_counter()
-            while time.perf_counter() - began < seconds:
-                for _ in range(group):
-                    a @ b
-                sync()
-                reps += group
-            rates[i].append(2 * a.shape[0] * a.shape[1] * b.shape[1] * reps / (time.perf_counter() - began) / 1e9)
+            per_call = time_call(lambda a=a, b=b: a @ b, device.type, seconds)
+            rates[i].append(2 * a.shape[0] * a.shape[1] * b.shape[1] / per_call / 1e9)
     return max(max(r) for r in rates), max(statistics.median(r) for r in rates)
 
 
@@ -259,7 +252,7 @@ COLORS = {"hf-trainer+peft": "#9e9e9e", "lift one-by-one": "#64b5f6", "lift batc
 
 
 def svg_chart(report: dict, path: Path) -> Path:
-    """Grouped bars: documents/hour per method for each N (bench_common.svg_bar_chart)."""
+    """Grouped bars: documents/hour per method for each N (bench.common.bar_chart)."""
     results = report["results"]
     ns = sorted({r["n"] for r in results})
     methods = [m for m in METHODS.values() if any(r["method"] == m for r in results)]
@@ -271,12 +264,12 @@ def svg_chart(report: dict, path: Path) -> Path:
     subtitle = " · ".join(str(p) for p in (model.get("id"), *where,
                                            f"torch {hw.get('torch')}", f"{report.get('doc_tokens')}-token documents")
                           if p)
-    return svg_bar_chart(path, "Tuning throughput: documents/hour by N (higher is better)", [f"N={n}" for n in ns],
-                         series, ylabel="documents/hour", subtitle=subtitle, log=False, value_format="{:.0f}",
-                         colors=COLORS)
+    return bar_chart(path, "Tuning throughput: documents/hour by N (higher is better)", [f"N={n}" for n in ns],
+                     series, ylabel="documents/hour", subtitle=subtitle, log=False, value_format="{:.0f}",
+                     colors=COLORS)
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model dir (default: the default SmolLM2-135M)")
     parser.add_argument("--ns", default="1,4,16")
@@ -290,7 +283,7 @@ def main() -> int:
                         help="--model DIR holds config.json and the tokenizer only: initialise the weights randomly")
     parser.add_argument("--out", default=str(RESULTS / "bench_tune.json"))
     parser.add_argument("--plot-only", type=Path, metavar="JSON", help="only redraw the .svg of a results JSON")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.plot_only:
         print(f"plot: {svg_chart(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix('.svg'))}")
         return 0

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of one short device session, in one go (bench/README.md, "GPU"):
 #   build the CUDA extension for sm_90 → the GPU kernel and tuning tests → the kernel
-#   benches → bench_tune.py on the GPU.
+#   benches → bench_tune on the GPU.
 # Every step has its own time limit, so one that hangs or fails leaves the rest running;
 # each step's log goes to $OUT/<step>.log and its tail to stdout, and $OUT/results.tgz
 # holds the logs and the results JSON/SVG.
@@ -10,7 +10,7 @@
 #   steps: env build tests bench_tune bench_kernels (default: all, in this order)
 #   MODEL_DIR: config.json + tokenizer of the model to time with random weights (where its
 #   weights cannot travel); unset: the default model (its weights must be installed)
-#   TUNE_ARGS: extra bench_tune.py arguments
+#   TUNE_ARGS: extra bench.bench_tune arguments
 #
 # With the device tool: first, here, put the default model's config and tokenizer (3.4 MB, no
 # weights) in the git-ignored .gpu/:
@@ -48,7 +48,7 @@ for s in $STEPS; do
     build)
         # lift_engine.kernels is kernels/ (setup.py's package_dir); without an install, a link
         step build 150 bash -c "ln -sfn ../kernels lift_engine/kernels && MAX_JOBS=\$(nproc) TORCH_CUDA_ARCH_LIST=9.0 \
-            $PY setup.py build_ext --inplace && $PY -c 'from lift_engine.ops import _native; print(_native.status())'"
+            $PY setup.py build_ext --inplace && $PY -c 'from lift_engine.ops import native; print(native.status())'"
         ;;
     tests)
         step tests 150 "$PY" -m pytest -q -n 8 --timeout 120 -p no:cacheprovider -rfEs --tb=short \
@@ -56,14 +56,14 @@ for s in $STEPS; do
             tests/test_gpu_tuning.py tests/test_dispatch.py
         ;;
     bench_kernels)
-        step bench_lora 60 "$PY" bench/bench_lora.py --quick
-        step bench_gated_memory 60 "$PY" bench/bench_gated_memory.py --quick
+        step bench_lora 60 "$PY" -m bench.bench_lora --quick
+        step bench_gated_memory 60 "$PY" -m bench.bench_gated_memory --quick
         ;;
     bench_tune)
         model=()
         [ -n "${MODEL_DIR:-}" ] && model=(--model "$MODEL_DIR" --random-weights)
         # shellcheck disable=SC2086
-        step bench_tune 200 "$PY" bench/bench_tune.py --device cuda "${model[@]}" \
+        step bench_tune 200 "$PY" -m bench.bench_tune --device cuda "${model[@]}" \
             --methods hf,hf-bf16,solo-bf16,batched-bf16,prefix-bf16 --out bench/results/bench_tune_gpu.json ${TUNE_ARGS:-}
         ;;
     *) echo "unknown step $s" ;;

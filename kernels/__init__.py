@@ -12,60 +12,37 @@ public function):
     gated_memory_blend.py      memory MLP + gate + blend epilogue, forward and backward
     gated_memory_attention.py  FA2 causal attention + RoPE + GQA fused with the epilogue
 
-Triton reads TRITON_INTERPRET when a function is decorated with @triton.jit, and
-triton.language's own helpers (tl.sum, tl.sigmoid, …) are decorated when triton is first
-imported. Kernels therefore run on CPU only if TRITON_INTERPRET=1 was set before
-*triton* was imported. `ensure_interpreter()` makes that robust for tests.
+This top-level directory is the package `lift_engine.kernels` (setup.py maps it with
+`package_dir`); import it by that name. Importing it imports nothing; each kernel module
+imports torch and triton.
+
+Triton decides once whether these kernels compile for a GPU or run in its numpy
+interpreter (on CPU tensors; correct, slow, for tests): TRITON_INTERPRET=1 must be set
+before *triton* is first imported, because triton.language's own helpers are decorated
+then. `interpreted()` says which way they were built. (Test set-up that must set the
+variable after something imported triton does more: tests/helpers_triton.py.)
 """
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 
-KERNEL_MODULES = (
-    "lift_engine.kernels._common",
-    "lift_engine.kernels.lora_shrink",
-    "lift_engine.kernels.lora_expand",
-    "lift_engine.kernels.lora_segment_outer",
-    "lift_engine.kernels.lora_linear_delta",
-    "lift_engine.kernels.lora_linear",
-    "lift_engine.kernels.gated_memory_blend",
-    "lift_engine.kernels.gated_memory_attention",
-)
-
-
-def interpreter_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def ensure_interpreter() -> bool:
-    """Make the kernels runnable on this machine; returns True when they run interpreted.
-
-    With a CUDA device nothing changes (kernels compile for the GPU). Without one,
-    TRITON_INTERPRET=1 is set; if triton (or one of these kernel modules) was already
-    imported in compiled mode — e.g. because torch._dynamo imported triton first — the
-    JIT helpers of triton.language are re-wrapped as interpreted functions and the kernel
-    modules are reloaded, so the outcome does not depend on import order. Meant for tests
-    and CPU tools; a library user sets TRITON_INTERPRET=1 before importing anything.
-    """
-    import torch
-
-    if torch.cuda.is_available() and not interpreter_requested():
-        return False
-    os.environ["TRITON_INTERPRET"] = "1"
-    if "triton" not in sys.modules:
-        return True
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
+def interpreted() -> bool:
+    """True when the kernels run in the Triton interpreter (they then take CPU tensors):
+    both their own @triton.jit and triton.language's helpers (tl.sigmoid, …) were built
+    interpreted. False when they compile for a CUDA device — or when TRITON_INTERPRET=1
+    came after triton's import, which leaves the helpers compiled. Imports triton."""
     import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
 
-    for module in {tl, tl.core, tl.standard, tl.math, tl.random}:
-        for name, member in list(vars(module).items()):
-            if isinstance(member, JITFunction):
-                setattr(module, name, InterpretedFunction(member.fn))
-    for name in KERNEL_MODULES:
-        module = sys.modules.get(name)
-        if module is not None and not getattr(module, "INTERPRETED", True):
-            importlib.reload(module)
-    return True
+    from . import _common
+
+    return _common.INTERPRETED and isinstance(tl.standard.sigmoid, InterpretedFunction)
+
+
+def build_segments(adapter_idx, num_adapters: int, include_none: bool = False):
+    """The SGMV segment metadata the LoRA kernels take as `meta=` (a SegmentMeta): the
+    tokens of `adapter_idx` ([T] integer, -1 = no adapter) grouped by adapter, for a bank
+    of `num_adapters`; include_none also groups the -1 tokens. Cached on the index tensor,
+    so the kernels of one step share one build."""
+    from ._common import build_segments as build
+
+    return build(adapter_idx, num_adapters, include_none)

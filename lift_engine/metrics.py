@@ -1,11 +1,14 @@
 """Answer-quality metrics for long-document QA (LongBench conventions).
 
-All metrics compare a prediction with one reference after `normalize_answer` (lower
-case, punctuation and the articles a/an/the removed, whitespace collapsed) and return a
-float in [0, 1]. `score` takes the best over several references, `aggregate` averages.
+Every metric compares a prediction with one reference and returns a float in [0, 1].
+qa_f1, exact_match and contains_answer compare after `normalize_answer` (lower case,
+punctuation and the articles a/an/the removed, whitespace collapsed); rouge_l is Google's
+`rouge-score` ROUGE-L with its own tokenizer. `score` takes the best over several
+references, `aggregate` averages.
 """
 from __future__ import annotations
 
+import functools
 import re
 import string
 from collections import Counter
@@ -39,34 +42,21 @@ def qa_f1_score(prediction: str, ground_truth: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _lcs_length(a: list[str], b: list[str]) -> int:
-    if len(a) < len(b):
-        a, b = b, a
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0] * (len(b) + 1)
-        for j, y in enumerate(b, 1):
-            cur[j] = prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1])
-        prev = cur
-    return prev[-1]
+@functools.lru_cache(maxsize=1)
+def _rouge_l_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
 def rouge_l(prediction: str, ground_truth: str) -> float:
-    """ROUGE-L F1 over normalised tokens: LCS / len as precision and recall, harmonic mean.
+    """ROUGE-L F-measure from the `rouge-score` package (Google's reference implementation).
 
-    (The `rouge` package LongBench uses weights recall slightly differently; this is the
-    plain F1 of LCS precision and recall.)
+    Its tokenizer lower-cases and splits on every character outside [a-z0-9] (articles
+    count; no stemming), then F = 2PR / (P + R) with P = LCS / |prediction tokens| and
+    R = LCS / |reference tokens|. 0.0 when either side has no tokens.
     """
-    pred = normalize_answer(prediction).split()
-    ref = normalize_answer(ground_truth).split()
-    if not pred or not ref:
-        return 0.0
-    lcs = _lcs_length(pred, ref)
-    if lcs == 0:
-        return 0.0
-    precision = lcs / len(pred)
-    recall = lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    return float(_rouge_l_scorer().score(ground_truth, prediction)["rougeL"].fmeasure)
 
 
 def exact_match(prediction: str, ground_truth: str) -> float:

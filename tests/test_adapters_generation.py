@@ -55,24 +55,24 @@ def test_cached_generate_matches_uncached_greedy(kind, attn_impl):
 
 @pytest.mark.parametrize("kind", [None, "lora", "gated-memory"])
 def test_serving_reference_greedy_lets_eos_win_like_vllm_ignore_eos(tmp_path, kind):
-    """testing.hf_greedy is the reference for vLLM's greedy `ignore_eos=True` answers: EOS is
+    """vllm_harness.hf_greedy is the reference for vLLM's greedy `ignore_eos=True` answers: EOS is
     an ordinary token there (chosen when it has the best logit, decoding goes on after it).
     A reference that banned EOS (generate(min_new_tokens=…)) picked the runner-up instead:
     an adapter that learned to end its answer then "mismatched" vLLM from the second token."""
     from helpers_tokenizer import make_tokenizer
     from lift_engine.models.loading import load_base_model
-    from lift_engine.vllm_plugin import testing
+    import vllm_harness
 
     tokenizer = make_tokenizer()
-    base = load_base_model(testing.tiny_llama_dir(tmp_path / "model", tokenizer, logit_scale=50.0), progress=False)
-    adapter = testing.make_adapter(base, kind, tmp_path / "adapter", seed=1) if kind else None
+    base = load_base_model(vllm_harness.tiny_llama_dir(tmp_path / "model", tokenizer, logit_scale=50.0), progress=False)
+    adapter = vllm_harness.make_adapter(base, kind, tmp_path / "adapter", seed=1) if kind else None
     prompt = tokenizer("Who founded Quenwick Labs?", add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     with torch.no_grad():  # make EOS the best first token: its lm_head row = 2 × the winner's
-        first = testing.hf_greedy_ids(base, adapter, prompt, 1)[0]
+        first = vllm_harness.hf_greedy_ids(base, adapter, prompt, 1)[0]
         assert first != eos
         base.model.lm_head.weight[eos] = 2.0 * base.model.lm_head.weight[first]
-    got, _ = testing.hf_greedy(base, adapter, prompt, NEW_TOKENS)
+    got, _ = vllm_harness.hf_greedy(base, adapter, prompt, NEW_TOKENS)
     assert got[0] == eos and len(got) == NEW_TOKENS
     from lift_engine.adapters.io import load_adapter
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from helpers_models import make_tiny_model
 from kernel_tolerances import assert_close, check_kernel
 from lift_engine.ops import dispatch, reference
-from lift_engine.ops._native import status as native_status
+from lift_engine.ops.native import status as native_status
 from lift_engine.precision import TRAINING_ATTENTION, training_attention
 
 _CPU_STATUS = native_status()["cpu"]
@@ -137,7 +137,7 @@ def test_kernel_errors_are_clear():
     with pytest.raises(ValueError, match="mask must be bool"):
         cpu_backend.attention(q, k, v, torch.ones(2, 3, 4, dtype=torch.bool), False, 1.0)
     with pytest.raises(RuntimeError, match="lse must"):
-        from lift_engine.ops._native import load
+        from lift_engine.ops.native import load
 
         out, _ = load("cpu").attention_fwd(q, k, v, None, True, 1.0)
         load("cpu").attention_bwd(out, q, k, v, out, torch.zeros(2, 4), None, True, 1.0)

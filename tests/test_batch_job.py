@@ -203,6 +203,86 @@ def test_collect_waits_for_a_document_and_a_bad_one_fails_alone(model_dir, tmp_p
         job.close()
 
 
+
+def test_cancel_takes_one_document_out_and_leaves_the_others_exact(model_dir, tmp_path):
+    """A queued and a training document are cancelled mid-run: their slots go to the next
+    documents, their checkpoints are removed, nothing of theirs is published, and the
+    others' adapters are those of a job that never had them."""
+    from lift_engine.batch.job import DocumentCancelled
+    from lift_engine.checkpoint import partial_dir_for
+
+    cfg = tiny_config()
+    base = load_base_model(str(model_dir))
+    ref = BatchTuneJob(base, cfg, tmp_path / "ref", max_active=2, checkpoint_every=10**9)
+    try:
+        ref.submit(DOCS["short"], "short")
+        ref.submit(DOCS["medium"], "medium")
+        ref.run()
+    finally:
+        ref.close()
+    base = load_base_model(str(model_dir))
+    out = tmp_path / "job"
+    job = BatchTuneJob(base, cfg, out, max_active=2, checkpoint_every=1)
+    try:
+        job.submit(DOCS["long"], "long")  # 15 steps
+        job.submit(DOCS["medium"], "medium")  # 5 steps
+        job.submit(DOCS["short"], "short")  # waits for a slot
+        job.submit(DOCS["medium"] + " Extra.", "extra")
+        job.step()
+        job.step()
+        assert job.progress()["long"]["status"] == "training" and partial_dir_for(out / "long").is_dir()
+        assert job.cancel("extra") and job.progress()["extra"]["status"] == "cancelled"  # queued: at once
+        assert job.cancel("long")  # training, no step in flight: at once, its slot is free
+        assert job.progress()["long"]["status"] == "cancelled" and not partial_dir_for(out / "long").exists()
+        nxt = job.step()
+        assert sorted(nxt.documents) == ["medium", "short"]  # short took long's slot at the next step
+        job.run()
+        with pytest.raises(DocumentCancelled):
+            job.collect("long", timeout=5)
+        assert not job.cancel("short") and not job.cancel("nope")  # done / unknown: nothing to cancel
+        assert {n: i["status"] for n, i in job.progress().items()} == {
+            "short": "done", "medium": "done", "long": "cancelled", "extra": "cancelled"}
+        assert not any("long" in r.documents or "extra" in r.documents for r in job.history[2:])
+        job.submit(DOCS["long"], "long")  # a cancelled name can come back
+        assert job.progress()["long"]["status"] == "queued"
+        assert job.cancel("long")
+    finally:
+        job.close()
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["medium", "short"]
+    assert not [p for p in out.iterdir() if p.name.endswith(".lift-partial")]
+    for name in ("short", "medium"):
+        want, got = adapter_tensors(tmp_path / "ref" / name, "lora"), adapter_tensors(out / name, "lora")
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-3, atol=5e-5, msg=f"{name} {key}")
+
+
+def test_cancel_from_another_thread_while_the_job_runs(model_dir, tmp_path):
+    """cancel() while the job steps in its own thread: the document leaves at a step
+    boundary (never published, no work dir), the other one finishes."""
+    from lift_engine.batch.job import DocumentCancelled
+    import time
+
+    base = load_base_model(str(model_dir))
+    out = tmp_path / "out"
+    job = BatchTuneJob(base, tiny_config(), out, max_active=2, checkpoint_every=1)
+    try:
+        job.start()
+        job.submit(DOCS["long"], "long")
+        job.submit(DOCS["short"], "short")
+        deadline = time.monotonic() + 120
+        while job.progress()["long"]["step"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert job.progress()["long"]["status"] == "training"
+        assert job.cancel("long")
+        with pytest.raises(DocumentCancelled):
+            job.collect("long", timeout=60)
+        assert (job.collect("short", timeout=120) / WEIGHTS["lora"]).is_file()
+    finally:
+        job.close()
+    assert job.progress()["long"]["status"] == "cancelled"
+    assert not (out / "long").exists() and not [p for p in out.iterdir() if p.name.endswith(".lift-partial")]
+
+
 # ------------------------------------------------------------------ CLI
 def test_cli_tunes_a_directory_and_a_jsonl(model_dir, tmp_path, capsys):
     docs = tmp_path / "docs"

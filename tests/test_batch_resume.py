@@ -1,6 +1,6 @@
-"""Batched job: kill -9 and restart (≤ 1 step lost per document, no half-written adapter),
-the watched queue directory, and memory planning (exact micro-batching, checkpointing,
-refusal instead of OOM)."""
+"""Batched job: kill -9 and restart (≤ 1 step lost per document, no half-written adapter)
+and memory planning (exact micro-batching, checkpointing, refusal instead of OOM). The
+queue directory (`lift tune-service`) is tested in tests/test_service_queue.py."""
 from __future__ import annotations
 
 import json
@@ -18,11 +18,10 @@ from helpers_pipeline import make_tiny_model_dir
 from lift_engine.adapters.io import load_adapter, read_manifest
 from lift_engine.batch.job import STATUS_FILE, BatchTuneJob
 from lift_engine.batch.planner import MemoryPlanner, measure_saved_bytes
-from lift_engine.batch.queue import QueueService
 from lift_engine.checkpoint import CHECKPOINT_FILE, partial_dir_for
 from lift_engine.models.loading import load_base_model
 from lift_engine.precision import training_precision
-from test_batch_job import DOCS, WEIGHTS, adapter_tensors, tiny_config
+from test_batch_job import DOCS, adapter_tensors, tiny_config
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -113,56 +112,6 @@ def test_kill9_and_restart_loses_at_most_one_step_and_matches_an_uninterrupted_r
         for key in ref:
             torch.testing.assert_close(got[key], ref[key], rtol=1e-3, atol=1e-5, msg=f"{name} {key}")
     assert not [p for p in out.iterdir() if p.name.endswith(".lift-partial")]
-
-
-# ------------------------------------------------------------------ queue directory
-def _drop(queue: Path, name: str, text: str) -> None:
-    tmp = queue / "incoming" / f".{name}.tmp"
-    tmp.write_text(text)
-    os.rename(tmp, queue / "incoming" / f"{name}.txt")
-
-
-def test_queue_directory_admits_while_running_and_files_results(model_dir, tmp_path):
-    queue = tmp_path / "queue"
-    base = load_base_model(str(model_dir))
-    service = QueueService.for_queue(base, tiny_config("lora"), queue, max_active=2)
-    try:
-        _drop(queue, "short", DOCS["short"])
-        _drop(queue, "long", DOCS["long"])
-        (queue / "incoming" / "binary.txt").write_bytes(b"\x00\x01\x02" * 100)
-        (queue / "incoming" / ".half-written.tmp").write_text("not yet")
-        assert service.poll_once()
-        status = json.loads((queue / "status.json").read_text())["documents"]
-        assert status["short"]["status"] == "training" and status["long"]["status"] == "training"
-        assert (queue / "failed" / "binary.txt").is_file() and "binary" in (queue / "failed" / "binary.error").read_text()
-        _drop(queue, "medium", DOCS["medium"])  # arrives while the job runs
-        for _ in range(200):
-            service.poll_once()
-            if service.job.idle():
-                break
-        status = json.loads((queue / "status.json").read_text())["documents"]
-        assert {n: s["status"] for n, s in status.items()} == {"short": "done", "long": "done", "medium": "done"}
-        for name in DOCS:
-            assert (queue / "adapters" / name / WEIGHTS["lora"]).is_file()
-            assert (queue / "done" / f"{name}.txt").is_file()
-        assert sorted(p.name for p in (queue / "processing").iterdir()) == []
-        assert (queue / "incoming" / ".half-written.tmp").is_file()
-    finally:
-        service.job.close()
-
-
-def test_queue_service_restart_resubmits_claimed_documents(model_dir, tmp_path):
-    queue = tmp_path / "queue"
-    (queue / "processing").mkdir(parents=True)
-    (queue / "processing" / "short.txt").write_text(DOCS["short"])  # claimed by a service that died
-    base = load_base_model(str(model_dir))
-    service = QueueService.for_queue(base, tiny_config("lora"), queue, max_active=1)
-    try:
-        service.run(poll_seconds=0.01, exit_when_idle=True, max_seconds=120)
-        assert (queue / "adapters" / "short" / WEIGHTS["lora"]).is_file()
-        assert (queue / "done" / "short.txt").is_file()
-    finally:
-        service.job.close()
 
 
 # ------------------------------------------------------------------ memory planning

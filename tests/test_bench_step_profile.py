@@ -4,20 +4,14 @@ bench_tune.model_flops counts for the step (the numerator of every %-of-peak fig
 No benchmark runs here."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
-
-from bench_step_profile import GROUPS, gemm_flops, op_group, profile_step  # noqa: E402
-from bench_tune import model_flops, with_dtype  # noqa: E402
-from helpers_pipeline import DOCUMENT, make_tiny_model_dir  # noqa: E402
-from lift_engine.batch.job import BatchTuneJob  # noqa: E402
-from lift_engine.config import make_config  # noqa: E402
-from lift_engine.models.loading import load_base_model  # noqa: E402
+from bench.bench_step_profile import GROUPS, gemm_flops, op_group, profile_step
+from bench.bench_tune import model_flops, with_dtype
+from helpers_pipeline import DOCUMENT, make_tiny_model_dir
+from lift_engine.batch.job import BatchTuneJob
+from lift_engine.config import make_config
+from lift_engine.models.loading import load_base_model
 
 
 def test_op_groups_and_gemm_flops():

@@ -1,7 +1,7 @@
 """The one dispatch point (DESIGN.md §5): backend forcing, unavailable backends, fallback
 warnings, the Triton backend's device rules, and the torch.library custom ops (fake
 impls, explicit backward formulas, torch.compile)."""
-from lift_engine.kernels import ensure_interpreter
+from helpers_triton import ensure_interpreter
 
 INTERPRETED = ensure_interpreter()  # the Triton backend runs here only interpreted
 
@@ -314,13 +314,13 @@ def test_torch_compile_inductor(fresh_dispatch, monkeypatch):
 @pytest.mark.skipif(not INTERPRETED, reason="with a CUDA device the kernels compile instead")
 def test_interpreter_setup_survives_triton_imported_first():
     """Another test module (or torch._dynamo) may import triton before the kernel tests set
-    TRITON_INTERPRET; ensure_interpreter() must still make the kernels run on CPU."""
+    TRITON_INTERPRET; the test set-up's ensure_interpreter() must still make the kernels run on CPU."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = (
         "import sys, torch, torch._dynamo\n"
         "assert 'triton' in sys.modules\n"
         "import lift_engine.kernels.gated_memory_blend as gmb\n"  # imported compiled, too
-        "from lift_engine.kernels import ensure_interpreter\n"
+        "from helpers_triton import ensure_interpreter\n"
         "assert ensure_interpreter()\n"
         "from lift_engine.ops.reference.gated_memory_blend import gated_memory_blend as ref\n"
         "g = torch.Generator().manual_seed(0)\n"
@@ -331,9 +331,28 @@ def test_interpreter_setup_survives_triton_imported_first():
         "err = (gmb.gated_memory_blend(a, q, *w, idx) - ref(a, q, *w, idx)).abs().max().item()\n"
         "print('ERR', err)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180,
+                         cwd=os.path.dirname(__file__))  # helpers_triton imports from there
     assert out.returncode == 0, out.stderr[-3000:]
     assert float(out.stdout.split("ERR")[1]) < 1e-4
+
+
+def test_triton_backend_refuses_an_interpreter_asked_for_too_late():
+    """Outside test set-up nothing re-wraps triton.language: TRITON_INTERPRET=1 set after
+    triton was imported leaves the kernels built for a GPU, and the backend says so."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import os, sys, torch, torch._dynamo\n"
+        "assert 'triton' in sys.modules\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "from lift_engine.ops import dispatch\n"
+        "err = dispatch.load_backend('triton')\n"
+        "assert isinstance(err, ImportError), err\n"
+        "print('MSG', err)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "set after triton was imported" in out.stdout
 
 
 # ------------------------------------------------ lora_linear: frozen linear + LoRA in one op
@@ -549,7 +568,7 @@ def test_each_former_silent_fallback_goes_through_dispatch(fresh_dispatch, monke
     device = "cpu" if backend == "cpu" else DEVICE
     monkeypatch.setenv("LIFT_BACKEND", backend)
     try:
-        module = dispatch._load(backend)
+        module = dispatch.load_backend(backend)
         dispatch.resolve("lora_shrink", device)
     except BackendUnavailable as exc:
         pytest.skip(str(exc))

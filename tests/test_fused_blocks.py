@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from helpers_models import make_tiny_model
 from lift_engine.batch.loss import chunked_token_loss
 from lift_engine.models.fused_blocks import ROPE_FUNCTION, fusable_modules, fused_blocks, rope_modules
-from lift_engine.ops._native import status as native_status
+from lift_engine.ops.native import status as native_status
 
 HAVE_KERNELS = native_status()["cpu"] == "loaded"
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from kernel_tolerances import assert_close, check_kernel
 from lift_engine import ops
 from lift_engine.ops import dispatch, reference
-from lift_engine.ops._native import status as native_status
+from lift_engine.ops.native import status as native_status
 
 _CPU_STATUS = native_status()["cpu"]
 needs_kernels = pytest.mark.skipif(_CPU_STATUS != "loaded", reason=f"C++ CPU extension: {_CPU_STATUS}")

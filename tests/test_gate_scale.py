@@ -33,7 +33,7 @@ def test_one_constant_everywhere():
 
 
 def test_the_triton_kernels_read_the_constant():
-    from lift_engine.kernels import ensure_interpreter
+    from helpers_triton import ensure_interpreter
 
     ensure_interpreter()
     from lift_engine.kernels import gated_memory_blend as kernel

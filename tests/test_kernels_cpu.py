@@ -20,7 +20,7 @@ import torch
 
 from kernel_tolerances import assert_close
 from lift_engine.ops import reference
-from lift_engine.ops._native import status as native_status
+from lift_engine.ops.native import status as native_status
 
 _CPU_STATUS = native_status()["cpu"]
 pytestmark = pytest.mark.skipif(_CPU_STATUS != "loaded", reason=f"C++ CPU extension: {_CPU_STATUS}")
@@ -321,8 +321,8 @@ def test_aten_gemm_fallback_in_subprocess():
     """LIFT_CPU_GEMM=aten forces the GEMM path used where torch's BLAS exports no sgemm_."""
     code = textwrap.dedent("""
         import torch
-        from lift_engine.ops import cpu_backend, reference, _native
-        assert _native.load("cpu").gemm_backend == "aten", _native.load("cpu").gemm_backend
+        from lift_engine.ops import cpu_backend, reference, native
+        assert native.load("cpu").gemm_backend == "aten", native.load("cpu").gemm_backend
         g = torch.Generator().manual_seed(0)
         x, a, b = torch.randn(70, 9, generator=g), torch.randn(3, 4, 9, generator=g), torch.randn(3, 6, 4, generator=g)
         s, idx = torch.rand(3, generator=g), torch.randint(-1, 3, (70,), generator=g)

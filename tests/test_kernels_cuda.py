@@ -82,7 +82,7 @@ def test_cuda_sources_compile_for_sm80_and_sm90(tmp_path):
 def _cuda_ready() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device"
-    from lift_engine.ops._native import status
+    from lift_engine.ops.native import status
 
     st = status()["cuda"]
     return None if st == "loaded" else f"CUDA extension: {st}"
@@ -297,10 +297,10 @@ class EmulatedKernels:
 def emulated_cuda_backend(monkeypatch):
     import importlib
 
-    from lift_engine.ops import _native
+    from lift_engine.ops import native
 
-    real_load = _native.load
-    monkeypatch.setattr(_native, "load", lambda name: EmulatedKernels if name == "cuda" else real_load(name))
+    real_load = native.load
+    monkeypatch.setattr(native, "load", lambda name: EmulatedKernels if name == "cuda" else real_load(name))
     sys.modules.pop("lift_engine.ops.cuda_backend", None)
     module = importlib.import_module("lift_engine.ops.cuda_backend")
 

@@ -4,7 +4,7 @@ outputs and every gradient (dq, dk, dv, dW1..dw4).
 CPU runs use TRITON_INTERPRET=1 and small shapes; with a CUDA device the same tests run
 compiled on larger shapes.
 """
-from lift_engine.kernels import ensure_interpreter
+from helpers_triton import ensure_interpreter
 
 INTERPRETED = ensure_interpreter()
 

@@ -3,7 +3,7 @@
 Runs on CPU under TRITON_INTERPRET=1 (small shapes); on a CUDA machine the same tests
 run compiled with larger shapes.
 """
-from lift_engine.kernels import ensure_interpreter
+from helpers_triton import ensure_interpreter
 
 INTERPRETED = ensure_interpreter()  # before anything imports triton's kernels
 

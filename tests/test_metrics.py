@@ -17,17 +17,26 @@ def test_qa_f1_hand_computed():
     assert qa_f1_score("Paris.", "paris") == 1.0
 
 
-def test_rouge_l_hand_computed():
-    # pred [police, killed, gunman], ref [police, kill, gunman]: LCS 2 -> P = R = 2/3 -> F = 2/3
-    assert rouge_l("police killed the gunman", "police kill the gunman") == pytest.approx(2 / 3)
+def test_rouge_l_is_rouge_score_rouge_l():
+    # rouge-score's own example (its README): target "The quick brown fox jumps over the lazy
+    # dog" (9 tokens), prediction "The quick brown dog jumps on the log." (8): the LCS is
+    # [the, quick, brown, jumps, the] = 5 -> P = 5/8, R = 5/9 -> F = 2*5/(8+9) = 10/17.
+    assert rouge_l("The quick brown dog jumps on the log.", "The quick brown fox jumps over the lazy dog") \
+        == pytest.approx(10 / 17)
+    # pred [police, killed, the, gunman], ref [police, kill, the, gunman]: LCS 3 -> P = R = 3/4
+    assert rouge_l("police killed the gunman", "police kill the gunman") == pytest.approx(0.75)
     # pred [p, q, r, s, t], ref [p, r, t]: LCS 3 -> P 3/5, R 1 -> F = 2*0.6/1.6 = 0.75
     assert rouge_l("p q r s t", "p r t") == pytest.approx(0.75)
-    # articles are dropped before matching: [b, c, d, e] vs [c, e] -> P 2/4, R 1 -> 2/3
-    assert rouge_l("a b c d e", "a c e") == pytest.approx(2 / 3)
+    # articles count (ROUGE does not drop them): [a, b, c, d, e] vs [a, c, e] -> P 3/5, R 1 -> 0.75
+    assert rouge_l("a b c d e", "a c e") == pytest.approx(0.75)
+    # case and punctuation are not tokens; no stemming
+    assert rouge_l("Paris, France!", "paris france") == 1.0
+    assert rouge_l("kills", "kill") == 0.0
     # order matters for LCS but not for F1
     assert rouge_l("z y x", "x y z") == pytest.approx(1 / 3)
     assert qa_f1_score("z y x", "x y z") == 1.0
     assert rouge_l("", "x") == 0.0
+    assert rouge_l("!!!", "x") == 0.0
 
 
 def test_exact_and_contains():
@@ -45,6 +54,8 @@ def test_score_takes_max_over_answers_and_aggregate():
     assert s["exact_match"] == 0.0
     # best F1 is against "1808 kilometres": pred [answer, is, 1808, kilometres] -> P 2/4, R 1 -> 2/3
     assert s["qa_f1"] == pytest.approx(2 / 3)
+    # ROUGE-L keeps every token: [the, answer, is, 1808, kilometres] vs [1808, kilometres] -> P 2/5, R 1 -> 4/7
+    assert s["rouge_l"] == pytest.approx(4 / 7)
     assert set(s) == {"qa_f1", "rouge_l", "exact_match", "contains_answer"}
     with pytest.raises(ValueError):
         score("x", [])

@@ -217,16 +217,37 @@ def test_serve_passes_the_document_service_settings(tmp_path):
 
 
 def test_a_document_deleted_while_tuning_leaves_nothing_behind(server):
+    """DELETE of a queued and of a tuning document cancels their tuning: they leave the
+    actor's job (not tuned to the end), nothing is published, their work dirs go."""
+    import ray
+
     app, store = server["app"], server["store"]
+    status, queued = post_doc(app, "k-acme", LONG + " Gone at once.", name="gone-now")
+    assert status == 202
+    assert call(app, "DELETE", f"/v1/documents/{queued['id']}", key="k-acme")[0] == 200
     status, doc = post_doc(app, "k-acme", LONG + " Gone.", name="gone")
     assert status == 202
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        got = json.loads(call(app, "GET", f"/v1/documents/{doc['id']}", key="k-acme")[1])
+        if got["state"] == "tuning" and got.get("progress", {}).get("step", 0) >= 1:
+            break
+        time.sleep(0.05)
+    assert got["state"] == "tuning" and got["progress"]["step"] < got["progress"]["steps"] - 3, got
     assert call(app, "DELETE", f"/v1/documents/{doc['id']}", key="k-acme")[0] == 200
     pool = runtime.current().pool
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 60
     while pool.load() and time.monotonic() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.1)
     assert pool.load() == 0
-    assert store.get("acme", "gone") is None
-    assert call(app, "POST", "/v1/completions", {"model": "gone", "prompt": "x"}, key="k-acme")[0] == 404
-    work = server["root"] / "store" / ".lift-documents" / "work"
-    assert not [p.name for p in work.iterdir() if doc["id"] in p.name]
+    actor = pool.actors()[0]
+    jobs = ray.get(ray.get_actor(f"{pool.name_prefix}-{actor['index']}").progress.remote(), timeout=30)
+    assert jobs[doc["id"]]["status"] == "cancelled" and jobs[doc["id"]]["step"] < jobs[doc["id"]]["steps"]
+    assert queued["id"] not in jobs or jobs[queued["id"]]["status"] == "cancelled"
+    for name, d in (("gone", doc), ("gone-now", queued)):
+        assert store.get("acme", name) is None
+        assert call(app, "POST", "/v1/completions", {"model": name, "prompt": "x"}, key="k-acme")[0] == 404
+        assert call(app, "GET", f"/v1/documents/{d['id']}", key="k-acme")[0] == 404
+        work = server["root"] / "store" / ".lift-documents" / "work"
+        assert not [p.name for p in work.iterdir() if d["id"] in p.name]
+        assert not list((server["root"] / "store" / ".lift-documents" / "records").rglob(f"{d['id']}.*"))

@@ -161,3 +161,98 @@ def test_restarted_service_finishes_queued_and_half_tuned_documents(ray_runtime,
         assert all(AdapterStore(store_root).get("acme", r.name) is not None for r in records)
     finally:
         second.close()
+
+
+def actor_progress(service: DocumentService) -> dict:
+    """Every live actor's job progress ({doc id: summary}), asked of the actors themselves."""
+    import ray
+
+    out = {}
+    for actor in service.pool.actors():
+        handle = ray.get_actor(f"{service.pool.name_prefix}-{actor['index']}")
+        out.update(ray.get(handle.progress.remote(), timeout=30))
+    return out
+
+
+def test_delete_cancels_a_queued_and_a_tuning_document(ray_runtime, model_dir, tmp_path):
+    """One actor with one slot: A tunes, B and C wait in its job. Deleting B (queued) and A
+    (mid-job, with checkpoints) takes them out of the job at once / at the step boundary:
+    C gets the slot, nothing of A or B is published, their work dirs are gone."""
+    store = AdapterStore(tmp_path / "store", create=True)
+    cfg = service_config(store.root, model_dir, workers=1)
+    cfg.tuning = BatchConfig(max_active=1)
+    service = DocumentService(cfg)
+    work = tmp_path / "store" / ".lift-documents" / "work"
+    try:
+        service.start()
+        service.pool.wait_actors(timeout=180)
+        a, b, c = (service.create("acme", (LONG + f" Copy {n}.").encode(), name=n) for n in ("a", "b", "c"))
+        wait_until(lambda: 2 <= (service.pool.progress(a.id) or {}).get("step", 0), 240, "A to be mid-job")
+        assert (work / f".{a.id}.lift-partial").is_dir()
+        jobs = actor_progress(service)
+        assert jobs[b.id]["status"] == "queued" and jobs[c.id]["status"] == "queued"
+        assert service.delete("acme", b.id) is not None and service.delete("acme", a.id) is not None
+        assert service.get("acme", a.id) is None and service.get("acme", b.id) is None
+        wait_until(lambda: service.pool.load() == 1, 60, "A and B to leave the pool")
+        jobs = actor_progress(service)
+        assert jobs[a.id]["status"] == "cancelled" and jobs[a.id]["step"] < jobs[a.id]["steps"] - 3
+        assert jobs[b.id]["status"] == "cancelled" and jobs[b.id]["step"] == 0
+        assert jobs[c.id]["status"] == "training"  # took A's slot
+        assert not [p for p in work.iterdir() if a.id in p.name or b.id in p.name]
+        wait_until(lambda: all_settled(service, [("acme", c.id)]), 300, "C", every=0.2)
+        assert service.get("acme", c.id).state == "ready"
+        assert [i.name for i in store.list("acme")] == ["c"]
+        records = tmp_path / "store" / ".lift-documents" / "records" / "acme"
+        assert sorted(p.name for p in records.iterdir()) == [f"{c.id}.json"]  # no record, text or tombstone left
+    finally:
+        service.close()
+
+
+class _StoreDeletingAtPublish(AdapterStore):
+    """A store whose publish lets `delete()` land right before or right after the copy, as a
+    DELETE racing with a finishing actor would."""
+
+    def __init__(self, root, delete, when: str) -> None:
+        super().__init__(root)
+        self.delete, self.when, self.published = delete, when, []
+
+    def publish(self, tenant, name, src_dir, replace=True):
+        if self.when == "before":
+            self.delete()
+        info = super().publish(tenant, name, src_dir, replace)
+        self.published.append(info.version)
+        if self.when == "after":
+            self.delete()
+        return info
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_delete_racing_with_the_publish_leaves_no_adapter(model_dir, tmp_path, when):
+    """The actor passed its last check and publishes while the document is deleted (just
+    before the copy, or just after it): the adapter must end absent either way."""
+    from lift_engine.service.pool import TuneWorker
+    from lift_engine.service.records import DocumentRecord, RecordStore, new_id
+
+    cfg = service_config(tmp_path / "store", model_dir, workers=0)
+    AdapterStore(cfg.store, create=True)
+    records = RecordStore(cfg.records_dir)
+    record = DocumentRecord(id=new_id(), tenant="acme", name="race", state="tuning")
+    records.save(record)
+    replica = DocumentService(cfg)  # a server without workers deletes it (from the shared records)
+    worker = TuneWorker(cfg.base_model, cfg.lift_config().to_dict(), str(cfg.work_dir), cfg.store,
+                        {"max_active": 2, "checkpoint_every": 1})
+    try:
+        worker.store = _StoreDeletingAtPublish(cfg.store, lambda: replica.delete("acme", record.id), when)
+        path = records.root / "acme" / f"{record.id}.json"
+        tombstone = str(records.tombstone_path("acme", record.id))
+        result = worker.tune(record.id, DOCUMENT, "acme", "race", str(path), tombstone)
+        # handed over again after the delete (e.g. a retry): refused before any tuning
+        assert worker.tune(record.id, DOCUMENT, "acme", "race", str(path), tombstone)["cancelled"] is True
+        assert len(worker.store.published) == 1
+    finally:
+        worker.job.close()
+    assert worker.store.published  # it did publish
+    assert result["ok"] is False and result["cancelled"] is True
+    assert AdapterStore(cfg.store).get("acme", "race") is None
+    assert not [p for p in cfg.work_dir.iterdir() if record.id in p.name]
+    assert records.load("acme", record.id) is None

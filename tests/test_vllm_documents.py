@@ -33,7 +33,7 @@ from lift_engine.inference import context_for_window  # noqa: E402
 from lift_engine.models.loading import load_base_model  # noqa: E402
 from lift_engine.prompts import PromptBuilder  # noqa: E402
 from lift_engine.store import AdapterStore  # noqa: E402
-from lift_engine.vllm_plugin import testing  # noqa: E402
+import vllm_harness  # noqa: E402
 from test_batch_job import tiny_config  # noqa: E402
 
 KEYS = {"acme": "sk-acme-doc", "globex": "sk-globex-doc", "initech": "sk-initech-doc"}
@@ -48,27 +48,27 @@ QUESTION = "Who founded Quenwick Labs?"
 def server(ray_runtime, tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm_docs")
     tokenizer = make_tokenizer()
-    model_dir = testing.tiny_llama_dir(root / "model", tokenizer, logit_scale=50.0)
+    model_dir = vllm_harness.tiny_llama_dir(root / "model", tokenizer, logit_scale=50.0)
     store = AdapterStore(root / "store", create=True)
     tenants = root / "tenants.json"
     tenants.write_text(json.dumps({"tenants": {t: {"api_keys": [k]} for t, k in KEYS.items()}}))
     cfg = tiny_config("lora")
     (root / "tune.json").write_text(json.dumps(cfg.to_dict()))
-    port = testing.free_port()
+    port = vllm_harness.free_port()
     log = root / "server.log"
-    cmd = testing.serve_command(model_dir, store.root, port, tenants, extra=[
+    cmd = vllm_harness.serve_command(model_dir, store.root, port, tenants, extra=[
         "--enforce-eager", "--max-loras", "4", "--max-model-len", "512", "--cache-dir", str(root / "cache"),
         "--tune-workers", "2", "--ray-address", ray_runtime, "--tune-config", str(root / "tune.json"),
         "--max-queued-documents", "4",
         "--", "--max-num-seqs", "16", "--distributed-executor-backend", "uni", "--seed", "0",
     ])
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=testing.server_env(),
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=vllm_harness.server_env(),
                                 start_new_session=True)
     try:
         base = load_base_model(model_dir, progress=False)
         url = f"http://127.0.0.1:{port}"
-        testing.wait_for_server(url, proc, START_TIMEOUT, log)
+        vllm_harness.wait_for_server(url, proc, START_TIMEOUT, log)
         yield {"root": root, "url": url, "proc": proc, "store": store, "base": base, "log": log,
                "prompts": PromptBuilder(base.tokenizer, cfg.inference.use_chat_template),
                "window": cfg.inference.window, "served": model_dir.name}
@@ -113,7 +113,7 @@ def expected_ids(server, text: str, adapter_dir: Path | None, question: str = QU
     base, prompts = server["base"], server["prompts"]
     ids = base.tokenizer(text, add_special_tokens=False)["input_ids"]
     prompt = prompts.question_prompt(context_for_window(ids, server["window"], prompts), question)
-    return testing.hf_greedy_ids(base, adapter_dir, prompt, NEW_TOKENS)
+    return vllm_harness.hf_greedy_ids(base, adapter_dir, prompt, NEW_TOKENS)
 
 
 def test_upload_ask_and_delete_end_to_end(server):
@@ -206,7 +206,7 @@ def test_load_three_tenants_upload_while_others_chat(server):
     for t in tenants:
         texts[(t, "contract")] = LONG + f" Tenant {t}."  # tuned
         texts[(t, "memo")] = f"Seldt closed it, {t}."  # fits the window: hybrid
-    rss_before = testing.process_tree_rss(server["proc"].pid)
+    rss_before = vllm_harness.process_tree_rss(server["proc"].pid)
     errors: list[str] = []
 
     def chat_round(i: int) -> str | None:
@@ -257,10 +257,10 @@ def test_load_three_tenants_upload_while_others_chat(server):
     nodes = {r["worker"].split(":")[0] for r in records if r["name"] == "contract"}
     assert len(nodes) == 2, [r["worker"] for r in records]
     # memory flat: another round of the same traffic leaves the server's resident memory where it was
-    rss_loaded = testing.process_tree_rss(server["proc"].pid)
+    rss_loaded = vllm_harness.process_tree_rss(server["proc"].pid)
     with ThreadPoolExecutor(12) as pool:
         assert not [e for e in pool.map(chat_round, range(36)) if e]
     for tenant in tenants:
         answer_ids(server, tenant, "contract")
-    rss_after = testing.process_tree_rss(server["proc"].pid)
+    rss_after = vllm_harness.process_tree_rss(server["proc"].pid)
     assert rss_after < rss_loaded * 1.05 + (64 << 20), (rss_before, rss_loaded, rss_after)

@@ -1,4 +1,5 @@
-"""LiftPunicaWrapperCPU against a plain per-token computation, and the plugin's registration.
+"""LiftPunicaWrapperCPU against a plain per-token computation, and the plugin's registration
+(with the response names of the tenant middleware's requests).
 
 vLLM 0.32's CPU LoRA ops give a token with index -1 (no adapter) the last slot's LoRA;
 this wrapper must give it nothing, and match the stock wrapper wherever the stock one is
@@ -154,3 +155,36 @@ def test_entry_point_is_installed():
     assert "lift_engine.vllm_plugin:register" in values, (
         "setup.py must declare entry_points={'vllm.general_plugins': ['lift_engine = lift_engine.vllm_plugin:register']}"
     )
+
+
+def test_responses_name_an_adapter_as_the_tenant_does():
+    """The tenant middleware sends vLLM a tenant's "doc" as "acme/doc@v1"; vLLM's responses
+    take `model` from OpenAIServingModels.model_name, which install_public_model_names
+    wraps so that, during that request only, the client's own name comes back."""
+    import asyncio
+
+    from vllm.entrypoints.openai.models.protocol import BaseModelPath
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.lora.request import LoRARequest
+
+    from lift_engine.vllm_plugin import install_public_model_names
+    from lift_engine.vllm_plugin.auth import served_as
+
+    assert install_public_model_names() and install_public_model_names()  # idempotent
+    models = object.__new__(OpenAIServingModels)  # model_name reads only base_model_paths
+    models.base_model_paths = [BaseModelPath(name="base", model_path="/m")]
+    lora, other = LoRARequest("acme/doc@v1", 1, "/a"), LoRARequest("globex/doc@v2", 2, "/b")
+    assert models.model_name(lora) == "acme/doc@v1"  # no request of the middleware: vLLM's own name
+    with served_as("acme/doc@v1", "doc"):
+        assert models.model_name(lora) == "doc"
+        assert models.model_name(other) == "globex/doc@v2"
+        assert models.model_name(None) == "base"
+
+        async def handler():  # vLLM runs its handlers in a task of their own (with_cancellation)
+            return models.model_name(lora)
+
+        async def serve():
+            return await asyncio.create_task(handler())
+
+        assert asyncio.run(serve()) == "doc"
+    assert models.model_name(lora) == "acme/doc@v1"

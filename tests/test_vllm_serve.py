@@ -32,7 +32,7 @@ from helpers_pipeline import DOCUMENT  # noqa: E402
 from helpers_tokenizer import make_tokenizer  # noqa: E402
 from lift_engine.models.loading import load_base_model  # noqa: E402
 from lift_engine.store import AdapterStore  # noqa: E402
-from lift_engine.vllm_plugin import testing  # noqa: E402
+import vllm_harness  # noqa: E402
 
 NEW_TOKENS = 10
 KEYS = {"acme": "sk-acme-test", "globex": "sk-globex-test"}
@@ -66,19 +66,19 @@ def booting(tmp_path_factory):
     tokenizer = make_tokenizer()
     # A large lm_head scale widens the gaps between logits (the argmax path is unchanged):
     # greedy ids are then a sharp test, not a coin toss at near-ties (see test_references_are_sharp).
-    model_dir = testing.tiny_llama_dir(root / "model", tokenizer, logit_scale=LOGIT_SCALE)
+    model_dir = vllm_harness.tiny_llama_dir(root / "model", tokenizer, logit_scale=LOGIT_SCALE)
     store = AdapterStore(root / "store", create=True)
     tenants = root / "tenants.json"
     tenants.write_text(json.dumps({"tenants": {t: {"api_keys": [k]} for t, k in KEYS.items()}}))
-    port = testing.free_port()
+    port = vllm_harness.free_port()
     log = root / "server.log"
-    cmd = testing.serve_command(model_dir, store.root, port, tenants, extra=[
+    cmd = vllm_harness.serve_command(model_dir, store.root, port, tenants, extra=[
         "--enforce-eager", "--max-loras", "4", "--max-model-len", "512", "--cache-dir", str(root / "cache"),
         "--tune-workers", "0",  # no tuning pool here (tests/test_vllm_documents.py has one)
         "--", "--max-num-seqs", "16", "--distributed-executor-backend", "uni", "--seed", "0",
     ])
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=testing.server_env(),
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=vllm_harness.server_env(),
                                 start_new_session=True)
     try:
         yield {"root": root, "model": model_dir, "store": store, "tenants": tenants, "proc": proc, "log": log,
@@ -102,14 +102,14 @@ def world(booting):
         base.tokenizer("Professor Ilsa Marrow founded Quenwick Labs in 1987.", add_special_tokens=False)["input_ids"],
         ask_prompt(base.tokenizer, "Who designed the lift that ran on rainwater?"),
     ]
-    sources, runs = {}, {("base", None): [testing.hf_greedy(base, None, p, NEW_TOKENS) for p in prompts]}
+    sources, runs = {}, {("base", None): [vllm_harness.hf_greedy(base, None, p, NEW_TOKENS) for p in prompts]}
     for (tenant, name), (kind, seed) in ADAPTERS.items():
         # Random adapters can land on an exact near-tie; take the first seed whose greedy
         # paths are sharp (deterministic: the same seed every run).
         for attempt in range(10):
-            src = testing.make_adapter(base, kind, root / "src" / f"{tenant}-{name}", seed=seed + 1000 * attempt,
+            src = vllm_harness.make_adapter(base, kind, root / "src" / f"{tenant}-{name}", seed=seed + 1000 * attempt,
                                        strength=0.5 if kind == "lora" else 1.0)
-            run = [testing.hf_greedy(base, src, p, NEW_TOKENS) for p in prompts]
+            run = [vllm_harness.hf_greedy(base, src, p, NEW_TOKENS) for p in prompts]
             if min(gap for _, gap in run) >= MIN_GAP:
                 break
         store.publish(tenant, name, src)
@@ -122,7 +122,7 @@ def world(booting):
 
 @pytest.fixture(scope="module")
 def server(booting, world):
-    testing.wait_for_server(booting["url"], booting["proc"], START_TIMEOUT, booting["log"])
+    vllm_harness.wait_for_server(booting["url"], booting["proc"], START_TIMEOUT, booting["log"])
     print(f"\nserver ready {time.time() - booting['started']:.0f} s after its start")
     return booting
 
@@ -225,16 +225,16 @@ def test_tenants_see_only_their_own_adapters(server, world):
 
 def test_published_adapter_is_servable_without_restart(server, world):
     base, store, prompt = world["base"], world["store"], world["prompts"][0]
-    src = testing.make_adapter(base, "gated-memory", world["root"] / "src" / "late-1", seed=21)
+    src = vllm_harness.make_adapter(base, "gated-memory", world["root"] / "src" / "late-1", seed=21)
     with pytest.raises(openai.NotFoundError):
         complete_ids(server, "acme", "late", prompt)
     store.publish("acme", "late", src)
-    assert complete_ids(server, "acme", "late", prompt) == testing.hf_greedy_ids(base, src, prompt, NEW_TOKENS)
+    assert complete_ids(server, "acme", "late", prompt) == vllm_harness.hf_greedy_ids(base, src, prompt, NEW_TOKENS)
     # Republished with other weights (even another kind): the new version is served.
-    src2 = testing.make_adapter(base, "lora", world["root"] / "src" / "late-2", seed=22, strength=0.5)
+    src2 = vllm_harness.make_adapter(base, "lora", world["root"] / "src" / "late-2", seed=22, strength=0.5)
     store.publish("acme", "late", src2)
-    want = testing.hf_greedy_ids(base, src2, prompt, NEW_TOKENS)
-    assert want != testing.hf_greedy_ids(base, src, prompt, NEW_TOKENS)
+    want = vllm_harness.hf_greedy_ids(base, src2, prompt, NEW_TOKENS)
+    assert want != vllm_harness.hf_greedy_ids(base, src, prompt, NEW_TOKENS)
     assert complete_ids(server, "acme", "late", prompt) == want
 
 
@@ -267,13 +267,13 @@ def test_corrupt_adapter_is_refused_and_the_server_stays_up(server, world):
 def test_bounded_load_zero_errors_no_cross_tenant_answers_stable_memory(server, world):
     work = jobs(world, repeat=2)  # 30 requests over 2 tenants, 4 adapters and the base model
     run_all(server, world, work, concurrency=12)  # warm: every adapter loaded, allocator settled
-    rss_before = testing.process_tree_rss(server["proc"].pid)
+    rss_before = vllm_harness.process_tree_rss(server["proc"].pid)
     started = time.time()
     got = []
     for _ in range(2):
         got += run_all(server, world, work, concurrency=12)
     elapsed = time.time() - started
-    rss_after = testing.process_tree_rss(server["proc"].pid)
+    rss_after = vllm_harness.process_tree_rss(server["proc"].pid)
     wrong = [(t, m, i) for (t, m, i, e), g in zip(work * 2, got) if g != e]
     assert not wrong, f"{len(wrong)} answers differ from their own adapter's: {wrong[:5]}"
     requests = len(got)

@@ -15,10 +15,10 @@ from helpers_pipeline import make_tiny_model_dir
 from lift_engine.errors import AdapterError
 from lift_engine.models.loading import load_base_model
 from lift_engine.store import AdapterStore
-from lift_engine.vllm_plugin.auth import Tenants, TenantMiddleware, TenantsFileError
+from lift_engine.vllm_plugin.auth import Tenants, TenantMiddleware, TenantsFileError, public_model_name
 from lift_engine.vllm_plugin.resolver import (AdapterCatalog, NotFound, RETIRE_AFTER_S, Settings,
                                               parse_internal_name)
-from lift_engine.vllm_plugin.testing import make_adapter
+from vllm_harness import make_adapter
 from lift_engine.vllm_plugin.validate import ModelGeometry, validate_adapter_dir
 
 
@@ -208,7 +208,10 @@ def test_bad_tenants_files(tmp_path, content):
 
 # ---------------------------------------------------------------------------------- middleware
 class FakeVLLM:
-    """Stands in for vLLM's app: answers with the model it was asked for (JSON or SSE)."""
+    """Stands in for vLLM's app: answers with the model it was asked for (JSON or SSE),
+    named as vLLM names it in its responses — through OpenAIServingModels.model_name, which
+    the plugin routes through auth.public_model_name (tests/test_vllm_punica.py checks that
+    on vLLM's own class)."""
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, dict | None]] = []
@@ -223,6 +226,8 @@ class FakeVLLM:
         request = json.loads(body) if body else None
         self.seen.append((scope["path"], request))
         model = (request or {}).get("model")
+        if isinstance(model, str):
+            model = public_model_name(model)
         if request and request.get("stream"):
             await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
             for i in range(3):

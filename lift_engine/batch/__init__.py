@@ -1,12 +1,11 @@
 """The tuning engine (DESIGN.md §4): one adapter bank, mixed batches, continuous admission.
-Every tuning — one document, many, eval, demo, the queue — is a BatchTuneJob.
+Every tuning — one document, many, eval, demo, the service's Ray actors — is a BatchTuneJob.
 
     BatchTuneJob    lift_engine.batch.job      submit / progress / collect, resumable
     plain_token_loss, collate  lift_engine.batch.forward   a batch through the model
     JobProgressDisplay  lift_engine.batch.progress  progress bars per document and overall
     SlotAdamW       lift_engine.batch.optim    AdamW stepping only the active slots
     MemoryPlanner   lift_engine.batch.planner  micro-batches and checkpointing within a budget
-    QueueService    lift_engine.batch.queue    a watched queue directory around a job
 """
 from __future__ import annotations
 
@@ -24,8 +23,4 @@ def __getattr__(name):
         from lift_engine.batch.planner import MemoryPlanner
 
         return MemoryPlanner
-    if name == "QueueService":
-        from lift_engine.batch.queue import QueueService
-
-        return QueueService
     raise AttributeError(name)

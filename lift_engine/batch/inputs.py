@@ -14,9 +14,10 @@ import json
 import os
 from pathlib import Path
 
-from lift_engine.batch.queue import DOC_SUFFIXES
 from lift_engine.errors import InputError
 from lift_engine.names import sanitize_name
+
+DOC_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".text")  # what counts as a document file (also `lift tune-service`)
 
 _TEXT_KEYS = ("text", "document", "context")
 _NAME_KEYS = ("name", "id", "_id")

@@ -1,13 +1,15 @@
 """The tuning engine: one adapter bank, mixed batches, continuous admission (DESIGN.md §4).
 
 Every tuning in lift_engine runs here: `lift tune` on one document is a job of one
-(pipeline.tune_document), several documents, `lift eval`, `lift demo` and the queue
-service share one job each.
+(pipeline.tune_document), several documents, `lift eval` and `lift demo` share one job
+each, and every tuning actor of the document service (service/pool.py: `lift serve` and
+`lift tune-service`) runs one.
 
     job = BatchTuneJob(base, cfg, out_root, BatchConfig(max_active=16))
     job.submit(text, name="contract-a")          # any time, from any thread
     job.run()                                    # or job.start() … job.collect(name)
     job.progress()                               # {name: {status, step, steps, loss, …}}
+    job.cancel("contract-a")                     # drop one document; the others go on exactly
 
 Each document gets a slot of the bank while it trains. A global step takes the next
 `batch_size` planned samples of EVERY active document — the same chunks, in the same
@@ -25,6 +27,11 @@ each active document's slot and optimizer state are checkpointed atomically in i
 work dir (`.<name>.lift-partial/` beside the adapter), so a job killed with kill -9 and
 started again resumes every document from its last checkpoint, and an adapter directory
 only ever appears complete.
+
+`cancel(name)` takes one document out of the job: a queued one at once, a training one at
+the end of the step in flight (its slot is freed as if it had finished, so the others'
+steps, optimizer states and adapters are unchanged); its work dir and checkpoints are
+removed and it is never published.
 """
 from __future__ import annotations
 
@@ -52,7 +59,7 @@ from lift_engine.config import BatchConfig, LiftConfig
 from lift_engine.data.documents import document_sha256, tokenize_long
 from lift_engine.data.queries import document_chunks, generate_queries, make_query_generator
 from lift_engine.data.tasks import stored_qa_items
-from lift_engine.errors import InputError
+from lift_engine.errors import InputError, LiftError
 from lift_engine.fsutil import atomic_write_json
 from lift_engine.models.loading import model_device
 from lift_engine.names import validate_name
@@ -72,7 +79,7 @@ class DocState:
     name: str
     text: str
     source: str
-    status: str = "queued"  # queued → training → done | failed
+    status: str = "queued"  # queued → training → done | failed | cancelled
     slot: int | None = None
     out_dir: Path | None = None
     key: dict | None = None
@@ -89,6 +96,7 @@ class DocState:
     submitted_at: float = field(default_factory=time.time)
     finished_at: float | None = None
     train_tokens: int = 0
+    cancel_requested: bool = False  # cancel() was called; the stepping thread takes it out
 
     def summary(self) -> dict:
         """A JSON-able snapshot: status, step/steps, slot, resumed_from, first/last loss,
@@ -99,6 +107,10 @@ class DocState:
             "last_loss": self.losses[-1] if self.losses else None, "adapter_dir": str(self.out_dir) if self.status == "done" else None,
             "document_tokens": self.doc_tokens, "qa_items": self.qa_items, "error": self.error, "source": self.source,
         }
+
+
+class DocumentCancelled(LiftError):
+    """collect() of a document that was cancelled."""
 
 
 @dataclass
@@ -158,6 +170,7 @@ class BatchTuneJob:
         self._free_slots = list(range(self.max_active))
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
+        self._step_lock = threading.Lock()  # held by step(): cancellations wait for a step boundary
         self._thread: threading.Thread | None = None
         self._stop = False
         self.global_step = 0
@@ -169,7 +182,7 @@ class BatchTuneJob:
         """Queue a document; it joins the running job at the next step with a free slot."""
         validate_name(name, "document")
         with self._lock:
-            if name in self.docs and self.docs[name].status not in ("done", "failed"):
+            if name in self.docs and self.docs[name].status not in ("done", "failed", "cancelled"):
                 raise InputError(f"document {name!r} is already in the job")
             self.docs[name] = DocState(name=name, text=text, source=source)
             self._pending.append(name)
@@ -179,6 +192,39 @@ class BatchTuneJob:
     def progress(self) -> dict[str, dict]:
         with self._lock:
             return {name: d.summary() for name, d in self.docs.items()}
+
+    def cancel(self, name: str) -> bool:
+        """Take `name` out of the job; True when it was queued or training (now "cancelled").
+
+        A queued document leaves at once. A training one leaves at the next step boundary:
+        at once when no step is running, else when the step in flight ends (its update of
+        this document is discarded; the other documents' updates are those of a step
+        without it, as when a document finishes). Its work dir (checkpoints, stored tasks)
+        is removed and it is never published; collect(name) raises DocumentCancelled.
+        A done or failed document is left as it is (False).
+        """
+        with self._lock:
+            doc = self.docs.get(name)
+            if doc is None or doc.status not in ("queued", "training"):
+                return False
+            doc.cancel_requested = True
+            if name in self._pending:  # not admitted yet: no slot, no step uses it
+                self._pending.remove(name)
+                self._mark_cancelled(doc)
+                immediate = True
+            else:
+                immediate = False
+        if immediate:
+            remove_work_dir(partial_dir_for(self.out_root / name))
+            self.log(f"{name}: cancelled")
+            self._write_status()
+        elif self._step_lock.acquire(blocking=False):  # no step in flight: take it out now
+            try:
+                self._apply_cancels()
+            finally:
+                self._step_lock.release()
+            self._write_status()
+        return True
 
     def collect(self, name: str, timeout: float | None = None) -> Path:
         """Wait for `name` to finish; returns its adapter dir (raises if it failed or timed out)."""
@@ -192,6 +238,8 @@ class BatchTuneJob:
                     return doc.out_dir
                 if doc.status == "failed":
                     raise InputError(f"document {name!r} failed: {doc.error}")
+                if doc.status == "cancelled":
+                    raise DocumentCancelled(f"document {name!r} was cancelled")
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError(f"document {name!r} is not done yet ({doc.next_step}/{len(doc.steps)} steps)")
@@ -235,6 +283,25 @@ class BatchTuneJob:
         if not self.closed:
             self.handle.remove()
             self.closed = True
+
+    # ================================================================ cancellation
+    def _mark_cancelled(self, doc: DocState) -> None:
+        """(under self._lock) the document's slot goes back to the bank; it is out of the job."""
+        if doc.slot is not None:
+            self._free_slots.append(doc.slot)
+        doc.status, doc.slot, doc.finished_at = "cancelled", None, time.time()
+        doc.samples, doc.text = None, ""
+        self._changed.notify_all()
+
+    def _apply_cancels(self) -> None:
+        """(holding self._step_lock) take out every admitted document whose cancel() was called."""
+        with self._lock:
+            gone = [d for d in self.docs.values() if d.cancel_requested and d.status == "training"]
+            for doc in gone:
+                self._mark_cancelled(doc)
+        for doc in gone:
+            remove_work_dir(partial_dir_for(self.out_root / doc.name))
+            self.log(f"{doc.name}: cancelled at step {doc.next_step}/{len(doc.steps)}")
 
     # ================================================================ admission
     def _admit(self) -> None:
@@ -303,7 +370,7 @@ class BatchTuneJob:
             doc.slot, doc.status = slot, "training"
             self._changed.notify_all()
         self.log(f"{doc.name}: slot {slot}, {len(doc.steps)} steps" + (f" (resumed at {doc.next_step})" if doc.next_step else ""))
-        if doc.next_step >= len(doc.steps):
+        if doc.next_step >= len(doc.steps) and not doc.cancel_requested:
             self._publish(doc)
 
     def _teacher_targets(self, name: str, ids: list[int], qa) -> list[TeacherAnswer]:
@@ -343,8 +410,17 @@ class BatchTuneJob:
     # ================================================================ one step
     def step(self) -> StepReport | None:
         """Admit waiting documents, then one optimizer step for every active document."""
+        with self._step_lock:
+            report = self._step()
+            self._apply_cancels()
+        if report is not None:
+            self._write_status()
+        return report
+
+    def _step(self) -> StepReport | None:
         began = time.monotonic()
         self._admit()
+        self._apply_cancels()
         with self._lock:
             active = sorted((d for d in self.docs.values() if d.status == "training" and d.slot is not None),
                             key=lambda d: d.slot)
@@ -366,6 +442,8 @@ class BatchTuneJob:
         self.global_step += 1
         finished = []
         for doc in active:
+            if doc.cancel_requested:  # cancelled during the step: its update is dropped with its slot
+                continue
             doc.losses.append(float(stats["losses"][doc.slot]))
             doc.train_tokens += stats["doc_tokens"].get(doc.slot, 0)
             doc.next_step += 1
@@ -379,7 +457,6 @@ class BatchTuneJob:
                             stats["passes"], stats["checkpointing"], time.monotonic() - began, finished,
                             max(len(s.input_ids) for s in samples))
         self.history.append(report)
-        self._write_status()
         return report
 
     def _forward_backward(self, samples: list[Sample]) -> dict:

@@ -38,7 +38,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from lift_engine.ops._native import load
+from lift_engine.ops.native import load
 from lift_engine.ops.dispatch import Unsupported
 from lift_engine.ops.reference.attention import check_attention
 from lift_engine.ops.reference.cross_entropy_with_grad import check_cross_entropy
@@ -95,9 +95,25 @@ def _check_tokens(x: torch.Tensor, idx: torch.Tensor) -> None:
         raise ValueError(f"adapter_idx must be [T]={x.shape[0]}, got {tuple(idx.shape)}")
 
 
-def _plan(adapter_idx: torch.Tensor, n_adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order [n_valid], blocks [n_blocks, 3]); IndexError for an index >= n_adapters."""
+def token_plan(adapter_idx: torch.Tensor, n_adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' plan for an adapter index [T] (-1: no adapter): (order [n_valid],
+    blocks [n_blocks, 3]). IndexError for an index >= n_adapters. Built by every op below
+    per call; a caller running many layers over one batch builds it once (lora_delta_planned)."""
     return _C.plan(adapter_idx.detach().cpu(), n_adapters, BLOCK)
+
+
+#: This build of the extension has what lora_delta_planned needs (an older one may not).
+HAS_PLANNED_DELTA = all(hasattr(_C, f) for f in ("plan", "delta_fwd"))
+
+
+def lora_delta_planned(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor,
+                       plan: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Forward only (no autograd), fp32, with a prebuilt token_plan:
+    y[t] = scaling[n] · (x[t] @ lora_a[n]ᵀ) @ lora_b[n]ᵀ for the adapter n of token t, 0 for
+    tokens without one. x [T, in], lora_a [N, r, in], lora_b [N, out, r], scaling [N] → [T, out]."""
+    order, blocks = plan
+    y, _ = _C.delta_fwd(x, lora_a, lora_b, scaling, order, blocks)
+    return y
 
 
 def _scaling_grads(d_b_raw: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor, need_ds: bool):
@@ -113,7 +129,7 @@ def _scaling_grads(d_b_raw: torch.Tensor, lora_b: torch.Tensor, scaling: torch.T
 class _LoraShrink(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_a, adapter_idx):
-        order, blocks = _plan(adapter_idx, lora_a.shape[0])
+        order, blocks = token_plan(adapter_idx, lora_a.shape[0])
         ctx.save_for_backward(x, lora_a, order, blocks)
         return _C.shrink_fwd(x, lora_a, order, blocks)
 
@@ -128,7 +144,7 @@ class _LoraShrink(torch.autograd.Function):
 class _LoraExpand(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, lora_b, scaling, adapter_idx):
-        order, blocks = _plan(adapter_idx, lora_b.shape[0])
+        order, blocks = token_plan(adapter_idx, lora_b.shape[0])
         ctx.save_for_backward(h, lora_b, scaling, order, blocks)
         return _C.expand_fwd(h, lora_b, scaling, order, blocks)
 
@@ -146,7 +162,7 @@ class _LoraExpand(torch.autograd.Function):
 class _LoraDelta(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, scaling, adapter_idx):
-        order, blocks = _plan(adapter_idx, lora_a.shape[0])
+        order, blocks = token_plan(adapter_idx, lora_a.shape[0])
         y, h = _C.delta_fwd(x, lora_a, lora_b, scaling, order, blocks)
         ctx.save_for_backward(x, h, lora_a, lora_b, scaling, order, blocks)
         return y
@@ -166,7 +182,7 @@ class _LoraDelta(torch.autograd.Function):
 class _GatedMemoryBlend(torch.autograd.Function):
     @staticmethod
     def forward(ctx, attn_out, q, w1, w2, w3, w4, adapter_idx):
-        order, blocks = _plan(adapter_idx, w1.shape[0])
+        order, blocks = token_plan(adapter_idx, w1.shape[0])
         save = any(ctx.needs_input_grad[:6])
         out, pre1, mem, p3, gate = _C.gm_fwd(attn_out, q, w1, w2, w3, w4, order, blocks, save)
         if save:
@@ -427,7 +443,7 @@ def _needs(needs, n):
 def lora_shrink_backward(dh, x, lora_a, adapter_idx, needs=(True, True)):
     _require_kernel(x, lora_a)
     need_dx, need_da = _needs(needs, 2)
-    order, blocks = _plan(adapter_idx, lora_a.shape[0])
+    order, blocks = token_plan(adapter_idx, lora_a.shape[0])
     dx, da = _C.shrink_bwd(_f32(dh), _f32(x), _f32(lora_a), order, blocks, need_dx, need_da)
     return dx, da
 
@@ -436,7 +452,7 @@ def lora_expand_backward(dy, h, lora_b, scaling, adapter_idx, needs=(True, True,
     _require_kernel(h, lora_b)
     _require_cpu(scaling, "scaling")
     need_dh, need_db, need_ds = _needs(needs, 3)
-    order, blocks = _plan(adapter_idx, lora_b.shape[0])
+    order, blocks = token_plan(adapter_idx, lora_b.shape[0])
     b32, s32 = _f32(lora_b), _f32(scaling)
     dh, d_b_raw = _C.expand_bwd(_f32(dy), _f32(h), b32, s32, order, blocks, need_dh, need_db or need_ds)
     d_b = d_s = None
@@ -449,7 +465,7 @@ def lora_linear_delta_backward(dy, x, lora_a, lora_b, scaling, adapter_idx, need
     _require_kernel(x, lora_a, lora_b)
     _require_cpu(scaling, "scaling")
     need_dx, need_da, need_db, need_ds = _needs(needs, 4)
-    order, blocks = _plan(adapter_idx, lora_a.shape[0])
+    order, blocks = token_plan(adapter_idx, lora_a.shape[0])
     x32, a32, b32, s32 = _f32(x), _f32(lora_a), _f32(lora_b), _f32(scaling)
     h = _C.shrink_fwd(x32, a32, order, blocks)
     dx, da, d_b_raw = _C.delta_bwd(_f32(dy), x32, h, a32, b32, s32, order, blocks, need_dx, need_da,
@@ -463,7 +479,7 @@ def lora_linear_delta_backward(dy, x, lora_a, lora_b, scaling, adapter_idx, need
 def gated_memory_blend_backward(dout, attn_out, q, w1, w2, w3, w4, adapter_idx, needs=(True,) * 6):
     _require_kernel(attn_out, q, w1, w2, w3, w4)
     needs = _needs(needs, 6)
-    order, blocks = _plan(adapter_idx, w1.shape[0])
+    order, blocks = token_plan(adapter_idx, w1.shape[0])
     args = [_f32(t) for t in (attn_out, q, w1, w2, w3, w4)]
     _, pre1, mem, p3, gate = _C.gm_fwd(*args, order, blocks, True)  # recompute what forward saved
     grads = _C.gm_bwd(_f32(dout), *args, pre1, mem, p3, gate, order, blocks, needs[1], any(needs[2:6]))

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from lift_engine.ops._native import load
+from lift_engine.ops.native import load
 from lift_engine.ops.dispatch import Unsupported
 
 _C = load("cuda")  # ImportError with the reason when not built

@@ -224,9 +224,9 @@ def _impl(op: str, name: str, device: torch.device, fallback):
     with a warning once."""
     backend, fn = dispatch.resolve(op, device)
     if name == op:
-        fallback = getattr(dispatch._load("reference"), op)
+        fallback = getattr(dispatch.load_backend("reference"), op)
     else:
-        module = dispatch._load(backend)
+        module = dispatch.load_backend(backend)
         fn = None if isinstance(module, Exception) else getattr(module, name, None)
         if fn is None:
             return fallback

@@ -73,7 +73,9 @@ _loaded: dict[str, ModuleType | Exception] = {}
 _warned: set[tuple[str, str, str]] = set()
 
 
-def _load(name: str) -> ModuleType | Exception:
+def load_backend(name: str) -> ModuleType | Exception:
+    """The module of backend `name` (one of BACKENDS), imported once; the exception instead
+    when it cannot load here (no compiler, no GPU, …), so callers can say why."""
     if name not in _loaded:
         try:
             _loaded[name] = importlib.import_module(BACKEND_MODULES[name])
@@ -96,7 +98,7 @@ def resolve(op: str, device: torch.device | str = "cpu") -> tuple[str, Callable]
     device_type = torch.device(device).type
     forced = requested_backend()
     if forced is not None:
-        module = _load(forced)
+        module = load_backend(forced)
         if isinstance(module, Exception):
             raise BackendUnavailable(f"LIFT_BACKEND={forced} cannot load: {module}") from module
         reason = _unsupported(module, device_type)
@@ -104,12 +106,12 @@ def resolve(op: str, device: torch.device | str = "cpu") -> tuple[str, Callable]
             raise BackendUnavailable(f"LIFT_BACKEND={forced} cannot run on {device_type} tensors: {reason}")
         fn = getattr(module, op, None)
         if fn is None:
-            fn = getattr(_load("reference"), op)
+            fn = getattr(load_backend("reference"), op)
             _warn_once(op, forced, f"backend {forced!r} has no {op}; using the reference op")
             return "reference", fn
         return forced, fn
     for name in AUTO_ORDER.get(device_type, ("reference",)):
-        module = _load(name)
+        module = load_backend(name)
         if isinstance(module, Exception):
             if name != "reference":
                 _warn_once(op, name, f"{name} backend unavailable ({module}); falling back")
@@ -152,7 +154,7 @@ def _dispatching(op: str) -> Callable:
     def call(*args, **kwargs):
         if torch.compiler.is_compiling():
             if op in FUSED_OPS:  # plain PyTorch: the compiler fuses it itself
-                return getattr(_load("reference"), op)(*args, **kwargs)
+                return getattr(load_backend("reference"), op)(*args, **kwargs)
             from lift_engine.ops import custom_ops  # one opaque node with a fake impl and a backward
 
             return custom_ops.call(op, *args, **kwargs)
@@ -160,10 +162,10 @@ def _dispatching(op: str) -> Callable:
         backend, fn = resolve(op, tensor.device)
         if backend == "reference":
             return fn(*args, **kwargs)
-        return call_backend(op, backend, fn, getattr(_load("reference"), op), *args, **kwargs)
+        return call_backend(op, backend, fn, getattr(load_backend("reference"), op), *args, **kwargs)
 
     call.__name__ = op
-    call.__doc__ = getattr(_load("reference"), op).__doc__
+    call.__doc__ = getattr(load_backend("reference"), op).__doc__
     return call
 
 

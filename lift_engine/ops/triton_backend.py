@@ -32,14 +32,14 @@ if not _INTERPRET and not torch.cuda.is_available():
         "interpreter (set TRITON_INTERPRET=1 before anything imports triton; slow, for tests)"
     )
 
-if _INTERPRET:
-    # TRITON_INTERPRET=1 asks for the interpreter; make it hold even if triton was imported
-    # before the variable was set (see lift_engine.kernels.ensure_interpreter).
-    from lift_engine.kernels import ensure_interpreter
+from lift_engine.kernels import build_segments, interpreted  # noqa: E402
 
-    ensure_interpreter()
+if _INTERPRET and not interpreted():
+    raise ImportError(
+        "TRITON_INTERPRET=1 was set after triton was imported, so the kernels were built for a "
+        "GPU; set it before anything imports triton (torch._dynamo does), e.g. in the environment"
+    )
 
-from lift_engine.kernels import _common as _kc  # noqa: E402
 from lift_engine.kernels.gated_memory_attention import gated_memory_attention as _k_attention  # noqa: E402
 from lift_engine.kernels.gated_memory_blend import gated_memory_blend as _k_blend  # noqa: E402
 from lift_engine.kernels.lora_expand import lora_expand as _k_expand  # noqa: E402
@@ -56,11 +56,11 @@ def supports(device: torch.device | str) -> str | None:
     """None if tensors on `device` can run here, else the reason they cannot."""
     kind = torch.device(device).type
     if kind == "cuda":
-        if _kc.INTERPRETED:
+        if interpreted():
             return None  # the interpreter copies through host memory: correct, slow
         return None if torch.cuda.is_available() else "no CUDA device"
     if kind == "cpu":
-        if _kc.INTERPRETED:
+        if interpreted():
             return None
         return ("Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is imported "
                 "(the interpreter is for tests; use LIFT_BACKEND=cpu or reference for CPU work)")
@@ -134,7 +134,7 @@ def lora_shrink_backward(dh, x, lora_a, adapter_idx, needs=(True, True)):
     from lift_engine.kernels.lora_expand import expand_launch
     from lift_engine.kernels.lora_segment_outer import segment_outer_launch
 
-    meta = _kc.build_segments(adapter_idx, lora_a.shape[0])
+    meta = build_segments(adapter_idx, lora_a.shape[0])
     dh = dh.contiguous()
     dx = expand_launch(dh, lora_a.transpose(1, 2), adapter_idx, meta=meta) if needs[0] else None
     da = (segment_outer_launch(dh, x, adapter_idx, lora_a.shape[0], meta=meta, out_dtype=lora_a.dtype)
@@ -146,7 +146,7 @@ def lora_expand_backward(dy, h, lora_b, scaling, adapter_idx, needs=(True, True,
     _require_kernel(h, lora_b, dy)
     from lift_engine.kernels.lora_expand import expand_backward
 
-    meta = _kc.build_segments(adapter_idx, lora_b.shape[0])
+    meta = build_segments(adapter_idx, lora_b.shape[0])
     dh, db, ds = expand_backward(dy.contiguous(), h, lora_b, scaling, adapter_idx, meta, (lora_b.shape[1],), None,
                                  None, *needs)
     return dh, db, (ds.to(scaling.dtype) if ds is not None else None)
@@ -157,7 +157,7 @@ def lora_linear_delta_backward(dy, x, lora_a, lora_b, scaling, adapter_idx, need
     from lift_engine.kernels.lora_linear_delta import delta_backward
     from lift_engine.kernels.lora_shrink import shrink_launch
 
-    meta = _kc.build_segments(adapter_idx, lora_a.shape[0])
+    meta = build_segments(adapter_idx, lora_a.shape[0])
     h = shrink_launch(x, lora_a, adapter_idx, meta=meta)  # recomputed: [T, R], cheap
     return delta_backward(dy, x, h, lora_a, lora_b, scaling, adapter_idx, meta, (lora_b.shape[1],), None, needs)
 

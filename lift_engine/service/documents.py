@@ -11,6 +11,11 @@ empty, binary or not UTF-8 (400), a bad or taken name (400 / 409), the tenant's 
 limit (429). A document whose tokens fit the answering window is ready at once (hybrid:
 answered in context, no adapter); a longer one is queued on the tuning pool (pool.py)
 and answered with its adapter plus its middle-truncated context once ready.
+
+Deleting a queued or tuning document cancels its tuning: it leaves the pool's queue or
+its actor's running job, its work dir and checkpoints are removed, and it is never
+published, even when its actor was publishing at that very moment (the tombstone of
+records.py is checked before and after publishing).
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ import time
 
 from lift_engine.errors import InputError, LiftError
 from lift_engine.service.config import ServiceConfig
-from lift_engine.service.records import PENDING, DocumentRecord, RecordStore, new_id
+from lift_engine.checkpoint import partial_dir_for, remove_work_dir
+from lift_engine.service.records import PENDING, DocumentRecord, RecordStore, new_id, remove_document_adapter
 from lift_engine.store import AdapterStore, InvalidName, validate_name
 
 logger = logging.getLogger("lift_engine.service")
@@ -66,7 +72,7 @@ class DocumentService:
                 if pool_factory is None:
                     from lift_engine.service.pool import TuningPool as pool_factory
                 self.pool = pool_factory(cfg, on_done=self._on_done, on_failed=self._on_failed,
-                                         on_progress=self._on_progress)
+                                         on_progress=self._on_progress, on_cancelled=self._on_cancelled)
             except Exception as exc:  # serve what needs no tuning; say why the rest cannot be
                 self.pool_error = f"tuning is unavailable: {type(exc).__name__}: {exc}"
                 logger.error("lift: %s", self.pool_error)
@@ -80,9 +86,15 @@ class DocumentService:
         count = 0
         if self.pool is None:  # another server (one with tuning workers) owns the pending documents
             return 0
+        for tenant, doc_id in self.records.orphan_tombstones():  # deleted; no actor of ours tunes them
+            self._forget_work(doc_id)
+            self.records.clear_deleted(tenant, doc_id)
         with self._lock:
             pending = [r for r in self._docs.values() if r.state in PENDING]
         for record in sorted(pending, key=lambda r: r.created_at):
+            if self.records.is_deleted(record.tenant, record.id):  # the server died inside delete()
+                self._drop_deleted(record.tenant, record.id, record.name)
+                continue
             text = self.records.text(record.tenant, record.id)
             if text is None or self.pool is None:
                 self._fail(record, "its text was lost" if text is None else (self.pool_error or "this server does not tune"))
@@ -189,34 +201,61 @@ class DocumentService:
             raise DocumentError(409, f"an adapter named {name!r} exists already; choose another name")
 
     def delete(self, tenant: str, doc_id: str) -> DocumentRecord | None:
-        """Forget the document and remove its adapter from the store; the record, or None if unknown."""
+        """Forget the document, cancel its tuning and remove its adapter from the store;
+        the record, or None if unknown.
+
+        Order matters for the race with an actor publishing it: the tombstone is written
+        before the record goes and the store is cleaned after, so an actor either sees the
+        tombstone after it published (and removes its adapter) or published before the
+        tombstone existed (and the cleanup here removes it).
+        """
         with self._lock:
             record = self._docs.pop((tenant, doc_id), None)
             if record is None and self.pool is None:
                 record = self.records.load(tenant, doc_id)
             if record is None:
                 return None
+            pending = record.state in PENDING
+            if pending:
+                self.records.mark_deleted(tenant, doc_id)
             self.records.delete(tenant, doc_id)
             self._changed.notify_all()
+        if pending and self.pool is not None:
+            self.pool.cancel(doc_id)  # the work dir goes in _on_cancelled, once no actor uses it
         self._remove_adapter(record)
         return record
 
     def _remove_adapter(self, record: DocumentRecord) -> None:
-        info = self.store.get(record.tenant, record.name)
-        if info is not None and (info.manifest().get("extra") or {}).get("source") == record.id:
-            self.store.remove(record.tenant, record.name)
+        remove_document_adapter(self.store, record.tenant, record.name, record.id)
+
+    def _forget_work(self, doc_id: str) -> None:
+        """Remove a document's finished-but-unpublished adapter and checkpoints from the work dir."""
+        remove_work_dir(self.cfg.work_dir / doc_id)
+        remove_work_dir(partial_dir_for(self.cfg.work_dir / doc_id))
+
+    def _drop_deleted(self, tenant: str, doc_id: str, name: str) -> None:
+        """Nothing will tune or publish this deleted document any more: clean up after it."""
+        with self._lock:
+            self._docs.pop((tenant, doc_id), None)
+            self.records.delete(tenant, doc_id)
+            self._changed.notify_all()
+        self._remove_adapter(DocumentRecord(id=doc_id, tenant=tenant, name=name))
+        self._forget_work(doc_id)
+        self.records.clear_deleted(tenant, doc_id)
 
     # ------------------------------------------------------------------ pool callbacks
     def _submit(self, record: DocumentRecord, text: str) -> None:
         from lift_engine.service.pool import TuneTask
 
         path = self.records.root / record.tenant / f"{record.id}.json"
-        self.pool.submit(TuneTask(record.id, record.tenant, record.name, text, str(path), attempts=record.attempts))
+        self.pool.submit(TuneTask(record.id, record.tenant, record.name, text, str(path), attempts=record.attempts,
+                                  tombstone=str(self.records.tombstone_path(record.tenant, record.id))))
 
     def _update(self, tenant: str, doc_id: str, **changes) -> DocumentRecord | None:
+        """Change and save the record; None when it is unknown or was deleted (never written back)."""
         with self._lock:
             record = self._docs.get((tenant, doc_id))
-            if record is None:
+            if record is None or self.records.is_deleted(tenant, doc_id):
                 return None
             for key, value in changes.items():
                 setattr(record, key, value)
@@ -227,7 +266,13 @@ class DocumentService:
     def _on_progress(self, doc_id: str, info: dict) -> None:
         with self._lock:
             record = next((r for (_, i), r in self._docs.items() if i == doc_id), None)
-        if record is not None and record.state == "queued" and info.get("status") == "training":
+        if record is None:
+            return
+        if self.records.is_deleted(record.tenant, doc_id):  # deleted through another replica
+            with self._lock:
+                self._docs.pop((record.tenant, doc_id), None)
+            self.pool.cancel(doc_id)
+        elif record.state == "queued" and info.get("status") == "training":
             self._update(record.tenant, doc_id, state="tuning")
 
     def _on_done(self, task, result: dict) -> None:
@@ -235,7 +280,7 @@ class DocumentService:
                               resumed_from=int(result.get("resumed_from") or 0), attempts=task.attempts,
                               finished_at=time.time(), worker=f"{result.get('node')}:{result.get('pid')}")
         if record is None:  # deleted while it was tuning: its adapter must not stay behind
-            self._remove_adapter(DocumentRecord(id=task.doc_id, tenant=task.tenant, name=task.name))
+            self._drop_deleted(task.tenant, task.doc_id, task.name)
             return
         self.records.drop_text(task.tenant, task.doc_id)
         logger.info("lift: document %s of tenant %s is ready", task.doc_id, task.tenant)
@@ -243,8 +288,15 @@ class DocumentService:
     def _on_failed(self, task, error: str) -> None:
         with self._lock:
             record = self._docs.get((task.tenant, task.doc_id))
-        if record is not None:
+        if record is None or self.records.is_deleted(task.tenant, task.doc_id):
+            self._drop_deleted(task.tenant, task.doc_id, task.name)
+        else:
             self._fail(record, error, attempts=task.attempts)
+
+    def _on_cancelled(self, task) -> None:
+        """The pool dropped a deleted document (queued, or taken out of its actor's job)."""
+        self._drop_deleted(task.tenant, task.doc_id, task.name)
+        logger.info("lift: tuning of deleted document %s of tenant %s was cancelled", task.doc_id, task.tenant)
 
     def _fail(self, record: DocumentRecord, error: str, **changes) -> None:
         self._update(record.tenant, record.id, state="failed", error=error, finished_at=time.time(), **changes)

@@ -12,7 +12,13 @@ and returns. Every actor writes to the same work dir beside the store, so checkp
   where it resumes from its last checkpoint (at most `checkpoint_every` steps lost);
 - a document finished but not yet published is published, not tuned again (the job sees
   the finished adapter in the work dir; one already published is recognised by the store
-  manifest's `source`, which is the document id).
+  manifest's `source`, which is the document id);
+- `TuningPool.cancel(doc_id)` (a document deleted while queued or tuning) drops it from
+  the pool's queue, or tells its actor to take it out of the running job (the others go
+  on, exactly); it is never handed to another actor again. Whatever the timing, it is
+  never left published: the actor checks the document's tombstone (records.py) before
+  it publishes and right after, and removes what it published when the delete came
+  in between.
 
 Ray is imported here only: a server without tuning never needs it.
 """
@@ -30,8 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from lift_engine.batch.job import DocumentCancelled
+from lift_engine.checkpoint import partial_dir_for, remove_work_dir
 from lift_engine.errors import LiftError
 from lift_engine.service.config import ServiceConfig
+from lift_engine.service.records import remove_document_adapter
 
 logger = logging.getLogger("lift_engine.service")
 
@@ -59,6 +68,8 @@ class TuneWorker:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         base = load_base_model(base_model, progress=False, device=device)
         self.job = BatchTuneJob(base, LiftConfig.from_dict(cfg_dict), self.work_dir, log=self._log, **job_options)
+        self._lock = threading.RLock()
+        self._cancelled: set[str] = set()  # cancel() may run before its tune() call has submitted
         self.job.start()
 
     @staticmethod
@@ -78,30 +89,57 @@ class TuneWorker:
     def progress(self) -> dict:
         return self.job.progress()
 
-    def tune(self, doc_id: str, text: str, tenant: str, name: str, record_path: str) -> dict:
-        """Tune one document and publish it as `name` of `tenant`; returns {"ok", "version"|"error", …}.
+    def cancel(self, doc_id: str) -> bool:
+        """Take the document out of this actor's job (its `tune` call then answers "cancelled")."""
+        with self._lock:
+            self._cancelled.add(doc_id)
+            return self.job.cancel(doc_id)
 
-        record_path: the document's record file; when it is gone (the document was
-        deleted meanwhile) nothing is published.
+    def tune(self, doc_id: str, text: str, tenant: str, name: str, record_path: str, tombstone: str) -> dict:
+        """Tune one document and publish it as `name` of `tenant`; returns {"ok", "version"|"error", …},
+        or {"ok": False, "cancelled": True} when the document was cancelled or deleted.
+
+        record_path, tombstone: the document's record file and its tombstone (records.py);
+        a document whose record is gone or whose tombstone exists is deleted: nothing of it
+        is published, and an adapter published just before the delete is removed again.
         """
-        published = self._already_published(doc_id, tenant, name)
-        if published is not None:
-            return {"ok": True, "version": published, "resumed_from": 0, "steps": 0, "pid": os.getpid(),
-                    "node": self.node()}
-        self.job.submit(text, doc_id, source=doc_id)
+        def deleted() -> bool:
+            return os.path.exists(tombstone) or not os.path.exists(record_path)
+
+        with self._lock:
+            if doc_id in self._cancelled or deleted():
+                return self._cancelled_result(doc_id)
+            published = self._already_published(doc_id, tenant, name)
+            if published is not None:
+                return {"ok": True, "version": published, "resumed_from": 0, "steps": 0, "pid": os.getpid(),
+                        "node": self.node()}
+            self.job.submit(text, doc_id, source=doc_id)
         try:
             out = self.job.collect(doc_id)
+        except DocumentCancelled:
+            return self._cancelled_result(doc_id)
         except Exception:  # the job says why in its progress
             info = self.job.progress().get(doc_id) or {}
             return {"ok": False, "error": info.get("error") or "tuning failed", "pid": os.getpid()}
         info = self.job.progress().get(doc_id) or {}
-        if not os.path.exists(record_path):
-            shutil.rmtree(out, ignore_errors=True)
-            return {"ok": False, "error": "deleted", "deleted": True, "pid": os.getpid()}
+        if doc_id in self._cancelled or deleted():
+            return self._cancelled_result(doc_id)
         published = self.store.publish(tenant, name, out)
         shutil.rmtree(out, ignore_errors=True)
+        if doc_id in self._cancelled or deleted():  # deleted while it was being published
+            remove_document_adapter(self.store, tenant, name, doc_id)
+            return self._cancelled_result(doc_id)
         return {"ok": True, "version": published.version, "resumed_from": int(info.get("resumed_from") or 0),
                 "steps": int(info.get("steps") or 0), "pid": os.getpid(), "node": self.node()}
+
+    def _cancelled_result(self, doc_id: str) -> dict:
+        """Forget a cancelled document: its finished adapter and checkpoints leave the work dir."""
+        self.job.cancel(doc_id)
+        remove_work_dir(self.work_dir / doc_id)
+        remove_work_dir(partial_dir_for(self.work_dir / doc_id))
+        with self._lock:
+            self._cancelled.discard(doc_id)
+        return {"ok": False, "cancelled": True, "error": "deleted", "pid": os.getpid()}
 
     def _already_published(self, doc_id: str, tenant: str, name: str) -> str | None:
         """The version in the store when this very document was published there already."""
@@ -123,6 +161,7 @@ class TuneTask:
     text: str
     record_path: str
     attempts: int = 0
+    tombstone: str = ""  # records.RecordStore.tombstone_path: present once the document is deleted
 
 
 @dataclass
@@ -137,12 +176,14 @@ class _Actor:
 class TuningPool:
     """`tune_workers` TuneWorker actors on Ray, fed least-loaded first, with failover.
 
-    on_done(task, result), on_failed(task, error), on_progress(doc_id, summary) are
-    called from the pool's dispatcher thread.
+    on_done(task, result), on_failed(task, error), on_progress(doc_id, summary) and
+    on_cancelled(task) are called from the pool's dispatcher thread (on_cancelled also
+    from cancel(), for a task still in the pool's queue). on_cancelled comes once no actor
+    works on the document any more: its work dir may then be removed.
     """
 
     def __init__(self, cfg: ServiceConfig, on_done: Callable, on_failed: Callable,
-                 on_progress: Callable | None = None) -> None:
+                 on_progress: Callable | None = None, on_cancelled: Callable | None = None) -> None:
         if cfg.tune_workers < 1:
             raise LiftError("a tuning pool needs at least one worker (--tune-workers)")
         import ray
@@ -151,6 +192,7 @@ class TuningPool:
         self.cfg = cfg
         self.on_done, self.on_failed = on_done, on_failed
         self.on_progress = on_progress or (lambda doc_id, summary: None)
+        self.on_cancelled = on_cancelled or (lambda task: None)
         self._owns_ray = False
         if not ray.is_initialized():
             if cfg.ray_address:
@@ -171,6 +213,7 @@ class TuningPool:
         self._pending: list[TuneTask] = []
         self._calls: dict = {}  # ObjectRef → (task, actor)
         self._progress: dict[str, dict] = {}
+        self._cancelled: set[str] = set()  # doc ids in flight whose cancel was sent to their actor
         self._closing = False
         for _ in range(cfg.tune_workers):
             self._spawn()
@@ -182,6 +225,21 @@ class TuningPool:
         """Queue a document; the dispatcher hands it to the least-loaded live actor."""
         with self._lock:
             self._pending.append(task)
+
+    def cancel(self, doc_id: str) -> bool:
+        """Stop tuning `doc_id`: out of the queue at once, or out of its actor's running job
+        (at its next step boundary). False when the pool does not have it."""
+        with self._lock:
+            queued = [t for t in self._pending if t.doc_id == doc_id]
+            self._pending = [t for t in self._pending if t.doc_id != doc_id]
+            actors = [a for a in self._actors if a.alive and doc_id in a.inflight]
+            if actors:
+                self._cancelled.add(doc_id)
+        for task in queued:
+            self.on_cancelled(task)
+        for actor in actors:
+            actor.handle.cancel.remote(doc_id)  # its tune call then answers "cancelled"
+        return bool(queued or actors)
 
     def progress(self, doc_id: str) -> dict | None:
         with self._lock:
@@ -245,7 +303,8 @@ class TuningPool:
                     return
                 task = self._pending.pop(0)
                 task.attempts += 1
-                ref = actor.handle.tune.remote(task.doc_id, task.text, task.tenant, task.name, task.record_path)
+                ref = actor.handle.tune.remote(task.doc_id, task.text, task.tenant, task.name, task.record_path,
+                                               task.tombstone)
                 self._calls[ref] = (task, actor)
                 actor.inflight.add(task.doc_id)
 
@@ -256,21 +315,25 @@ class TuningPool:
             result = ray.get(ref)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
             self._actor_died(actor)
-            with self._lock:
-                actor.inflight.discard(task.doc_id)
-                self._progress.pop(task.doc_id, None)
-            if task.attempts >= self.cfg.max_attempts:
-                self.on_failed(task, f"its tuning worker died {task.attempts} times")
-            else:
-                logger.warning("lift: tuning worker %s died; document %s goes to another worker", actor.index, task.doc_id)
-                self.submit(task)  # resumes from its checkpoint on the least-loaded live actor
-            return
+            result = None
         except Exception as exc:  # a bug in the worker: fail this document, keep the pool
             result = {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
-        with self._lock:
+        retry = False
+        with self._lock:  # one decision under the lock, so that cancel() finds the task queued or in flight
             actor.inflight.discard(task.doc_id)
             self._progress.pop(task.doc_id, None)
-        if result.get("ok"):
+            cancelled = task.doc_id in self._cancelled
+            self._cancelled.discard(task.doc_id)
+            if result is None and not cancelled and task.attempts < self.cfg.max_attempts:
+                self._pending.append(task)  # resumes from its checkpoint on the least-loaded live actor
+                retry = True
+        if cancelled or (result is not None and result.get("cancelled")):
+            self.on_cancelled(task)
+        elif retry:
+            logger.warning("lift: tuning worker %s died; document %s goes to another worker", actor.index, task.doc_id)
+        elif result is None:
+            self.on_failed(task, f"its tuning worker died {task.attempts} times")
+        elif result.get("ok"):
             self.on_done(task, result)
         else:
             self.on_failed(task, result.get("error") or "tuning failed")

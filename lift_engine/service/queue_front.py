@@ -19,11 +19,10 @@ import os
 import time
 from pathlib import Path
 
+from lift_engine.batch.inputs import DOC_SUFFIXES
 from lift_engine.fsutil import atomic_write_json, atomic_write_text
 from lift_engine.service.documents import DocumentError, DocumentService
 from lift_engine.service.records import PENDING
-
-DOC_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".text")
 
 
 class QueueFrontEnd:

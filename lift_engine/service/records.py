@@ -8,6 +8,12 @@ the ones still to tune. States:
     tuning   an actor has admitted it (progress: step / steps, in memory only)
     ready    answerable: hybrid (fits the window, no adapter) or its adapter is in the store
     failed   not answerable; `error` says why
+
+Deleting a document that is queued or tuning leaves a tombstone, `<id>.deleted`, before its
+record goes. A tuning actor checks for it (or for the record's absence) before it
+publishes and again right after: whichever of the delete and the publish comes last, the
+adapter ends up absent (see pool.TuneWorker.tune). A server tuning a document that
+another replica deleted sees the tombstone and never writes the record back.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lift_engine.fsutil import atomic_write_json, atomic_write_text
-from lift_engine.store import InvalidName, validate_name
+from lift_engine.store import AdapterStore, InvalidName, validate_name
 
 STATES = ("queued", "tuning", "ready", "failed")
 PENDING = ("queued", "tuning")
@@ -92,6 +98,31 @@ class RecordStore:
         except (OSError, InvalidName):
             pass
 
+    def tombstone_path(self, tenant: str, doc_id: str) -> Path:
+        return self._path(tenant, doc_id, ".deleted")
+
+    def mark_deleted(self, tenant: str, doc_id: str) -> None:
+        """Leave the tombstone of a document deleted while it may still be tuning."""
+        atomic_write_text(self.tombstone_path(tenant, doc_id), "")
+
+    def is_deleted(self, tenant: str, doc_id: str) -> bool:
+        try:
+            return self.tombstone_path(tenant, doc_id).exists()
+        except InvalidName:
+            return False
+
+    def clear_deleted(self, tenant: str, doc_id: str) -> None:
+        """Drop the tombstone once nothing can publish the document any more."""
+        try:
+            self.tombstone_path(tenant, doc_id).unlink()
+        except (OSError, InvalidName):
+            pass
+
+    def orphan_tombstones(self) -> list[tuple[str, str]]:
+        """(tenant, id) of every tombstone whose record is gone."""
+        return [(p.parent.name, p.stem) for p in sorted(self.root.glob("*/*.deleted"))
+                if not p.with_suffix(".json").exists()]
+
     def exists(self, tenant: str, doc_id: str) -> bool:
         try:
             return self._path(tenant, doc_id, ".json").is_file()
@@ -131,3 +162,12 @@ class RecordStore:
             if record is not None and record.tenant == path.parent.name and record.id == path.stem:
                 out.append(record)
         return out
+
+
+def remove_document_adapter(store: AdapterStore, tenant: str, name: str, doc_id: str) -> bool:
+    """Remove `tenant`/`name` from the store when it is this document's adapter (its manifest's
+    `source` is the document id); an adapter of another document under the same name stays."""
+    info = store.get(tenant, name)
+    if info is None or (info.manifest().get("extra") or {}).get("source") != doc_id:
+        return False
+    return store.remove(tenant, name)

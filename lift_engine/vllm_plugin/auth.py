@@ -11,29 +11,36 @@ The tenants file (JSON; `lift serve --tenants FILE`, env LIFT_TENANTS):
       "admin_api_keys": ["sk-admin-…"]                             (optional)
     }
 
-`TenantMiddleware` (an ASGI middleware; `vllm serve --middleware
-lift_engine.vllm_plugin.auth.TenantMiddleware`, which `lift serve` passes) runs before
-vLLM's routes:
+`TenantMiddleware` (a Starlette middleware class; `vllm serve --middleware
+lift_engine.vllm_plugin.auth.TenantMiddleware`, which `lift serve` passes, has FastAPI
+add it with `app.add_middleware`) runs before vLLM's routes:
 
 - `/health`, `/ping`, `/version`: open. Everything else needs `Authorization: Bearer
   <key>` → 401 otherwise.
 - Tenant keys may use `GET /v1/models` (answered here: the base model and the tenant's
   own adapters only) and `POST /v1/completions`, `/v1/chat/completions`. Every other
   route (load/unload adapters, metrics, tokenize, …) is for admin keys only (403).
+  Websockets are refused.
 - In a completion request, `model` is the base model's served name, or the name of one
   of the tenant's adapters. The adapter is looked up in the tenant's own store directory
   only; an invalid name, another tenant's adapter and a missing one all answer the same
   404 (names do not leak). A corrupt or incompatible adapter answers 422 with a one-line
   reason. Otherwise `model` is rewritten to the internal, version-pinned name
-  (resolver.py) that vLLM resolves and loads; the internal name is rewritten back to the
-  tenant's name in the response (also when streaming).
+  (resolver.py) that vLLM resolves and loads.
 - Admin keys may address any adapter as "<tenant>/<adapter>".
 
-Documents (lift_engine.service, issue 19): tenant keys may also use `/v1/documents`
-(upload, list, status, delete; lift_engine/service/api.py) and name a ready document as
-`model` in a completion request: the document's truncated context is put in front of the
-question and its adapter applied (409 while it is still tuning, unless the request asks
-to `wait` up to N seconds). The document service starts with the server (ASGI lifespan).
+Names are resolved on the request side only; responses pass through untouched. The
+response's `model` is the name the client used because vLLM takes it from one place,
+`OpenAIServingModels.model_name(lora_request)`, which the middleware has answer through
+`public_model_name`: the request's (internal name → client's name) pair lives in a
+context variable while vLLM handles the request (`served_as`).
+
+Documents (lift_engine.service): tenant keys may also use `/v1/documents` (upload, list,
+status, delete; lift_engine/service/api.py, mounted here after authentication) and name a
+ready document as `model` in a completion request: the document's truncated context is
+put in front of the question and its adapter applied (409 while it is still tuning,
+unless the request asks to `wait` up to N seconds). The document service starts with the
+server (ASGI lifespan).
 
 Without a tenants file the server has one open tenant, "default" (no keys). An edited
 tenants file is picked up on the next request (an invalid edit is logged and ignored).
@@ -41,6 +48,8 @@ tenants file is picked up on the next request (an invalid edit is logged and ign
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import hashlib
 import hmac
 import json
@@ -48,6 +57,11 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocketClose
 
 from lift_engine.errors import AdapterError, LiftError
 from lift_engine.store import InvalidName, validate_name
@@ -139,20 +153,51 @@ class Tenants:
         return found, tenant
 
 
-def _error(status: int, message: str, err_type: str) -> tuple[int, bytes]:
-    body = {"error": {"message": message, "type": err_type, "param": "model" if status in (404, 422) else None,
-                      "code": status}}
-    return status, json.dumps(body).encode()
+# ---------------------------------------------------------------------- response names
+_SERVED_AS: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("lift_served_as", default=None)
 
 
-def not_found(model: str) -> tuple[int, bytes]:
-    return _error(404, f"The model `{model}` does not exist.", "NotFoundError")
+@contextlib.contextmanager
+def served_as(internal: str | None, public: str | None):
+    """While vLLM handles this request, the model it serves as `internal` is called `public`
+    in what it answers (public_model_name). None for either: no renaming."""
+    token = _SERVED_AS.set((internal, public) if internal is not None and public is not None else None)
+    try:
+        yield
+    finally:
+        _SERVED_AS.reset(token)
+
+
+def public_model_name(name: str) -> str:
+    """The name a response to the current request gives the model served as `name`: the
+    client's own name for it when the middleware resolved that name to `name`, else `name`."""
+    renamed = _SERVED_AS.get()
+    return renamed[1] if renamed is not None and renamed[0] == name else name
+
+
+# ---------------------------------------------------------------------- errors
+def error_response(status: int, message: str, err_type: str, **extra) -> JSONResponse:
+    """An OpenAI-style error: {"error": {"message", "type", "param", "code", **extra}}."""
+    body = {"error": {"message": message, "type": err_type, "param": "model" if status in (404, 409, 422) else None,
+                      "code": status, **extra}}
+    return JSONResponse(body, status_code=status)
+
+
+def not_found(model: str) -> JSONResponse:
+    return error_response(404, f"The model `{model}` does not exist.", "NotFoundError")
+
+
+def _path(scope: Scope) -> str:
+    return scope["path"].removeprefix(scope.get("root_path", "")).rstrip("/") or "/"
 
 
 class TenantMiddleware:
-    """ASGI middleware; configuration from the environment (LIFT_TENANTS, LIFT_SERVED_NAME, LIFT_STORE…)."""
+    """Starlette middleware (the pure-ASGI form Starlette documents for middleware that
+    reads request bodies and streams responses). Configuration from the environment
+    (LIFT_TENANTS, LIFT_SERVED_NAME, LIFT_STORE…) unless given."""
 
-    def __init__(self, app, tenants: Tenants | None = None, catalog=None, served_names: list[str] | None = None) -> None:
+    def __init__(self, app: ASGIApp, tenants: Tenants | None = None, catalog=None,
+                 served_names: list[str] | None = None) -> None:
         self.app = app
         self._tenants_path = None if tenants is not None else os.environ.get("LIFT_TENANTS") or None
         self._tenants_stamp = self._stamp()
@@ -161,6 +206,9 @@ class TenantMiddleware:
         names = served_names or [n for n in os.environ.get("LIFT_SERVED_NAME", "").split(",") if n]
         self.served_names = set(names)
         self._documents_app = None
+        from lift_engine.vllm_plugin import install_public_model_names
+
+        install_public_model_names()  # vLLM's responses then name adapters as the tenant does
 
     def _stamp(self):
         """The tenants file's content digest (a tiny file: read per request, no mtime races)."""
@@ -193,39 +241,44 @@ class TenantMiddleware:
         return self._catalog
 
     # ------------------------------------------------------------------ ASGI
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             return await self._lifespan(scope, receive, send)
+        if scope["type"] == "websocket":
+            if "websocket.http.response" in scope.get("extensions", {}):
+                response = error_response(403, "websockets are not available", "PermissionError")
+            else:
+                response = WebSocketClose(code=1008, reason="websockets are not available")
+            return await response(scope, receive, send)
         if scope["type"] != "http" or scope.get("method") == "OPTIONS":
-            if scope["type"] == "websocket":
-                return await self._respond(send, *_error(403, "websockets are not available", "PermissionError"))
             return await self.app(scope, receive, send)
-        path = scope["path"].removeprefix(scope.get("root_path", "")).rstrip("/") or "/"
+        path = _path(scope)
         if path in OPEN_PATHS:
             return await self.app(scope, receive, send)
         if self._tenants_path:
             self._reload_tenants()
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        ok, tenant = self.tenants.identify(headers.get("authorization"))
-        if not ok:
-            return await self._respond(send, *_error(401, "Unauthorized: a valid API key is needed "
-                                                          "(Authorization: Bearer <key>)", "AuthenticationError"))
+        request = Request(scope, receive)
+        ok, tenant = self.tenants.identify(request.headers.get("authorization"))
         admin = tenant is None
-        if path == DOCUMENTS_PATH or path.startswith(DOCUMENTS_PATH + "/"):
-            if admin:
-                return await self._respond(send, *_error(403, "documents belong to tenants: use a tenant's key",
-                                                         "PermissionError"))
-            return await self._documents(scope, receive, send, tenant)
-        if path in MODELS_PATHS and scope.get("method") == "GET" and not admin:
-            return await self._list_models(send, tenant)
-        if path in COMPLETION_PATHS and scope.get("method") == "POST":
-            return await self._completion(scope, receive, send, tenant)
-        if admin:
+        if not ok:
+            response = error_response(401, "Unauthorized: a valid API key is needed (Authorization: Bearer <key>)",
+                                      "AuthenticationError")
+        elif path == DOCUMENTS_PATH or path.startswith(DOCUMENTS_PATH + "/"):
+            if not admin:
+                return await self._documents(scope, receive, send, tenant)
+            response = error_response(403, "documents belong to tenants: use a tenant's key", "PermissionError")
+        elif path in MODELS_PATHS and request.method == "GET" and not admin:
+            response = await self._list_models(tenant)
+        elif path in COMPLETION_PATHS and request.method == "POST":
+            return await self._completion(request, send, tenant)
+        elif admin:
             return await self.app(scope, receive, send)
-        return await self._respond(send, *_error(403, f"{path} is not available to tenant keys", "PermissionError"))
+        else:
+            response = error_response(403, f"{path} is not available to tenant keys", "PermissionError")
+        await response(scope, receive, send)
 
     # ------------------------------------------------------------------ documents
-    async def _lifespan(self, scope, receive, send):
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Start the document service with the server, close it when the server stops."""
         from lift_engine.service import runtime
 
@@ -239,7 +292,8 @@ class TenantMiddleware:
 
         return await self.app(scope, receive_and_watch, send)
 
-    async def _documents(self, scope, receive, send, tenant: str):
+    async def _documents(self, scope: Scope, receive: Receive, send: Send, tenant: str) -> None:
+        """The document API (a Starlette app) with the authenticated tenant in its scope."""
         if self._documents_app is None:
             from lift_engine.service.api import build_app
 
@@ -285,7 +339,7 @@ class TenantMiddleware:
 
     async def _document_completion(self, tenant: str, model: str, request: dict, path: str):
         """(request for vLLM, public name, internal name) for a completion naming a document,
-        an error response (status, body), or None when `model` is not one of the tenant's documents."""
+        an error Response, or None when `model` is not one of the tenant's documents."""
         from lift_engine.service import runtime
         from lift_engine.service.api import rewrite_for_document
         from lift_engine.service.documents import DocumentError
@@ -300,8 +354,8 @@ class TenantMiddleware:
         wait = request.pop("wait", None)
         if wait is not None:
             if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= service.cfg.max_wait_s:
-                return _error(400, f"wait must be a number of seconds from 0 to {service.cfg.max_wait_s:g}",
-                              "BadRequestError")
+                return error_response(400, f"wait must be a number of seconds from 0 to {service.cfg.max_wait_s:g}",
+                                      "BadRequestError")
             if record.state in PENDING and wait > 0:
                 record = await asyncio.to_thread(service.wait, tenant, record.id, float(wait))
                 if record is None:
@@ -309,29 +363,26 @@ class TenantMiddleware:
         if record.state in PENDING:
             progress = service.progress(record) or {}
             detail = f" (step {progress.get('step', 0)} of {progress.get('steps', 0)})" if progress else ""
-            body = {"error": {"message": f"document {model!r} is {record.state}{detail}; it is not ready yet",
-                              "type": "DocumentNotReadyError", "param": "model", "code": 409,
-                              "document": record.public(progress or None)}}
-            return 409, json.dumps(body).encode()
+            return error_response(409, f"document {model!r} is {record.state}{detail}; it is not ready yet",
+                                  "DocumentNotReadyError", document=record.public(progress or None))
         if record.state == "failed":
-            body = {"error": {"message": f"document {model!r} failed: {record.error}", "type": "DocumentFailedError",
-                              "param": "model", "code": 409, "document": record.public()}}
-            return 409, json.dumps(body).encode()
+            return error_response(409, f"document {model!r} failed: {record.error}", "DocumentFailedError",
+                                  document=record.public())
         try:
             request = rewrite_for_document(path, request, record, service)
         except DocumentError as exc:
-            return _error(exc.status, str(exc), "BadRequestError")
+            return error_response(exc.status, str(exc), "BadRequestError")
         if record.mode == "hybrid":
             request["model"] = sorted(self.served_names)[0] if self.served_names else request["model"]
             return request, None, None
         internal = await self._prepare(tenant, record.name)
-        if isinstance(internal, tuple):
+        if isinstance(internal, Response):
             return internal
         request["model"] = internal
         return request, model, internal
 
     # ------------------------------------------------------------------ routes
-    async def _list_models(self, send, tenant: str) -> None:
+    async def _list_models(self, tenant: str) -> JSONResponse:
         catalog = self.catalog
         names = await asyncio.to_thread(catalog.list, tenant) if catalog is not None else []
         data = [{"id": n, "object": "model", "owned_by": "lift_engine", "created": 0} for n in sorted(self.served_names)]
@@ -343,49 +394,50 @@ class TenantMiddleware:
         if service is not None:  # documents answered in context (hybrid) have no adapter in the store
             data += [{"id": r.name, "object": "model", "owned_by": tenant, "created": int(r.created_at), "parent": base}
                      for r in service.list(tenant) if r.state == "ready" and r.mode == "hybrid"]
-        await self._respond(send, 200, json.dumps({"object": "list", "data": data}).encode())
+        return JSONResponse({"object": "list", "data": data})
 
-    async def _completion(self, scope, receive, send, tenant: str | None) -> None:
+    async def _completion(self, request: Request, send: Send, tenant: str | None) -> None:
+        """Resolve the request's `model` for `tenant` (None: admin), then hand it to vLLM."""
         chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                return await self._respond(send, *_error(413, "request body too large", "BadRequestError"))
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    response = error_response(413, "request body too large", "BadRequestError")
+                    return await response(request.scope, request.receive, send)
+                chunks.append(chunk)
+        except ClientDisconnect:
+            return
         body = b"".join(chunks)
         try:
-            request = json.loads(body)
+            payload = json.loads(body)
         except ValueError:
-            request = None
-        model = request.get("model") if isinstance(request, dict) else None
+            payload = None
+        model = payload.get("model") if isinstance(payload, dict) else None
         public = internal = None
-        path = scope["path"].removeprefix(scope.get("root_path", "")).rstrip("/")
+        path = _path(request.scope)
         document = None
         if tenant is not None and isinstance(model, str) and model and model not in self.served_names:
-            document = await self._document_completion(tenant, model, request, path)
-        if isinstance(document, tuple) and len(document) == 2:
-            return await self._respond(send, *document)
+            document = await self._document_completion(tenant, model, payload, path)
+        if isinstance(document, Response):
+            return await document(request.scope, request.receive, send)
         if document is not None:
-            request, public, internal = document
-            body = json.dumps(request).encode()
+            payload, public, internal = document
+            body = json.dumps(payload).encode()
         elif isinstance(model, str) and model and model not in self.served_names:
-            status_body = await self._prepare(tenant, model)
-            if isinstance(status_body, tuple):
-                return await self._respond(send, *status_body)
-            public, internal = model, status_body
-            request["model"] = internal
-            body = json.dumps(request).encode()
+            prepared = await self._prepare(tenant, model)
+            if isinstance(prepared, Response):
+                return await prepared(request.scope, request.receive, send)
+            public, internal = model, prepared
+            payload["model"] = internal
+            body = json.dumps(payload).encode()
         elif model is not None and not isinstance(model, str):
-            return await self._respond(send, *_error(400, "model must be a string", "BadRequestError"))
-        await self._forward(scope, body, receive, send, public, internal)
+            response = error_response(400, "model must be a string", "BadRequestError")
+            return await response(request.scope, request.receive, send)
+        with served_as(internal, public):
+            await self.app(self._with_body(request.scope, body), self._replay(body, request.receive), send)
 
-    async def _prepare(self, tenant: str | None, model: str) -> str | tuple[int, bytes]:
+    async def _prepare(self, tenant: str | None, model: str) -> str | Response:
         """Internal name for `model` as seen by `tenant` (None: admin), or an error response."""
         from lift_engine.vllm_plugin.resolver import NotFound
 
@@ -406,17 +458,25 @@ class TenantMiddleware:
         except NotFound:
             return not_found(model)
         except AdapterError as exc:
-            return _error(422, str(exc), "InvalidAdapterError")
+            return error_response(422, str(exc), "InvalidAdapterError")
         except Exception as exc:  # never let one adapter take the server down
             logger.exception("lift: preparing adapter %s of tenant %s failed", name, owner)
-            return _error(500, f"adapter {model!r} could not be prepared: {type(exc).__name__}", "InternalServerError")
+            return error_response(500, f"adapter {model!r} could not be prepared: {type(exc).__name__}",
+                                  "InternalServerError")
         return prepared.internal_name
 
-    # ------------------------------------------------------------------ plumbing
-    async def _forward(self, scope, body: bytes, receive, send, public: str | None, internal: str | None) -> None:
+    # ------------------------------------------------------------------ request plumbing
+    @staticmethod
+    def _with_body(scope: Scope, body: bytes) -> Scope:
+        """The request's scope with a content-length for `body` (the resolved request)."""
         scope = dict(scope)
         scope["headers"] = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
         scope["headers"].append((b"content-length", str(len(body)).encode()))
+        return scope
+
+    @staticmethod
+    def _replay(body: bytes, receive: Receive) -> Receive:
+        """A receive that gives `body` once, then the client's own messages (disconnects)."""
         sent = False
 
         async def replay():
@@ -426,38 +486,4 @@ class TenantMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        if internal is None:
-            return await self.app(scope, replay, send)
-        old, new = json.dumps(internal).encode()[1:-1], json.dumps(public).encode()[1:-1]
-        state: dict = {"start": None, "buffer": None}
-
-        async def send_renamed(message):
-            if message["type"] == "http.response.start":
-                headers = dict((k.lower(), v) for k, v in message.get("headers", []))
-                if b"content-length" in headers:
-                    state["start"], state["buffer"] = message, []
-                    return
-                return await send(message)
-            if message["type"] == "http.response.body":
-                chunk = message.get("body", b"").replace(old, new)
-                if state["buffer"] is not None:
-                    state["buffer"].append(chunk)
-                    if message.get("more_body", False):
-                        return
-                    full = b"".join(state["buffer"])
-                    start = dict(state["start"])
-                    start["headers"] = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-                    start["headers"].append((b"content-length", str(len(full)).encode()))
-                    state["buffer"] = None
-                    await send(start)
-                    return await send({"type": "http.response.body", "body": full, "more_body": False})
-                return await send({**message, "body": chunk})
-            return await send(message)
-
-        await self.app(scope, replay, send_renamed)
-
-    @staticmethod
-    async def _respond(send, status: int, body: bytes) -> None:
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        return replay

@@ -49,7 +49,7 @@ def native_kernels():
             if ops.resolve("lora_linear_delta", "cpu")[0] == "cpu":
                 from lift_engine.ops import cpu_backend
 
-                if all(hasattr(cpu_backend._C, f) for f in ("plan", "delta_fwd")):
+                if cpu_backend.HAS_PLANNED_DELTA:
                     module = cpu_backend
         except Exception:  # a backend that cannot load: the generic path below
             module = None
@@ -104,7 +104,7 @@ class LiftPunicaWrapperCPU(PunicaWrapperCPU):
         plans = self._lift_plans if self._lift_plans is not None else {}
         if n_adapters not in plans:
             idx = self._lift_idx if self._lift_idx is not None else self.token_lora_indices
-            plans[n_adapters] = native._C.plan(idx.detach().cpu(), n_adapters, native.BLOCK)
+            plans[n_adapters] = native.token_plan(idx, n_adapters)
             self._lift_plans = plans
         return plans[n_adapters]
 
@@ -119,13 +119,13 @@ class LiftPunicaWrapperCPU(PunicaWrapperCPU):
             return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
                                            buffer=buffer, **kwargs)
         n = lora_a_stacked[0].shape[0]
-        order, blocks = self._plan(native, n)
+        plan = self._plan(native, n)
         scaling = torch.full((n,), float(scale), dtype=torch.float32)
         offset = 0
         for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices):
             a = a.squeeze(1) if a.dim() == 4 else a
             b = b.squeeze(1) if b.dim() == 4 else b
-            delta, _ = native._C.delta_fwd(x2, a, b, scaling, order, blocks)
+            delta = native.lora_delta_planned(x2, a, b, scaling, plan)
             cols = min(size, delta.shape[1])
             y2[:, offset: offset + cols] += delta[:, :cols]
             offset += size

@@ -1,7 +1,10 @@
-"""Builders for serving tests and benchmarks: tiny models and random adapters in the real
-file formats (written by lift_engine.adapters.io.save_adapter), plus the HF reference.
+"""Test harness for serving: tiny models and random adapters in the real file formats
+(written by lift_engine.adapters.io.save_adapter), the HF greedy reference, and starting
+a `lift serve` process on a free port and waiting for it.
 
-Nothing here imports vLLM. Used by tests/test_vllm_*.py and bench/bench_serve.py.
+Nothing here imports vLLM, and nothing imports another test helper by its bare name, so
+this file imports as `vllm_harness` in the tests (tests/ is on their path) and as
+`tests.vllm_harness` from the repository root (e.g. `python -m bench.bench_serve`).
 """
 from __future__ import annotations
 
@@ -125,7 +128,8 @@ def free_port() -> int:
 
 
 def wait_for_server(url: str, proc: subprocess.Popen, timeout: float, log: Path | None = None) -> None:
-    import urllib.request
+    """Poll `url`/health until it answers 200; raise (with the log's tail) if `proc` exits or time runs out."""
+    import httpx
 
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -133,10 +137,9 @@ def wait_for_server(url: str, proc: subprocess.Popen, timeout: float, log: Path 
             tail = log.read_text()[-4000:] if log is not None and log.exists() else ""
             raise RuntimeError(f"server exited with {proc.returncode} before it was ready:\n{tail}")
         try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
             pass
         time.sleep(0.5)
     tail = log.read_text()[-4000:] if log is not None and log.exists() else ""
