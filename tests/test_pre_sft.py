@@ -35,7 +35,7 @@ QUESTION = "Who closed the lab on 3 March 2011?"
 
 
 def presft_config(**overrides) -> PreSftConfig:
-    values = dict(epochs=2, rank=4, lr=5e-3, batch_size=4, num_extractive=4)
+    values = dict(epochs=2, rank=4, lr=1e-2, batch_size=8, num_extractive=4)
     values.update(overrides)
     return PreSftConfig(**values)
 
@@ -253,9 +253,9 @@ def test_no_merge_writes_the_shared_adapter_for_the_raw_base(model_dir, tmp_path
 
 
 # ------------------------------------------------------------------ the command
-def test_cli_pre_sft_writes_a_model_that_lift_ask_takes_and_overwrite_replaces(capsys, model_dir, tmp_path):
+def test_cli_pre_sft_writes_a_model_that_lift_eval_takes_and_overwrite_replaces(capsys, model_dir, tmp_path):
     doc = tmp_path / "doc.md"
-    doc.write_text(DOCUMENT[:400])
+    doc.write_text(DOCUMENT[:300])
     out = tmp_path / "presft"
     out.mkdir()
     (out / "old.txt").write_text("old")
@@ -269,14 +269,12 @@ def test_cli_pre_sft_writes_a_model_that_lift_ask_takes_and_overwrite_replaces(c
     assert "model written to" in stdout and not (out / "old.txt").exists()
     info = json.loads((out / INFO_FILE).read_text())
     assert info["pre_sft"]["rank"] == 2 and info["corpus"]["documents"] == 1
-    # `--model` of another command takes it: tune an adapter on it and ask with it
-    code, _, err = run_main(capsys, "tune", doc, "-o", tmp_path / "adapter", "--model", out)
+    # another command's `--model` takes it
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"_id": "q", "context": DOCUMENT, "input": QUESTION, "answers": ["Anouk Seldt"]}) + "\n")
+    code, stdout, err = run_main(capsys, "eval", questions, "--mode", "icl", "--model", out, "--window", "32")
     assert code == 0, err
-    code, answer, err = run_main(capsys, "ask", tmp_path / "adapter", "-q", QUESTION, "--model", out,
-                                 "--max-new-tokens", "4")
-    assert code == 0, err
-    code, _, err = run_main(capsys, "ask", tmp_path / "adapter", "-q", QUESTION, "--model", model_dir)
-    assert_one_line_error(code, err, "fingerprint")
+    assert json.loads(stdout)["questions"] == 1
 
 
 @pytest.mark.parametrize("case", ["nothing", "empty-dir", "csv", "not-json", "empty-jsonl", "bad-qa", "gated-memory",
