@@ -190,27 +190,23 @@ class BatchTuneJob:
     # ================================================================ public API
     def submit(self, text: str, name: str, source: str = "") -> str:
         """Queue a document; it joins the running job at the next step with a free slot."""
-        validate_name(name, "document")
-        with self._lock:
-            if name in self.docs and self.docs[name].status not in ("done", "failed"):
-                raise InputError(f"document {name!r} is already in the job")
-            self.docs[name] = DocState(name=name, text=text, source=source)
-            self._pending.append(name)
-            self._changed.notify_all()
-        return name
+        return self._enqueue(DocState(name=name, text=text, source=source))
 
     def submit_prepared(self, name: str, prepared: PreparedSource, source: str = "") -> str:
         """Queue a prepared sample source (PreparedSource) as one entry: one slot, one adapter
         written to out_root/<name>/ when its plan is done, checkpointed and resumed like a
         document."""
-        validate_name(name, "document")
+        return self._enqueue(DocState(name=name, text="", source=source, prepared=prepared))
+
+    def _enqueue(self, doc: DocState) -> str:
+        validate_name(doc.name, "document")
         with self._lock:
-            if name in self.docs and self.docs[name].status not in ("done", "failed"):
-                raise InputError(f"document {name!r} is already in the job")
-            self.docs[name] = DocState(name=name, text="", source=source, prepared=prepared)
-            self._pending.append(name)
+            if doc.name in self.docs and self.docs[doc.name].status not in ("done", "failed"):
+                raise InputError(f"document {doc.name!r} is already in the job")
+            self.docs[doc.name] = doc
+            self._pending.append(doc.name)
             self._changed.notify_all()
-        return name
+        return doc.name
 
     def progress(self) -> dict[str, dict]:
         with self._lock:
