@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lift_engine.batch.queue import DOC_SUFFIXES
+from lift_engine.batch.inputs import DOC_SUFFIXES
 from lift_engine.config import PreSftConfig
 from lift_engine.data.extractive import QAItem
 from lift_engine.data.records import EvalRecord, has_qa_layout, parse_record
