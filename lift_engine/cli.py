@@ -36,7 +36,7 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="training seed")
     p.add_argument("--distill", action="store_true",
                    help="add context distillation: the base model reads each chunk and answers queries about it; "
-                        "the adapter learns its answers' distributions without the chunk (DESIGN.md §2.6)")
+                        "the adapter learns its answers' distributions without the chunk (docs/DESIGN.md §2.6)")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=None,
                    help="dtype of the frozen base model while tuning (default: the preset's). bfloat16 keeps the "
                         "adapter and optimizer in fp32 and runs the base's GEMMs in bf16: 2.2x faster batched tuning on "
