@@ -1,4 +1,4 @@
-"""The `lift` command: tune, ask, eval, demo.
+"""The `lift` command: tune, ask, eval, demo, serve, pre-sft.
 
 Every user-caused failure (bad document, missing model, corrupt adapter, …) prints one
 line `lift: error: …` and exits non-zero; Ctrl-C during tuning leaves the last
@@ -13,7 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from lift_engine.config import ADAPTER_KINDS, PRESETS, BatchConfig, LiftConfig, make_config
+from lift_engine.config import ADAPTER_KINDS, PRESETS, BatchConfig, LiftConfig, PreSftConfig, make_config
 from lift_engine.errors import InputError, LiftError
 from lift_engine.host_memory import keep_freed_memory
 from lift_engine.names import validate_name
@@ -148,6 +148,47 @@ def build_parser() -> argparse.ArgumentParser:
     from lift_engine.serve import add_arguments as add_serve_arguments
 
     add_serve_arguments(serve)
+
+    presft_defaults = PreSftConfig()
+    ps = sub.add_parser(
+        "pre-sft", help="fine-tune the base model once on a corpus of long documents (pre-LIFT SFT)",
+        description="Pre-LIFT supervised fine-tuning (DESIGN.md §2.7): every corpus document's LIFT samples "
+                    "(contextualized segments, extractive QA and a jsonl record's gold QA with the truncated "
+                    "context) train ONE shared LoRA adapter in the batched engine; it is merged into the weights "
+                    "and written as a Hugging Face model directory that --model takes. CORPUS: directories of "
+                    "documents, LongBench/LooGLE .jsonl files, plain documents; --synthetic N adds generated ones. "
+                    "Interrupted runs resume from their last checkpoint (work dir MODEL_DIR.work).")
+    ps.add_argument("corpus", metavar="CORPUS", nargs="*")
+    ps.add_argument("-o", "--output", required=True, metavar="MODEL_DIR")
+    ps.add_argument("--overwrite", action="store_true", help="replace MODEL_DIR if it exists (default: refuse)")
+    ps.add_argument("--synthetic", type=int, default=presft_defaults.synthetic, metavar="N",
+                    help="add N documents of the project's synthetic generator, with their questions")
+    ps.add_argument("--synthetic-seed", type=int, default=presft_defaults.synthetic_seed, metavar="SEED",
+                    help=f"seed of the synthetic documents (default {presft_defaults.synthetic_seed})")
+    ps.add_argument("--epochs", type=int, default=presft_defaults.epochs,
+                    help=f"passes over the corpus (default {presft_defaults.epochs})")
+    ps.add_argument("--rank", type=int, default=presft_defaults.rank,
+                    help=f"LoRA rank of the shared adapter (default {presft_defaults.rank}; alpha = 2 x rank)")
+    ps.add_argument("--lr", type=float, default=presft_defaults.lr,
+                    help=f"learning rate (default {presft_defaults.lr:g})")
+    ps.add_argument("--batch-size", type=int, default=presft_defaults.batch_size,
+                    help=f"samples per optimizer step, from the whole corpus (default {presft_defaults.batch_size})")
+    ps.add_argument("--extractive", type=int, default=presft_defaults.num_extractive, metavar="N",
+                    help=f"extractive tasks per document (default {presft_defaults.num_extractive})")
+    ps.add_argument("--merge", action=argparse.BooleanOptionalAction, default=presft_defaults.merge,
+                    help="merge the adapter into the weights and write a model directory (default); "
+                         "--no-merge writes the shared adapter (PEFT layout, for the raw base) instead")
+    defaults = BatchConfig()
+    ps.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
+                    help="memory for a training step (default: 80%% of what is free)")
+    ps.add_argument("--prefix-sharing", action=argparse.BooleanOptionalAction, default=defaults.prefix_sharing,
+                    help="one context split per step (as lift tune; default: on for --device cpu)")
+    ps.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, metavar="STEPS",
+                    help=f"optimizer steps between resumable checkpoints (default {defaults.checkpoint_every})")
+    ps.set_defaults(max_active=1)  # one shared adapter: a bank of one slot
+    _add_config(ps)
+    _add_model(ps)
+    _add_device(ps)
 
     demo = sub.add_parser("demo", help="tune the bundled document and compare ICL with LIFT", description="Tune the bundled document on the default model and compare truncated ICL, LIFT and full-context ICL.")
     demo.add_argument("--adapter", choices=ADAPTER_KINDS, default="lora")
@@ -364,6 +405,35 @@ def cmd_serve(args) -> int:
     return run(args)
 
 
+def cmd_pre_sft(args) -> int:
+    from lift_engine.presft.corpus import read_corpus
+    from lift_engine.presft.run import check_output, run_pre_sft
+
+    if args.adapter != "lora":
+        raise InputError(f"pre-sft merges a LoRA adapter into the weights; --adapter {args.adapter} cannot be merged")
+    presft = PreSftConfig(epochs=args.epochs, rank=args.rank, lr=args.lr, batch_size=args.batch_size,
+                          num_extractive=args.extractive, merge=args.merge, synthetic=args.synthetic,
+                          synthetic_seed=args.synthetic_seed)
+    try:
+        presft.validate()
+    except ValueError as exc:  # "epochs must be …" → "--epochs must be …"
+        field_name, _, rest = str(exc).partition(" ")
+        flag = {"num_extractive": "extractive"}.get(field_name, field_name)
+        raise InputError(f"--{flag.replace('_', '-')} {rest}") from None
+    cfg, settings = _config(args), _batch_settings(args)
+    check_output(args.output, args.overwrite)  # before the corpus is read and the model loads
+    documents = read_corpus(args.corpus, presft)
+    base = _load_base(args.model, args.device)
+    outcome = run_pre_sft(base, documents, args.output, cfg, presft, settings, overwrite=args.overwrite,
+                          log=lambda msg: print(msg, file=sys.stderr))
+    note = f" (resumed at step {outcome.resumed_from})" if outcome.resumed_from else ""
+    what = f"model written to {outcome.output} (fingerprint {outcome.fingerprint})" if outcome.merged else \
+        f"adapter written to {outcome.output}"
+    print(f"{what}: {len(documents)} documents, {outcome.steps} steps{note}, loss "
+          f"{_loss(outcome.info['first_loss'])} → {_loss(outcome.info['last_loss'])}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from lift_engine.demo import run_demo
 
@@ -375,9 +445,9 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"tune": cmd_tune, "tune-service": cmd_tune_service, "ask": cmd_ask, "eval": cmd_eval, "serve": cmd_serve,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "pre-sft": cmd_pre_sft}
 #: Commands that tune adapters: they keep freed host memory for the next step (host_memory.py).
-TRAINING_COMMANDS = frozenset({"tune", "tune-service", "eval", "demo"})
+TRAINING_COMMANDS = frozenset({"tune", "tune-service", "eval", "demo", "pre-sft"})
 
 
 def main(argv: list[str] | None = None) -> int:

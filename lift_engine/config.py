@@ -285,6 +285,54 @@ class BatchConfig:
         return (device_type == "cpu") if self.prefix_sharing is None else bool(self.prefix_sharing)
 
 
+@dataclass
+class PreSftConfig:
+    """Pre-LIFT supervised fine-tuning (DESIGN.md §2.7; lift_engine.presft): one LoRA adapter
+    shared by every document of a corpus, trained on all their LIFT samples mixed, then
+    merged into the base's weights. The per-document samples (segment length, context,
+    extractive tasks, loss weights) come from the LiftConfig the run is given; the fields
+    here override its LoRA size, learning rate, batch size and task count."""
+
+    epochs: int = 1  # passes over the corpus; each pass: every document's segments + QA (+ distillation), shuffled together
+    rank: int = 16  # LoRA r of the shared adapter
+    alpha: float | None = None  # LoRA α (None: 2·rank)
+    lr: float = 1e-3  # AdamW learning rate of the shared adapter
+    batch_size: int = 8  # samples per optimizer step, drawn from the whole corpus
+    num_extractive: int = 16  # extractive tasks per document (besides a jsonl record's gold QA)
+    merge: bool = True  # merge the adapter into the weights and write a model dir (False: write the adapter)
+    synthetic: int = 0  # documents from the project's synthetic generator added to the corpus
+    synthetic_seed: int = 0  # their seed (data/synthetic.make_dataset)
+    synthetic_paragraphs: int = 16  # filler paragraphs per synthetic document (~100 tokens each)
+
+    def validate(self) -> "PreSftConfig":
+        """Raise ValueError naming the first bad field; returns self."""
+        for name in ("epochs", "rank", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("num_extractive", "synthetic"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.synthetic_paragraphs < 3:
+            raise ValueError(f"synthetic_paragraphs must be at least 3, got {self.synthetic_paragraphs}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError(f"alpha must be positive, got {self.alpha}")
+        return self
+
+    def lift_config(self, cfg: "LiftConfig") -> "LiftConfig":
+        """`cfg` (the per-document sample recipe) with this run's adapter size, learning rate,
+        batch size and task count; a copy, LoRA only."""
+        out = LiftConfig.from_dict(cfg.to_dict())
+        out.adapter = "lora"
+        out.lora.r = self.rank
+        out.lora.alpha = float(self.alpha if self.alpha is not None else 2 * self.rank)
+        out.train.lr_lora = self.lr
+        out.train.batch_size = self.batch_size
+        out.qa.num_extractive = self.num_extractive
+        return out
+
+
 def paper_preset(adapter: AdapterKind = "lora") -> LiftConfig:
     """The paper's numbers (docs/DESIGN.md §2): ℓ=2048, C=4096, 10 QA, E1=3, E2=5."""
     return LiftConfig(preset="paper", adapter=adapter)

@@ -134,7 +134,7 @@ def test_teacher_targets_come_from_the_base_model_reading_the_chunk(model_dir, t
         ids = base.tokenizer(DOCS["long"], add_special_tokens=False)["input_ids"]
         from lift_engine.data.tasks import build_qa_items
 
-        targets = job._teacher_targets("long", ids, build_qa_items(DOCS["long"], cfg, None, False))
+        targets = job.teacher_targets("long", ids, build_qa_items(DOCS["long"], cfg, None, False))
         assert targets, "no distillation targets"
         chunks = len(document_chunks(ids, base.tokenizer, cfg.queries.chunk_tokens))
         assert chunks > 1 and all(0 <= t.chunk < chunks for t in targets)
@@ -147,7 +147,7 @@ def test_teacher_targets_come_from_the_base_model_reading_the_chunk(model_dir, t
     fresh = load_base_model(str(model_dir))
     job = BatchTuneJob(fresh, cfg, tmp_path / "out2", max_active=1, status_file=None)
     try:
-        again = job._teacher_targets("long", ids, build_qa_items(DOCS["long"], cfg, None, False))
+        again = job.teacher_targets("long", ids, build_qa_items(DOCS["long"], cfg, None, False))
     finally:
         job.close()
     assert [t.answer_ids for t in again] == [t.answer_ids for t in targets]

@@ -20,6 +20,11 @@ steps AdamW for exactly the active slots (SlotAdamW: per-slot step counts, no de
 moment update for absent slots). So a document's adapter is the one it would get alone,
 to float tolerance, whatever else shares its steps, joins or leaves.
 
+A job entry need not be one document: `submit_prepared(name, PreparedSource(...))` trains
+any sample source in one slot as one entry, with the same steps, checkpoints, resume and
+publication (pre-LIFT SFT trains one shared adapter on a whole corpus this way,
+lift_engine.presft).
+
 A document joins at the next step after it is submitted (if a slot is free); when its
 last step is done its adapter is written atomically to out_root/<name>/ and its slot is
 freed for the next document, without stopping the others. Every `checkpoint_every` steps
@@ -75,10 +80,28 @@ TRAINER_ID = f"batch-slot-adamw-v1+{RECIPE_VERSION}"
 
 
 @dataclass
+class PreparedSource:
+    """A sample source trained in one slot as one job entry, instead of a document's text.
+
+    content_sha256: a hash of everything its samples are made of (the job key's
+    "document" field: a checkpoint or adapter of other content is never resumed or kept).
+    build(work_dir): called at admission, once `work_dir` is this entry's work dir (so it
+    may keep its tasks there for a resumed job); returns an object with DocumentSamples'
+    planning interface: full_plan(), build(ref), approx_length(ref), spans, qa_items, cfg.
+    tokens: the tokens it is made of (reported as document_tokens).
+    """
+
+    content_sha256: str
+    build: Callable[[Path], object]
+    tokens: int = 0
+
+
+@dataclass
 class DocState:
     name: str
     text: str
     source: str
+    prepared: PreparedSource | None = None
     status: str = "queued"  # queued → training → done | failed | cancelled
     slot: int | None = None
     out_dir: Path | None = None
@@ -180,14 +203,23 @@ class BatchTuneJob:
     # ================================================================ public API
     def submit(self, text: str, name: str, source: str = "") -> str:
         """Queue a document; it joins the running job at the next step with a free slot."""
-        validate_name(name, "document")
+        return self._enqueue(DocState(name=name, text=text, source=source))
+
+    def submit_prepared(self, name: str, prepared: PreparedSource, source: str = "") -> str:
+        """Queue a prepared sample source (PreparedSource) as one entry: one slot, one adapter
+        written to out_root/<name>/ when its plan is done, checkpointed and resumed like a
+        document."""
+        return self._enqueue(DocState(name=name, text="", source=source, prepared=prepared))
+
+    def _enqueue(self, doc: DocState) -> str:
+        validate_name(doc.name, "document")
         with self._lock:
-            if name in self.docs and self.docs[name].status not in ("done", "failed", "cancelled"):
-                raise InputError(f"document {name!r} is already in the job")
-            self.docs[name] = DocState(name=name, text=text, source=source)
-            self._pending.append(name)
+            if doc.name in self.docs and self.docs[doc.name].status not in ("done", "failed", "cancelled"):
+                raise InputError(f"document {doc.name!r} is already in the job")
+            self.docs[doc.name] = doc
+            self._pending.append(doc.name)
             self._changed.notify_all()
-        return name
+        return doc.name
 
     def progress(self) -> dict[str, dict]:
         with self._lock:
@@ -325,10 +357,14 @@ class BatchTuneJob:
     def _prepare(self, doc: DocState, slot: int) -> None:
         cfg = self.cfg
         doc.out_dir = self.out_root / doc.name
-        ids = tokenize_long(doc.text, self.base.tokenizer)
-        if not ids:
-            raise InputError(f"document {doc.name!r} has no tokens")
-        doc.doc_hash, doc.doc_tokens = document_sha256(ids), len(ids)
+        ids = None
+        if doc.prepared is not None:
+            doc.doc_hash, doc.doc_tokens = doc.prepared.content_sha256, doc.prepared.tokens
+        else:
+            ids = tokenize_long(doc.text, self.base.tokenizer)
+            if not ids:
+                raise InputError(f"document {doc.name!r} has no tokens")
+            doc.doc_hash, doc.doc_tokens = document_sha256(ids), len(ids)
         doc.key = {"document": doc.doc_hash, "config": cfg.fingerprint(), "model": self.base.fingerprint,
                    "kind": cfg.adapter, "trainer": TRAINER_ID, "prefix_sharing": self.prefix_sharing}
         if self._already_done(doc):
@@ -341,14 +377,18 @@ class BatchTuneJob:
             return
         work_dir = partial_dir_for(doc.out_dir)
         reset_stale_work_dir(work_dir, doc.key)
-        qa = stored_qa_items(work_dir, doc.text, cfg, self.base, False)
-        doc.qa_items = len(qa)
-        teacher = (stored_teacher_answers(work_dir, lambda: self._teacher_targets(doc.name, ids, qa))
-                   if cfg.distill.enabled else [])
-        # doc=0: the plan is seeded alike whatever the slot; rows get the slot when built.
-        doc.samples = DocumentSamples(ids, qa, cfg, self.prompts, teacher_answers=teacher)
+        if doc.prepared is not None:
+            doc.samples = doc.prepared.build(work_dir)
+            doc.qa_items = len(doc.samples.qa_items)
+        else:
+            qa = stored_qa_items(work_dir, doc.text, cfg, self.base, False)
+            doc.qa_items = len(qa)
+            teacher = (stored_teacher_answers(work_dir, lambda: self.teacher_targets(doc.name, ids, qa))
+                       if cfg.distill.enabled else [])
+            # doc=0: the plan is seeded alike whatever the slot; rows get the slot when built.
+            doc.samples = DocumentSamples(ids, qa, cfg, self.prompts, teacher_answers=teacher)
         plan = plan_summary(doc.samples, self.model)
-        self.log(f"{doc.name}: {len(ids)} tokens, {plan['segments']} segments, {plan['qa_items']} auxiliary tasks, "
+        self.log(f"{doc.name}: {doc.doc_tokens} tokens, {plan['segments']} segments, {plan['qa_items']} auxiliary tasks, "
                  f"{plan['samples']} samples (~{plan['train_tokens']} tokens); "
                  f"expected time ~{format_duration(plan['estimated_seconds'])} alone (rough estimate)")
         refs = doc.samples.full_plan()
@@ -373,8 +413,9 @@ class BatchTuneJob:
         if doc.next_step >= len(doc.steps) and not doc.cancel_requested:
             self._publish(doc)
 
-    def _teacher_targets(self, name: str, ids: list[int], qa) -> list[TeacherAnswer]:
-        """Context-distillation targets of one document (batch/teacher.py): queries about
+    def teacher_targets(self, name: str, ids: list[int], qa) -> list[TeacherAnswer]:
+        """Context-distillation targets of one document (token ids `ids`, its extractive
+        tasks `qa`; `name` for log lines) (batch/teacher.py): queries about
         every chunk (data/queries.py: extractive, generated, templates), then the base
         model, adapters off, answers each with its chunk in the prompt."""
         cfg = self.cfg
@@ -519,7 +560,7 @@ class BatchTuneJob:
         with self._lock:
             slot = doc.slot
             doc.status, doc.slot, doc.finished_at = "done", None, time.time()
-            doc.samples, doc.text = None, ""  # free the document's memory
+            doc.samples, doc.text, doc.prepared = None, "", None  # free the document's memory
             self._free_slots.append(slot)
             self._changed.notify_all()
         self.log(f"{doc.name}: adapter written to {doc.out_dir} ({len(doc.steps)} steps)")

@@ -73,6 +73,19 @@ def read_records(path: str | os.PathLike) -> list[EvalRecord]:
     return records
 
 
+def has_qa_layout(obj: dict) -> bool:
+    """Whether a JSON object is laid out as a LooGLE (qa_pairs) or LongBench (context +
+    input/question) record, i.e. carries questions (`parse_record` reads it)."""
+    return "qa_pairs" in obj or ("context" in obj and ("input" in obj or "question" in obj))
+
+
+def parse_record(obj: dict, name: str, lineno: int) -> list[EvalRecord]:
+    """The records of one JSON object of file `name`, line `lineno`: one for LongBench, one
+    per qa pair for LooGLE. Raises InputError naming `name:lineno` for another layout or a
+    malformed field."""
+    return _parse_object(obj, name, lineno)
+
+
 def _parse_object(obj: dict, name: str, lineno: int) -> list[EvalRecord]:
     where = f"{name}:{lineno}"
     if "qa_pairs" in obj:

@@ -57,6 +57,11 @@ _FINGERPRINT_CONFIG_KEYS = (
     "mlp_bias",
     "sliding_window",
 )
+# config.json field a pre-LIFT SFT'd model carries (lift_engine.presft.merge): its base's
+# fingerprint, corpus and adapter hashes. Hashed into the fingerprint when present, so such a
+# model never shares one with its raw base (the weight checksum samples only a few tensors,
+# maybe none the merged LoRA changed); a model without it keeps the fingerprint it had.
+PRE_SFT_MARKER_KEY = "lift_pre_sft"
 _FINGERPRINT_SAMPLES = 6  # parameter tensors sampled for the weight checksum
 _FINGERPRINT_ELEMENTS = 4096  # elements taken (strided) from each sampled tensor
 
@@ -99,11 +104,16 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
     The checksum covers a strided sample of a few evenly spaced parameter tensors,
     rounded to bfloat16, so the same checkpoint loaded in fp32 or bf16 (or patched with
-    adapters, whose parameters are skipped) gives the same fingerprint.
+    adapters, whose parameters are skipped) gives the same fingerprint. A pre-LIFT SFT
+    marker in the config (PRE_SFT_MARKER_KEY) is hashed too.
     """
     config = model.config.to_dict()
     arch = {key: config.get(key) for key in _FINGERPRINT_CONFIG_KEYS}
     digest = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
+    marker = config.get(PRE_SFT_MARKER_KEY)
+    if marker is not None:
+        digest.update(PRE_SFT_MARKER_KEY.encode())
+        digest.update(json.dumps(marker, sort_keys=True, default=str).encode())
     params = {}
     for name, param in model.named_parameters(remove_duplicate=True):
         canon = _canonical_param_name(name)
