@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     presft_defaults = PreSftConfig()
     ps = sub.add_parser(
         "pre-sft", help="fine-tune the base model once on a corpus of long documents (pre-LIFT SFT)",
-        description="Pre-LIFT supervised fine-tuning (DESIGN.md §2.7): every corpus document's LIFT samples "
+        description="Pre-LIFT supervised fine-tuning (docs/DESIGN.md §2.7): every corpus document's LIFT samples "
                     "(contextualized segments, extractive QA and a jsonl record's gold QA with the truncated "
                     "context) train ONE shared LoRA adapter in the batched engine; it is merged into the weights "
                     "and written as a Hugging Face model directory that --model takes. CORPUS: directories of "

@@ -287,7 +287,7 @@ class BatchConfig:
 
 @dataclass
 class PreSftConfig:
-    """Pre-LIFT supervised fine-tuning (DESIGN.md §2.7; lift_engine.presft): one LoRA adapter
+    """Pre-LIFT supervised fine-tuning (docs/DESIGN.md §2.7; lift_engine.presft): one LoRA adapter
     shared by every document of a corpus, trained on all their LIFT samples mixed, then
     merged into the base's weights. The per-document samples (segment length, context,
     extractive tasks, loss weights) come from the LiftConfig the run is given; the fields
