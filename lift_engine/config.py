@@ -136,7 +136,7 @@ class TrainConfig:
     seed: int = 0
     # dtype of the frozen base's weights and activations while tuning (lift_engine.precision):
     # "float32", or "bfloat16" (adapters and AdamW stay fp32; bf16 GEMMs are several times
-    # faster on CPUs with AMX, measured in bench/README.md run 5, and on GPUs, not yet run)
+    # faster on CPUs with AMX, measured in bench/README.md, "Tuning", on an AMX CPU and a GPU)
     compute_dtype: str = "float32"
 
 

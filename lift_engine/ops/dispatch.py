@@ -55,7 +55,7 @@ BACKEND_MODULES = {
 
 # Automatic preference per device type, best first. On CUDA, Triton comes first and
 # implements every op the CUDA backend does, so CUDA is reached only when Triton cannot
-# load: its kernels measured slower (docs/DESIGN.md §5.5, bench/README.md "GPU").
+# load: its kernels measured slower (docs/DESIGN.md §5.5, bench/README.md "Multi-adapter LoRA").
 AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 
 
