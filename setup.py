@@ -3,7 +3,7 @@
 The Python package works on its own. Native kernels (csrc/) are built with ninja when a
 compiler is there: the C++ CPU extension always tries, the CUDA one only when nvcc and
 a CUDA build of torch are present. A failed native build never fails the install; the
-ops fall back to the reference path (DESIGN.md §5).
+ops fall back to the reference path (docs/DESIGN.md §5).
 
     lift_engine._C_cpu   csrc/cpu/*.cpp          (OpenMP, fp32; built when a C++ compiler is there)
     lift_engine._C_cuda  csrc/cuda/*.cu + *.cpp  (sm_80, sm_90 + PTX unless TORCH_CUDA_ARCH_LIST says)
@@ -127,7 +127,7 @@ setup(
     python_requires=">=3.10",
     entry_points={
         "console_scripts": ["lift=lift_engine.cli:main"],
-        # vLLM loads this in every process; registration is idempotent (DESIGN.md §7).
+        # vLLM loads this in every process; registration is idempotent (docs/DESIGN.md §7.1).
         "vllm.general_plugins": ["lift_engine = lift_engine.vllm_plugin:register"],
     },
     ext_modules=ext_modules,

@@ -18,7 +18,7 @@ fixed random cotangent into every input that has a gradient in training).
 Timing: the contenders run interleaved, round after round; a ratio is the median over
 rounds of (baseline time / C++ time) from the same round, which cancels most of the noise
 of a shared machine. Min and median times are recorded too. No absolute time is a result
-on a shared CPU (DESIGN.md §9): read the ratios.
+on a shared CPU (docs/DESIGN.md §9): read the ratios.
 
     python -m bench.bench_cpu_ops                 # full run, ~5 min on 2 cores
     python -m bench.bench_cpu_ops --quick         # fewer rounds and cases

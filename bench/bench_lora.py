@@ -21,7 +21,7 @@ model's 576 → 576 at T = 2048, rank 16 (the kernels there are C++, if built).
 Timing: bench.common.time_interleaved (torch.utils.benchmark on CPU, triton.testing.do_bench
 on a GPU), each sample ≥ ~20 ms of calls. A ratio is the median over rounds of (other time /
 contender time) from the same round, which cancels most of the noise of a shared machine. TFLOP/s and GB/s are per contender
-from the median time. No absolute CPU time is a result on a shared machine (DESIGN.md §9).
+from the median time. No absolute CPU time is a result on a shared machine (docs/DESIGN.md §9).
 
     python -m bench.bench_lora            # GPU if present, else CPU (Triton rows skipped)
     python -m bench.bench_lora --quick

@@ -51,7 +51,7 @@ ORACLE_TOKENS = 500
 
 
 def with_distillation(cfg: LiftConfig) -> LiftConfig:
-    """The config plus context distillation (DESIGN.md §2.6) at its default settings."""
+    """The config plus context distillation (docs/DESIGN.md §2.6) at its default settings."""
     out = LiftConfig.from_dict(cfg.to_dict())
     out.distill.enabled = True
     return out

@@ -17,7 +17,7 @@ issue's baseline), tokens ids as prompts, greedy, ignore_eos, fixed output lengt
 
 Each configuration is timed `--rounds` times after a warm-up that loads its adapters;
 the median is reported. Ratios are against the base engine. This is a shared 2-core
-machine: read the ratios, not the absolute numbers (DESIGN.md §9); engines run at
+machine: read the ratios, not the absolute numbers (docs/DESIGN.md §9); engines run at
 different times, so ratios carry that noise too (the JSON keeps every round).
 
     python -m bench.bench_serve                     # default model (SmolLM2-135M), ~15-25 min on 2 cores

@@ -17,7 +17,7 @@ For each tuning-worker count W in --workers (default 1 2), one server is started
   3. chat + tuning:  the same chat load started right after the uploads, while the
                      documents tune: tokens/s against (1).
 
-Only ratios between numbers of one run mean anything on a shared machine (DESIGN.md §9).
+Only ratios between numbers of one run mean anything on a shared machine (docs/DESIGN.md §9).
 On a 2-core machine the server's engine, Ray and every actor share the same two cores:
 W = 2 there measures contention, not scaling — the JSON says how many cores it had.
 

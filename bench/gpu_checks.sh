@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of one short device session, in one go (bench/README.md, "GPU"):
+# The GPU checks of one short device session, in one go (bench/README.md, "A GPU session"):
 #   build the CUDA extension for sm_90 → the GPU kernel and tuning tests → the kernel
 #   benches → bench_tune on the GPU.
 # Every step has its own time limit, so one that hangs or fails leaves the rest running;

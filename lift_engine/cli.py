@@ -36,7 +36,7 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="training seed")
     p.add_argument("--distill", action="store_true",
                    help="add context distillation: the base model reads each chunk and answers queries about it; "
-                        "the adapter learns its answers' distributions without the chunk (DESIGN.md §2.6)")
+                        "the adapter learns its answers' distributions without the chunk (docs/DESIGN.md §2.6)")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=None,
                    help="dtype of the frozen base model while tuning (default: the preset's). bfloat16 keeps the "
                         "adapter and optimizer in fp32 and runs the base's GEMMs in bf16: 2.2x faster batched tuning on "
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     presft_defaults = PreSftConfig()
     ps = sub.add_parser(
         "pre-sft", help="fine-tune the base model once on a corpus of long documents (pre-LIFT SFT)",
-        description="Pre-LIFT supervised fine-tuning (DESIGN.md §2.7): every corpus document's LIFT samples "
+        description="Pre-LIFT supervised fine-tuning (docs/DESIGN.md §2.7): every corpus document's LIFT samples "
                     "(contextualized segments, extractive QA and a jsonl record's gold QA with the truncated "
                     "context) train ONE shared LoRA adapter in the batched engine; it is merged into the weights "
                     "and written as a Hugging Face model directory that --model takes. CORPUS: directories of "

@@ -1,4 +1,4 @@
-"""Configuration dataclasses for lift_engine (DESIGN.md §2–3).
+"""Configuration dataclasses for lift_engine (docs/DESIGN.md §2–3).
 
 Every size of the LIFT algorithm is a field here; presets `paper` and `cpu` build
 complete configs. Nothing else in the package holds a tunable constant.
@@ -18,7 +18,7 @@ LORA_TARGETS_ALL: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "ga
 
 @dataclass
 class SegmentConfig:
-    """Overlapping segmentation of the document (DESIGN.md §2.1)."""
+    """Overlapping segmentation of the document (docs/DESIGN.md §2.1)."""
 
     length: int = 2048  # ℓ: tokens per segment
     stride_fraction: float = 3 / 8  # s = ℓ · stride_fraction (paper: 768 for ℓ = 2048)
@@ -30,7 +30,7 @@ class SegmentConfig:
 
 @dataclass
 class ContextConfig:
-    """Contextualized training samples (DESIGN.md §2.2)."""
+    """Contextualized training samples (docs/DESIGN.md §2.2)."""
 
     length: int = 4096  # C: tokens of head + tail context placed before each sample
     enabled: bool = True  # False: plain segments, no context (ablation)
@@ -39,7 +39,7 @@ class ContextConfig:
 
 @dataclass
 class QAConfig:
-    """Auxiliary tasks (DESIGN.md §2.3)."""
+    """Auxiliary tasks (docs/DESIGN.md §2.3)."""
 
     num_generated: int = 10  # triples asked from the generator per document (kept after the evidence check)
     generator_tries_per_item: int = 3  # attempts per wanted triple before giving up
@@ -57,7 +57,7 @@ QUERY_KINDS: tuple[str, ...] = (
 
 @dataclass
 class QueryConfig:
-    """Queries about chunks of a document, for context distillation (DESIGN.md §2.6;
+    """Queries about chunks of a document, for context distillation (docs/DESIGN.md §2.6;
     lift_engine.data.queries). Endpoint and model name come from QAConfig."""
 
     chunk_tokens: int = 512  # tokens per chunk (one teacher prompt each); chunks end at sentence ends when they can
@@ -91,7 +91,7 @@ class QueryConfig:
 
 @dataclass
 class LoRAConfig:
-    """LoRA adapter y = x Wᵀ + (α/r) (x Aᵀ) Bᵀ (DESIGN.md §3)."""
+    """LoRA adapter y = x Wᵀ + (α/r) (x Aᵀ) Bᵀ (docs/DESIGN.md §3.1)."""
 
     r: int = 128
     alpha: float = 256.0
@@ -102,7 +102,7 @@ class LoRAConfig:
         return self.alpha / self.r
 
 
-#: Gated Memory's gate g = sigmoid(GATE_SCALE · (w4 · SiLU(W3 q) − 1)) (DESIGN.md §3): fixed
+#: Gated Memory's gate g = sigmoid(GATE_SCALE · (w4 · SiLU(W3 q) − 1)) (docs/DESIGN.md §3.2): fixed
 #: by the method, the one definition every op (reference, Triton, custom ops), the adapter
 #: layer and the adapter file format (its "gate_scale" entry) import. The C++ and CUDA
 #: kernels (csrc/) are compiled with 3; their tests against the reference ops keep them equal.
@@ -111,7 +111,7 @@ GATE_SCALE = 3.0
 
 @dataclass
 class GatedMemoryConfig:
-    """Gated Memory adapter (DESIGN.md §3): sizes follow from the model's head dim; the gate
+    """Gated Memory adapter (docs/DESIGN.md §3.2): sizes follow from the model's head dim; the gate
     scale is the constant GATE_SCALE, not a field."""
 
     hidden_factor: int = 2  # W1: (hidden_factor·d) × d
@@ -119,7 +119,7 @@ class GatedMemoryConfig:
 
 @dataclass
 class TrainConfig:
-    """Two-stage schedule and optimizer (DESIGN.md §2.4)."""
+    """Two-stage schedule and optimizer (docs/DESIGN.md §2.4)."""
 
     stage1_epochs: int = 3  # E1: segments only
     stage2_epochs: int = 5  # E2: segments + auxiliary tasks
@@ -136,13 +136,13 @@ class TrainConfig:
     seed: int = 0
     # dtype of the frozen base's weights and activations while tuning (lift_engine.precision):
     # "float32", or "bfloat16" (adapters and AdamW stay fp32; bf16 GEMMs are several times
-    # faster on CPUs with AMX, measured in bench/README.md run 5, and on GPUs, not yet run)
+    # faster on CPUs with AMX, measured in bench/README.md, "Tuning", on an AMX CPU and a GPU)
     compute_dtype: str = "float32"
 
 
 @dataclass
 class DistillConfig:
-    """Context distillation (DESIGN.md §2.6): the frozen base reads one chunk of the
+    """Context distillation (docs/DESIGN.md §2.6): the frozen base reads one chunk of the
     document and answers queries about it (LiftConfig.queries says which chunks and
     queries); the adapter learns to give the same next-token distributions (top k)
     without the chunk."""
@@ -155,7 +155,7 @@ class DistillConfig:
     # Fraction of the targets that also train, once per stage-2 epoch, with their chunk in
     # the student's prompt exactly as the teacher saw it ("anchor" samples): where the
     # window shows the passage, the adapter learns to leave the base's in-context answer
-    # alone (DESIGN.md §2.6, "never worse than the window"). 0: none.
+    # alone (docs/DESIGN.md §2.6, "never worse than the window"). 0: none.
     anchor_fraction: float = 0.0
 
     def __post_init__(self) -> None:
@@ -165,7 +165,7 @@ class DistillConfig:
 
 @dataclass
 class InferenceConfig:
-    """Answering from a truncated context (DESIGN.md §2.5)."""
+    """Answering from a truncated context (docs/DESIGN.md §2.5)."""
 
     window: int = 4096  # W: context tokens kept (first W/2 and last W/2)
     max_new_tokens: int = 64
@@ -255,7 +255,7 @@ LEGACY_FIELDS = {"train": ("checkpoint_every",)}
 
 @dataclass
 class BatchConfig:
-    """How the tuning engine runs a job (DESIGN.md §4). Apart from prefix_sharing, none of
+    """How the tuning engine runs a job (docs/DESIGN.md §4). Apart from prefix_sharing, none of
     these change what an adapter learns; they are not part of LiftConfig's fingerprint."""
 
     max_active: int = 16  # documents trained at once: the adapter bank's size N
@@ -287,7 +287,7 @@ class BatchConfig:
 
 @dataclass
 class PreSftConfig:
-    """Pre-LIFT supervised fine-tuning (DESIGN.md §2.7; lift_engine.presft): one LoRA adapter
+    """Pre-LIFT supervised fine-tuning (docs/DESIGN.md §2.7; lift_engine.presft): one LoRA adapter
     shared by every document of a corpus, trained on all their LIFT samples mixed, then
     merged into the base's weights. The per-document samples (segment length, context,
     extractive tasks, loss weights) come from the LiftConfig the run is given; the fields
@@ -334,7 +334,7 @@ class PreSftConfig:
 
 
 def paper_preset(adapter: AdapterKind = "lora") -> LiftConfig:
-    """The paper's numbers (DESIGN.md §2): ℓ=2048, C=4096, 10 QA, E1=3, E2=5."""
+    """The paper's numbers (docs/DESIGN.md §2): ℓ=2048, C=4096, 10 QA, E1=3, E2=5."""
     return LiftConfig(preset="paper", adapter=adapter)
 
 
@@ -343,7 +343,7 @@ def cpu_preset(adapter: AdapterKind = "lora") -> LiftConfig:
 
     Training cost grows as (L / s) · (C + ℓ) per segment epoch, so the CPU preset keeps
     the paper's stride ratio but a short context, one segment-only epoch, and leans on
-    many short auxiliary tasks (what makes stored knowledge usable, DESIGN.md §2.3).
+    many short auxiliary tasks (what makes stored knowledge usable, docs/DESIGN.md §2.3).
 
     Measured on the bundled demo document (2,458 tokens, window 512, quiet 2-core CPU):
     24 tasks × E2 = 2 answered 4/12; 24 × E2 = 4 answered 10/12 (529 s of tuning);

@@ -100,7 +100,7 @@ def evaluate(
     """Answer every record in `mode`; returns (aggregate metrics, per-question predictions
     in record order). settings: the tuning engine's BatchConfig (lift mode); answer_batch:
     questions decoded together. In lift mode a context that fits the window is answered
-    with all of it in the prompt and no adapter (hybrid, DESIGN.md §2.5), unless force_lift."""
+    with all of it in the prompt and no adapter (hybrid, docs/DESIGN.md §2.5), unless force_lift."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
     settings = settings or BatchConfig()

@@ -1,4 +1,4 @@
-"""Atomic file and directory writes (DESIGN.md §6).
+"""Atomic file and directory writes (docs/DESIGN.md §6).
 
 Every write lands in a temporary sibling first, is fsync'ed, and is then renamed into
 place, so a reader sees either the old content or the complete new content, never a

@@ -1,10 +1,10 @@
-"""Answering from a truncated context plus an adapter (DESIGN.md §2.5).
+"""Answering from a truncated context plus an adapter (docs/DESIGN.md §2.5).
 
 The context is middle-truncated to the window (first W/2 and last W/2 tokens, "..."
 between), laid out by the same PromptBuilder used in training, and decoded greedily
 with the document's adapter slot active (or none: plain in-context learning).
 
-Questions are decoded in batches across adapters (DESIGN.md §4): each row of a batch
+Questions are decoded in batches across adapters (docs/DESIGN.md §4.9): each row of a batch
 carries its own adapter slot (-1: the base model) through the multi-adapter ops, so the
 questions of many documents, and ICL rows without an adapter, share one generation.
 """

@@ -1,4 +1,4 @@
-"""The one name rule for tenants, adapters and documents (DESIGN.md §7).
+"""The one name rule for tenants, adapters and documents (docs/DESIGN.md §6.2).
 
 A name becomes a directory: of a tuned adapter (`lift tune -o`), of a batch job's document
 (its adapter directory), of a tenant or adapter in the store (store.py). One rule serves

@@ -1,4 +1,4 @@
-"""LIFT for one document, end to end: text → tasks → tuned adapter on disk (DESIGN.md §2).
+"""LIFT for one document, end to end: text → tasks → tuned adapter on disk (docs/DESIGN.md §2).
 
     tune_document(base, text, out_dir, cfg)   writes an adapter dir atomically, resumable
     load_tuned(base, adapter_dir)             attaches a saved adapter to the base model

@@ -1,4 +1,4 @@
-"""Prompt layout shared by training samples and inference (DESIGN.md §2.2, §2.3, §2.5).
+"""Prompt layout shared by training samples and inference (docs/DESIGN.md §2.2, §2.3, §2.5).
 
 A prompt is built at the token level so that a truncated context keeps its exact token
 ids: the chat template (when the model has one) is rendered around a placeholder, the

@@ -1,11 +1,11 @@
-"""Training samples of one document (DESIGN.md §2.1–2.4).
+"""Training samples of one document (docs/DESIGN.md §2.1–2.4).
 
 Three kinds of sample, all placed behind a head/tail context of the document:
 
     segment:  prompt(context, recite instruction) + segment ids          loss on the segment
     qa:       question_prompt(context, question) + answer + end of turn  loss on the answer
     distill:  question_prompt(context, query) + teacher's answer         KL to the teacher's
-              (DESIGN.md §2.6; the teacher read the query's chunk)        top-k at each answer token
+              (docs/DESIGN.md §2.6; the teacher read the query's chunk)        top-k at each answer token
     anchor:   question_prompt(chunk, query) + teacher's answer           the same KL, with the
               (distill.anchor_fraction of the targets; the student sees   passage in view
               exactly the teacher's prompt)
@@ -129,7 +129,7 @@ class DocumentSamples:
         return refs
 
     def full_plan(self) -> list[SampleRef]:
-        """All epochs of both stages in order (DESIGN.md §2.4)."""
+        """All epochs of both stages in order (docs/DESIGN.md §2.4)."""
         plan: list[SampleRef] = []
         for epoch in range(self.cfg.train.stage1_epochs):
             plan += self.epoch_plan(1, epoch)

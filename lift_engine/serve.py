@@ -1,6 +1,6 @@
 """`lift serve --model M --store DIR`: vLLM's OpenAI-compatible server with lift's plugin.
 
-What it sets up (DESIGN.md §7), then hands the process over to `vllm serve`:
+What it sets up (docs/DESIGN.md §7), then hands the process over to `vllm serve`:
 
 - the model: M (default: SmolLM2-135M-Instruct, converted once), served under a short
   name (its directory name unless --served-model-name);

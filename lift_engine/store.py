@@ -1,4 +1,4 @@
-"""The adapter store: tuned adapters of many tenants in one directory (DESIGN.md §6–7).
+"""The adapter store: tuned adapters of many tenants in one directory (docs/DESIGN.md §6.2, §7.1).
 
 Layout (nothing else is trusted or listed):
 

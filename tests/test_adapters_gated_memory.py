@@ -1,4 +1,4 @@
-"""Gated Memory: the patched attention layer against a direct transcription of DESIGN.md §3."""
+"""Gated Memory: the patched attention layer against a direct transcription of docs/DESIGN.md §3.2."""
 from __future__ import annotations
 
 import math
@@ -24,7 +24,7 @@ def _rotate_half(x):
 
 
 def transcribe_attention(attn, config, hidden, slots, weights):
-    """DESIGN.md §3 written out per sequence and per head with nn.functional.
+    """docs/DESIGN.md §3.2 written out per sequence and per head with nn.functional.
 
     attn: the (patched) attention module — only its frozen q/k/v/o weights are read.
     hidden: [B, S, D] input of the attention; slots: adapter per sequence (-1 = none);

@@ -1,4 +1,4 @@
-"""Adapter files (DESIGN.md §6): round trips, validation, atomic writes, PEFT parity."""
+"""Adapter files (docs/DESIGN.md §6): round trips, validation, atomic writes, PEFT parity."""
 from __future__ import annotations
 
 import json

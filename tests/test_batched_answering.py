@@ -1,4 +1,4 @@
-"""Batched answering (DESIGN.md §2.5, §4): questions of several adapters, and base-model
+"""Batched answering (docs/DESIGN.md §2.5, §4.9): questions of several adapters, and base-model
 rows, decoded together give the one-question path's greedy tokens exactly; several saved
 adapters load into one bank (load_adapters)."""
 from __future__ import annotations

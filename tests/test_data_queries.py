@@ -1,4 +1,4 @@
-"""Queries about chunks of a document (lift_engine.data.queries, DESIGN.md §2.6).
+"""Queries about chunks of a document (lift_engine.data.queries, docs/DESIGN.md §2.6).
 
 Generators here are test doubles, a tiny random Llama, and a real HTTP server on
 127.0.0.1 speaking the OpenAI chat-completions protocol; nothing leaves the machine.

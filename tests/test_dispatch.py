@@ -1,4 +1,4 @@
-"""The one dispatch point (DESIGN.md §5): backend forcing, unavailable backends, fallback
+"""The one dispatch point (docs/DESIGN.md §5.1): backend forcing, unavailable backends, fallback
 warnings, the Triton backend's device rules, and the torch.library custom ops (fake
 impls, explicit backward formulas, torch.compile)."""
 from helpers_triton import ensure_interpreter

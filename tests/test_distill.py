@@ -1,4 +1,4 @@
-"""Context distillation (DESIGN.md §2.6): the top-k KL loss against its full-softmax
+"""Context distillation (docs/DESIGN.md §2.6): the top-k KL loss against its full-softmax
 reference, the teacher's targets, weights per sample kind, and "batched equals one by one"."""
 from __future__ import annotations
 

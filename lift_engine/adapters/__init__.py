@@ -1,4 +1,4 @@
-"""Adapters: multi-adapter LoRA and Gated Memory banks, model patching, files (DESIGN.md §3, §4, §6)."""
+"""Adapters: multi-adapter LoRA and Gated Memory banks, model patching, files (docs/DESIGN.md §3, §4, §6)."""
 from lift_engine.adapters.context import AdapterContext
 from lift_engine.adapters.gated_memory import GatedMemoryBank, GatedOutput, QueryCapture, gate_dim
 from lift_engine.adapters.io import FORMAT_VERSION, load_adapter, load_adapters, read_manifest, save_adapter

@@ -1,4 +1,4 @@
-"""Per-batch adapter metadata read by every adapter layer (DESIGN.md §4).
+"""Per-batch adapter metadata read by every adapter layer (docs/DESIGN.md §3).
 
 The analogue of vLLM's PunicaWrapper.token_lora_indices: the caller says which adapter
 each sequence (or each token) uses, and every patched layer asks for the flat per-token

@@ -1,4 +1,4 @@
-"""Gated Memory, the paper's attention adapter, attached generically (DESIGN.md §3).
+"""Gated Memory, the paper's attention adapter, attached generically (docs/DESIGN.md §3.2).
 
 Per decoder layer, for every query head h with pre-RoPE query q (head dim d, s = ⌊√d⌋):
 

@@ -1,4 +1,4 @@
-"""Adapter files on disk (DESIGN.md §6).
+"""Adapter files on disk (docs/DESIGN.md §6).
 
 An adapter directory holds one adapter (one slot of a bank):
 

@@ -1,4 +1,4 @@
-"""Multi-adapter LoRA layer (DESIGN.md §3–4).
+"""Multi-adapter LoRA layer (docs/DESIGN.md §3.1, §4).
 
 LoRABankLinear wraps a frozen nn.Linear W and a bank of N LoRA adapters:
 

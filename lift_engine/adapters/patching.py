@@ -1,4 +1,4 @@
-"""Attaching adapter banks to Llama-family HF models, table-driven (DESIGN.md §3–4, §9).
+"""Attaching adapter banks to Llama-family HF models, table-driven (docs/DESIGN.md §3–4, §9).
 
     handle = attach_adapters(model, "lora" | "gated-memory", cfg, num_adapters=N)
     handle.set_indices(torch.tensor([0, 1]))      # or: with handle.use([0, 1]): ...

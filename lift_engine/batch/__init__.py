@@ -1,4 +1,4 @@
-"""The tuning engine (DESIGN.md §4): one adapter bank, mixed batches, continuous admission.
+"""The tuning engine (docs/DESIGN.md §4): one adapter bank, mixed batches, continuous admission.
 Every tuning — one document, many, eval, demo, the service's Ray actors — is a BatchTuneJob.
 
     BatchTuneJob    lift_engine.batch.job      submit / progress / collect, resumable

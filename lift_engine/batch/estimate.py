@@ -7,7 +7,7 @@ import torch
 
 from lift_engine.samples import DocumentSamples
 
-# Measured on the 2-core development machine (DESIGN.md §8), quiet: the cpu preset's
+# Measured on the 2-core development machine (docs/DESIGN.md §8), quiet: the cpu preset's
 # demo plan (~68k planned tokens) tuned the 135M default model in 352 s, ~194 tok/s in
 # fp32, i.e. about 6·135e6·194 ≈ 1.6e11 FLOP/s. Other jobs on the cores slow it 2–10×.
 ASSUMED_TRAIN_FLOPS = 1.6e11

@@ -1,4 +1,4 @@
-"""The tuning engine: one adapter bank, mixed batches, continuous admission (DESIGN.md §4).
+"""The tuning engine: one adapter bank, mixed batches, continuous admission (docs/DESIGN.md §4).
 
 Every tuning in lift_engine runs here: `lift tune` on one document is a job of one
 (pipeline.tune_document), several documents, `lift eval` and `lift demo` share one job

@@ -151,7 +151,7 @@ class _ChunkedDistillLoss(torch.autograd.Function):
 
 def chunked_distill_loss(hidden: torch.Tensor, head: torch.nn.Module, top_ids: torch.Tensor, top_logprobs: torch.Tensor,
                          chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """Context-distillation loss per token [T] (float32, DESIGN.md §2.6): the KL divergence
+    """Context-distillation loss per token [T] (float32, docs/DESIGN.md §2.6): the KL divergence
     from the teacher's top-k distribution, renormalised over its k tokens (p̃), to the
     student's full softmax q over the vocabulary:
 

@@ -1,4 +1,4 @@
-"""The teacher of context distillation (DESIGN.md §2.6), run by the tuning engine.
+"""The teacher of context distillation (docs/DESIGN.md §2.6), run by the tuning engine.
 
 The teacher is the frozen base model itself — the job's own model with adapter index -1
 on every row, so the same banks and no second copy of the model — reading one chunk of

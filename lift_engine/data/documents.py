@@ -1,4 +1,4 @@
-"""Reading and tokenising long documents (DESIGN.md §2.1).
+"""Reading and tokenising long documents (docs/DESIGN.md §2.1).
 
 `read_document` streams a file (or stdin) through an incremental UTF-8 decoder so a huge
 file never needs more memory than its text plus one chunk of bytes; every way a user can

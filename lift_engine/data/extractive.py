@@ -1,4 +1,4 @@
-"""Auxiliary tasks derived from the document itself, with no generator (DESIGN.md §2.3).
+"""Auxiliary tasks derived from the document itself, with no generator (docs/DESIGN.md §2.3).
 
 Three kinds, all built from spans of the text so that every answer and evidence occurs
 verbatim in the document:

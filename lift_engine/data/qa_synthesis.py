@@ -1,4 +1,4 @@
-"""Auxiliary QA written by a generator model (DESIGN.md §2.3).
+"""Auxiliary QA written by a generator model (docs/DESIGN.md §2.3).
 
 A generator (the base model through `HFGenerator`, or any OpenAI-compatible endpoint
 through `OpenAIGenerator`) is shown a random chunk of a few sentences and asked for one

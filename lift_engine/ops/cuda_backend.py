@@ -1,5 +1,5 @@
 """CUDA backend (csrc/cuda, extension lift_engine._C_cuda): multi-adapter LoRA shrink /
-expand / delta, forward and backward, and the Gated-Memory epilogue forward (DESIGN.md §5).
+expand / delta, forward and backward, and the Gated-Memory epilogue forward (docs/DESIGN.md §5.5).
 
 Importing this module raises ImportError when the extension is not built (it is built only
 with nvcc and a CUDA build of torch); `supports("cuda")` says when no GPU is visible.

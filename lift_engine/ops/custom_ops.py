@@ -1,4 +1,4 @@
-"""torch.library custom ops for every op of dispatch.OPS (DESIGN.md §5): `torch.ops.lift.*`.
+"""torch.library custom ops for every op of dispatch.OPS (docs/DESIGN.md §5.1): `torch.ops.lift.*`.
 
 Why: torch.compile (and vLLM, which compiles its model) cannot trace into Triton launches,
 C++ extensions or data-dependent loops over adapters. Each op is registered as an opaque
@@ -127,7 +127,7 @@ def ref_lora_linear_backward(dy, x, weight, bias, lora_a, lora_b, scaling, adapt
 
 
 def ref_gated_memory_blend_backward(dout, attn_out, q, w1, w2, w3, w4, adapter_idx, needs=(True,) * 6):
-    """Chain rule of DESIGN.md §3 per adapter group, in fp32 (see gated_memory_blend.py for
+    """Chain rule of docs/DESIGN.md §3.2 per adapter group, in fp32 (see gated_memory_blend.py for
     the forward): d_attn = (1−g) dout; dq, dW1..dw4 through the memory MLP and the gate."""
     d_attn = dout.clone().to(attn_out.dtype)
     dq = torch.zeros_like(q)

@@ -1,4 +1,4 @@
-"""The one place where a backend is chosen for every op (DESIGN.md §5).
+"""The one place where a backend is chosen for every op (docs/DESIGN.md §5.1).
 
 Backends: "reference" (pure PyTorch, always there), "triton", "cuda", "cpu" (C++).
 `LIFT_BACKEND` forces one: a backend asked for explicitly that cannot load raises
@@ -53,8 +53,9 @@ BACKEND_MODULES = {
     "cpu": "lift_engine.ops.cpu_backend",
 }
 
-# Automatic preference per device type, best first. On CUDA, Triton comes first: its
-# kernels run in CI under TRITON_INTERPRET=1, the CUDA ones have only been compiled.
+# Automatic preference per device type, best first. On CUDA, Triton comes first and
+# implements every op the CUDA backend does, so CUDA is reached only when Triton cannot
+# load: its kernels measured slower (docs/DESIGN.md §5.5, bench/README.md "Multi-adapter LoRA").
 AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 
 

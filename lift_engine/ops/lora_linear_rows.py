@@ -1,4 +1,4 @@
-"""A frozen linear with one LoRA adapter per sequence, as two batched GEMMs (DESIGN.md §3–4).
+"""A frozen linear with one LoRA adapter per sequence, as two batched GEMMs (docs/DESIGN.md §3.1, §4.8).
 
 Training batches give every row (sample) one adapter: `AdapterContext` indices [B]. Then
 the multi-adapter LoRA term needs no per-token gather at all:

@@ -1,7 +1,7 @@
 """Triton backend (kernels/, installed as lift_engine.kernels): every op of dispatch.OPS with
 the reference's signature, differentiable through the kernels' autograd.Functions.
 
-When it loads (DESIGN.md §5):
+When it loads (docs/DESIGN.md §5.4):
   * triton must import;
   * on a machine without a CUDA device it loads only under TRITON_INTERPRET=1 (the
     numpy interpreter: correct, slow, meant for tests) — otherwise importing raises

@@ -1,4 +1,4 @@
-"""Pre-LIFT supervised fine-tuning (DESIGN.md §2.7): `lift pre-sft`.
+"""Pre-LIFT supervised fine-tuning (docs/DESIGN.md §2.7): `lift pre-sft`.
 
     documents = read_corpus(["docs/", "longbench.jsonl"], PreSftConfig(synthetic=100))
     outcome = run_pre_sft(base, documents, "models/presft", lift_cfg, PreSftConfig())

@@ -1,5 +1,5 @@
 """One pre-LIFT SFT run: the corpus through the tuning engine into one shared adapter,
-merged into the base and written as a model directory (DESIGN.md §2.7).
+merged into the base and written as a model directory (docs/DESIGN.md §2.7).
 
     outcome = run_pre_sft(base, documents, "models/presft", lift_cfg, PreSftConfig())
 

@@ -1,4 +1,4 @@
-"""A pool of Ray actors that tune documents (DESIGN.md §7 "Scaling out").
+"""A pool of Ray actors that tune documents (docs/DESIGN.md §7.4).
 
 Each actor (`TuneWorker`) loads the base model once and runs one `BatchTuneJob` in a
 background thread (continuous admission: a document joins the running batch at the next

@@ -1,4 +1,4 @@
-"""lift_engine's vLLM plugin (entry point group `vllm.general_plugins`, DESIGN.md §7).
+"""lift_engine's vLLM plugin (entry point group `vllm.general_plugins`, docs/DESIGN.md §7.1).
 
 vLLM calls `register()` in every process it starts (API server, engine core, workers);
 it is idempotent and cheap (nothing heavy is imported until vLLM uses it):

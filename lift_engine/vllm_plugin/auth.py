@@ -1,5 +1,5 @@
 """Tenants for vLLM's OpenAI-compatible server: API key → tenant, and a tenant sees only
-its own adapters (DESIGN.md §7).
+its own adapters (docs/DESIGN.md §7.2).
 
 The tenants file (JSON; `lift serve --tenants FILE`, env LIFT_TENANTS):
 

@@ -2,7 +2,7 @@
 
 `LiftGatedMemoryLlamaForCausalLM` is vLLM's own `LlamaForCausalLM` (same weights, same
 LoRA support, same paged attention) whose attention layers add, per token, the Gated
-Memory of the adapter that token's request uses (DESIGN.md §3):
+Memory of the adapter that token's request uses (docs/DESIGN.md §3.2):
 
     q_pre = q (query after qkv_proj — with q_proj's LoRA if any — before RoPE)
     a     = Attention(RoPE(q), RoPE(k), v)                      vLLM's paged attention

@@ -1,5 +1,5 @@
 """Multi-head attention with grouped KV heads, a causal rule and/or a key mask, reference
-implementation (DESIGN.md §5).
+implementation (docs/DESIGN.md §5).
 
     out[b, h, i] = Σ_j softmax_j(scale · q[b, h, i] · k[b, h // G, j]) v[b, h // G, j]
 

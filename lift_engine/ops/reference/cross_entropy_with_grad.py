@@ -1,4 +1,4 @@
-"""Cross entropy of logit rows together with its gradient, reference (DESIGN.md §5).
+"""Cross entropy of logit rows together with its gradient, reference (docs/DESIGN.md §5).
 
     loss[r] = logsumexp(z[r]) − z[r, t[r]]          (float32)
     z[r]   ← softmax(z[r]) − onehot(t[r])           (in place: d loss[r] / d z[r])

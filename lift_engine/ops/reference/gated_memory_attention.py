@@ -1,4 +1,4 @@
-"""Gated-Memory attention, reference implementation (DESIGN.md §3, §5).
+"""Gated-Memory attention, reference implementation (docs/DESIGN.md §3.2, §5.4).
 
 Causal attention with grouped-query heads and RoPE, fused with the memory MLP, the gate
 and the blend — the op the Triton kernel implements in one pass:

@@ -1,4 +1,4 @@
-"""Gated Memory epilogue, reference implementation (DESIGN.md §3).
+"""Gated Memory epilogue, reference implementation (docs/DESIGN.md §3.2).
 
 Applied to the output of ordinary attention, per query head h, with the pre-RoPE query q:
 

@@ -1,4 +1,4 @@
-"""Multi-adapter LoRA, reference implementation (DESIGN.md §3–4).
+"""Multi-adapter LoRA, reference implementation (docs/DESIGN.md §3.1, §4).
 
 A bank holds N adapters stacked on a leading axis; each token carries the index of its
 adapter (-1 = no adapter). Ranks may differ per adapter: a bank is padded to the largest

@@ -1,4 +1,4 @@
-"""A frozen linear with multi-adapter LoRA, reference implementation (DESIGN.md §3–4).
+"""A frozen linear with multi-adapter LoRA, reference implementation (docs/DESIGN.md §3.1, §4).
 
 The pure-PyTorch twin of kernels/lora_linear.py (one fused GEMM there):
 

@@ -1,4 +1,4 @@
-"""RMSNorm, reference implementation (DESIGN.md §5, fused ops).
+"""RMSNorm, reference implementation (docs/DESIGN.md §5.3, fused ops).
 
     y = weight ⊙ (x · rsqrt(mean(x², -1) + eps))
 

@@ -1,5 +1,5 @@
 """Rotary position embedding (RoPE) of one tensor of heads, reference implementation
-(DESIGN.md §5), as transformers' Llama-family `apply_rotary_pos_emb` computes it:
+(docs/DESIGN.md §5), as transformers' Llama-family `apply_rotary_pos_emb` computes it:
 
     y = x ⊙ cos + rotate_half(x) ⊙ sin,   rotate_half(x) = cat(−x[..., D/2:], x[..., :D/2])
 

@@ -1,4 +1,4 @@
-"""SwiGLU, the gated activation of Llama-style MLPs, reference implementation (DESIGN.md §5).
+"""SwiGLU, the gated activation of Llama-style MLPs, reference implementation (docs/DESIGN.md §5).
 
     y = silu(gate) ⊙ up,   silu(g) = g · σ(g)
 
