@@ -205,3 +205,59 @@ def test_a_dead_query_endpoint_warns_and_the_document_still_tunes(model_dir, tmp
     warnings = [line for line in lines if "warning" in line]
     assert warnings and f"127.0.0.1:{port}" in warnings[0], lines
     assert any("distillation targets" in line and not line.split(": ")[1].startswith("0 ") for line in lines), lines
+
+
+def _answer_kl(base, adapter_dir, targets, chunks, ids, prompts) -> tuple[float, float]:
+    """(mean KL(base ‖ base + adapter) over the answer positions, share of positions whose
+    top-1 token is the base's), each target asked with its chunk in the prompt."""
+    from lift_engine.adapters.io import load_adapters
+
+    handle = load_adapters([adapter_dir], base)
+    kls, same = [], []
+    try:
+        for t in targets:
+            chunk = chunks[t.chunk]
+            prompt = prompts.question_prompt(ids[chunk.start : chunk.end], t.question)
+            x = torch.tensor([prompt + t.answer_ids])
+            at = slice(len(prompt) - 1, x.shape[1] - 1)
+            with torch.no_grad():
+                with handle.use(torch.tensor([-1])):
+                    p = torch.log_softmax(base.model(x).logits[0, at].float(), -1)
+                with handle.use(torch.tensor([0])):
+                    q = torch.log_softmax(base.model(x).logits[0, at].float(), -1)
+            kls.append(float((p.exp() * (p - q)).sum(-1).mean()))
+            same.append(float((p.argmax(-1) == q.argmax(-1)).float().mean()))
+    finally:
+        handle.remove()
+    return sum(kls) / len(kls), sum(same) / len(same)
+
+
+def test_anchors_keep_what_the_prompt_states_for_gated_memory(model_dir, tmp_path):
+    """Gated Memory tuned hard on a document changes the base's answers even where the
+    passage is in the prompt; with anchors (every target also trained with its chunk in
+    view) it leaves them (near) alone: what the window states still wins."""
+    cfg = distill_config("gated-memory")
+    cfg.train.stage2_epochs, cfg.train.lr_gated_memory = 3, 1e-2
+    base = load_base_model(str(model_dir))
+    ids = base.tokenizer(DOCS["medium"], add_special_tokens=False)["input_ids"]
+    job = BatchTuneJob(base, cfg, tmp_path / "teacher", max_active=1, status_file=None)
+    try:
+        from lift_engine.data.tasks import build_qa_items
+
+        targets = job.teacher_targets("medium", ids, build_qa_items(DOCS["medium"], cfg, None, False))
+    finally:
+        job.close()
+    assert targets
+    chunks = document_chunks(ids, base.tokenizer, cfg.queries.chunk_tokens)
+    prompts = PromptBuilder(base.tokenizer)
+    measured = {}
+    for fraction in (0.0, 1.0):
+        cfg.distill.anchor_fraction = fraction
+        out = tmp_path / f"anchors-{fraction}"
+        tune_document(load_base_model(str(model_dir)), DOCS["medium"], out, cfg, BatchConfig(), progress=False,
+                      log=lambda *a: None)
+        measured[fraction] = _answer_kl(load_base_model(str(model_dir)), out, targets, chunks, ids, prompts)
+    (kl_plain, same_plain), (kl_anchor, same_anchor) = measured[0.0], measured[1.0]
+    assert kl_plain > 1e-3, f"tuning did not move the in-view answers at all ({kl_plain})"
+    assert kl_anchor < 0.8 * kl_plain, measured  # measured here: 0.21 vs 0.31
+    assert same_anchor >= same_plain, measured
