@@ -130,7 +130,8 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=None, help="default: 1024 (dev), the preset's (synthetic)")
     parser.add_argument("--methods", default="icl,full-icl,oracle,lift-old,lift-distill")
     parser.add_argument("--adapters", default="lora,gated-memory")
-    parser.add_argument("--compute-dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="the base model's dtype while tuning (bfloat16 pays only on CPUs with AMX and on GPUs)")
     parser.add_argument("--model", default=None)
     parser.add_argument("--rescore", action="store_true",
                         help="recompute every stored row's split scores from its stored predictions; tune and answer nothing")

@@ -39,8 +39,9 @@ def _add_config(p: argparse.ArgumentParser) -> None:
                         "the adapter learns its answers' distributions without the chunk (docs/DESIGN.md §2.6)")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=None,
                    help="dtype of the frozen base model while tuning (default: the preset's). bfloat16 keeps the "
-                        "adapter and optimizer in fp32 and runs the base's GEMMs in bf16: 2.2x faster batched tuning on "
-                        "this AMX CPU; on a GPU the bf16 base runs on its tensor cores (bench/README.md has both)")
+                        "adapter and optimizer in fp32 and runs the base's GEMMs in bf16: faster on a CPU with AMX "
+                        "and on a GPU's tensor cores, much slower on a CPU without bf16 units (AVX2 only); "
+                        "bench/README.md has the measurements")
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
