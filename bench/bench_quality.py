@@ -9,8 +9,10 @@ accumulate in the JSON, so a long comparison can be run in parts):
                     in the prompt (the ceiling a perfect memory would reach with this model)
     lift-old        LIFT + truncated ICL, the cpu preset's recipe (segments + extractive QA)
     lift-distill    LIFT + truncated ICL, the cpu preset plus context distillation (the candidate)
-    lift-anchor     lift-distill plus anchor samples (distill.anchor_fraction = 0.5: the
-                    student also learns with the passage in view, to keep in-context answers)
+    lift-anchor     the cpu preset plus context distillation on extractive and template queries
+                    (no generated queries: the 135M generator is slow and writes poor ones)
+                    and anchor samples (distill.anchor_fraction = 0.5: the student also
+                    learns with the passage in view, to keep in-context answers)
     … for LoRA and Gated Memory (`--adapters`)
 
 Questions are split in two by position within their document: "choice" (even) — the part
@@ -21,7 +23,7 @@ whether LIFT keeps what the window shows. Tuning time is reported per
 
 Usage: .venv/bin/python -m bench.bench_quality --set dev [--methods icl,lift-distill] [--window 1024]
        .venv/bin/python -m bench.bench_quality --set synthetic --docs 2
-Writes bench/results/quality_<set>.json and prints a markdown table.
+Writes bench/results/quality_dev.json (or quality_synthetic_<N>docs.json) and prints a markdown table.
 """
 from __future__ import annotations
 
@@ -91,6 +93,7 @@ def oracle_records(records: list[EvalRecord], tokenizer) -> tuple[list[EvalRecor
 def with_anchors(cfg: LiftConfig, fraction: float = 0.5) -> LiftConfig:
     """Distillation plus anchor samples (DistillConfig.anchor_fraction)."""
     out = with_distillation(cfg)
+    out.distill.generate_queries = False
     out.distill.anchor_fraction = fraction
     return out
 
@@ -147,9 +150,17 @@ def main() -> int:
     split = split_of(records)
     contexts = list(dict.fromkeys(r.context for r in records))
     doc_tokens = {c: len(tokenize_long(c, base.tokenizer)) for c in contexts}
-    out_path = RESULTS / f"quality_{args.set}.json"
+    # one file per question set: rows of different sets never mix
+    out_path = RESULTS / ("quality_dev.json" if args.set == "dev" else f"quality_synthetic_{args.docs}docs.json")
     result = json.loads(out_path.read_text()) if out_path.is_file() else {"results": {}}
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+
+    def save(result: dict) -> None:
+        result.update({"hardware": hardware(), "model": base.model_id, "set": args.set, "questions": len(records),
+                       "documents": len(contexts), "document_tokens": list(doc_tokens.values()),
+                       "compute_dtype": args.compute_dtype})
+        RESULTS.mkdir(exist_ok=True)
+        atomic_write_json(out_path, result)
     if args.rescore:
         by_id = {r.id: r for r in records}
         for row in result["results"].values():
@@ -195,11 +206,8 @@ def main() -> int:
                 row["seconds_per_1k_document_tokens"] = round(seconds / (tuned_tokens / 1000), 2)
             result["results"][name] = row
             log(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'predictions'})}")
-    result.update({"hardware": hardware(), "model": base.model_id, "set": args.set, "questions": len(records),
-                   "documents": len(contexts), "document_tokens": list(doc_tokens.values()),
-                   "compute_dtype": args.compute_dtype})
-    RESULTS.mkdir(exist_ok=True)
-    atomic_write_json(out_path, result)
+            save(result)  # after every row: a long comparison killed half-way keeps what it measured
+    save(result)
     print(f"\n{args.set}: {len(records)} questions over {len(contexts)} documents "
           f"({', '.join(map(str, doc_tokens.values()))} tokens); {result['hardware']}\n")
     parts = ("choice", "held-out", "in-window", "outside", "all")
