@@ -24,7 +24,10 @@ this class
 both outside the compiled region; the attention layers read the banks and the index
 buffer through the `lift_vllm::gated_memory_blend_` custom op (opaque to torch.compile,
 works in eager and compiled mode). Tokens with index -1 are left bit-for-bit unchanged,
-so LoRA requests and base-model requests are unaffected.
+so LoRA requests and base-model requests are unaffected. A batch in which no token has a
+Gated Memory adapter (known once per forward) skips the blend and the copy of q in every
+layer in eager mode, which is how vLLM runs LoRA on CPU; while torch.compile traces, the op
+is always in the graph and checks the index itself.
 
 Banks per layer: w1 [S, H, 2d, d], w2 [S, H, d, 2d], w3 [S, H, s, d], w4 [S, H, 1, s]
 with S = max_loras slots (H query heads of this tensor-parallel rank, d head dim).
