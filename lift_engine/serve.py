@@ -7,9 +7,14 @@ What it sets up (docs/DESIGN.md §7), then hands the process over to `vllm serve
 - the Gated Memory architecture (vLLM's Llama + per-request Gated Memory) through
   `--hf-overrides`, for Llama/Mistral models (--no-gated-memory: stock architecture,
   LoRA only);
-- vLLM's multi-LoRA (`--enable-lora`, `--max-loras` slots per batch, `--max-cpu-loras`
-  cached, `--max-lora-rank` from the store's largest rank unless given) with runtime
-  resolution (`VLLM_ALLOW_RUNTIME_LORA_UPDATING=1`) through the store resolver;
+- vLLM's multi-LoRA (`--enable-lora`, `--max-loras` slots per batch — 32 by default, so
+  that many tenants' adapters share a batch; `--max-cpu-loras` cached, `--max-lora-rank`
+  from the store's largest rank unless given) with runtime resolution
+  (`VLLM_ALLOW_RUNTIME_LORA_UPDATING=1`) through the store resolver; the memory the slots
+  take is printed at startup (`slot_bytes`);
+- on CPU, vLLM's advice to preload tcmalloc and Intel OpenMP, where they are on the
+  machine (`--preload`, lift_engine.vllm_plugin.preload): LD_PRELOAD only acts when a
+  process starts, and the server is started by exec with that environment;
 - the tenant middleware (API keys → tenants; `--tenants FILE`, see
   lift_engine/vllm_plugin/auth.py; without it one open tenant "default");
 - the base model's fingerprint, so that adapters tuned for another model are refused;
@@ -28,17 +33,69 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 from lift_engine.errors import LiftError, ModelError
+from lift_engine.vllm_plugin import preload
 
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+DEFAULT_MAX_LORAS = 32  # distinct adapters in one batch: a multi-tenant server has many hot at once
+DEFAULT_CPU_LORAS_PER_SLOT = 2  # --max-cpu-loras default: this many × --max-loras
+DEFAULT_RANK = 16
+FLOAT32_BYTES = 4
+DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}  # "auto": counted as float32
+# SmolLM2-135M-Instruct (the default model): layers, hidden, intermediate, heads, KV heads, head dim.
+DEFAULT_MODEL_GEOMETRY = {"num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536,
+                          "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152}
 GM_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 MIDDLEWARE = "lift_engine.vllm_plugin.auth.TenantMiddleware"
 SERVICE_ENV = "LIFT_DOCUMENT_SERVICE"  # = lift_engine.service.config.ENV_VAR
+
+
+def slot_bytes(config: dict, rank: int = DEFAULT_RANK, dtype_bytes: int = FLOAT32_BYTES,
+               gated_memory: bool = True) -> dict[str, int]:
+    """Memory one adapter slot (one of --max-loras) takes in the server, from a Llama-family
+    config.json (dict): {"lora": …, "gated_memory": …, "total": …} in bytes.
+
+    LoRA: vLLM keeps, per slot, A [r, in] and B [out, r] for q, k, v, o, gate, up and down of
+    every layer, and A/B for the embedding ([vocab, r], [hidden, r]) and the LM head
+    ([r, hidden], [vocab, r]) (at --max-lora-rank r, in the model dtype):
+    r · (Σ_layers Σ(in + out) + 2 · (vocab + hidden)) · bytes.
+    Gated Memory (when served): w1 [H, 2d, d], w2 [H, d, 2d], w3 [H, s, d], w4 [H, 1, s] per
+    layer (s = ⌊√d⌋): L · H · (4d² + s·d + s) · bytes. Both grow linearly with the slots;
+    --max-cpu-loras adapters are also cached in host memory, each at most one slot's size.
+    """
+    layers, hidden = int(config["num_hidden_layers"]), int(config["hidden_size"])
+    inter, heads = int(config["intermediate_size"]), int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    d = int(config.get("head_dim") or hidden // heads)
+    q_out, kv_out = heads * d, kv_heads * d
+    in_plus_out = ((hidden + q_out) + 2 * (hidden + kv_out) + (q_out + hidden)
+                   + 2 * (hidden + inter) + (inter + hidden))
+    vocab = int(config["vocab_size"])
+    lora = rank * (in_plus_out * layers + 2 * (vocab + hidden)) * dtype_bytes
+    s = math.isqrt(d)
+    gm = layers * heads * (4 * d * d + s * d + s) * dtype_bytes if gated_memory else 0
+    return {"lora": lora, "gated_memory": gm, "total": lora + gm}
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2 ** 20:.0f} MiB" if n < 2 ** 30 else f"{n / 2 ** 30:.1f} GiB"
+
+
+def _slots_help() -> str:
+    per = slot_bytes(DEFAULT_MODEL_GEOMETRY)
+    return (f"distinct adapters in one batch (vLLM LoRA slots, also the Gated Memory slots; default "
+            f"{DEFAULT_MAX_LORAS}). Memory: each slot holds one adapter's weights; for the default model "
+            f"(SmolLM2-135M, fp32) at --max-lora-rank {DEFAULT_RANK}: {_mb(per['lora'])} LoRA + "
+            f"{_mb(per['gated_memory'])} Gated Memory per slot, {_mb(DEFAULT_MAX_LORAS * per['total'])} "
+            f"for {DEFAULT_MAX_LORAS} slots; it grows linearly with the slots, the rank (LoRA), the layers "
+            f"and the layer widths (lift_engine.serve.slot_bytes), and halves in bf16. Startup prints it "
+            f"for the model served. Compute grows only with the adapters a batch really uses")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,8 +107,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--served-model-name", default=None, help="name of the base model in the API (default: model dir name)")
-    p.add_argument("--max-loras", type=int, default=8, help="adapters in one batch (vLLM slots; default 8)")
-    p.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept loaded (default: 4 × --max-loras)")
+    p.add_argument("--max-loras", type=int, default=DEFAULT_MAX_LORAS, help=_slots_help())
+    p.add_argument("--max-cpu-loras", type=int, default=None,
+                   help=f"adapters kept loaded in host memory, at most one slot's size each (default: "
+                        f"{DEFAULT_CPU_LORAS_PER_SLOT} × --max-loras); others are read from the store when asked for")
     p.add_argument("--max-lora-rank", type=int, default=None,
                    help="largest LoRA rank accepted (default: the store's largest, at least 16)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
@@ -61,6 +120,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-gated-memory", action="store_true", help="stock vLLM architecture: LoRA adapters only")
     p.add_argument("--enforce-eager", action="store_true", help="no torch.compile (faster start, slower steps)")
     p.add_argument("--cache-dir", default=None, help="where served adapter snapshots are kept (default: a temp dir)")
+    p.add_argument("--preload", default="auto", choices=preload.MODES,
+                   help="CPU: start the server with tcmalloc and Intel OpenMP in LD_PRELOAD, as vLLM advises, "
+                        "when they are on this machine (auto, the default; says which are missing), or leave "
+                        "LD_PRELOAD as it is (off)")
     g = p.add_argument_group("documents and tuning (POST /v1/documents)")
     g.add_argument("--tune-workers", type=int, default=1,
                    help="Ray actors tuning uploaded documents, each with the base model loaded once (default 1; "
@@ -131,6 +194,9 @@ def build_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     Tenants.load(args.tenants)  # a bad tenants file fails here, with one line
     if args.max_loras < 1:
         raise LiftError("--max-loras must be at least 1")
+    cpu_loras = args.max_cpu_loras if args.max_cpu_loras is not None else DEFAULT_CPU_LORAS_PER_SLOT * args.max_loras
+    if cpu_loras < args.max_loras:
+        raise LiftError(f"--max-cpu-loras ({cpu_loras}) must be at least --max-loras ({args.max_loras})")
     rank = args.max_lora_rank if args.max_lora_rank is not None else max(16, _store_max_rank(store.root))
     rank = _round_rank(rank)
     gated = not args.no_gated_memory and model_type in GM_MODEL_TYPES
@@ -147,7 +213,7 @@ def build_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         "--model", str(model_dir),
         "--served-model-name", name, "--host", args.host, "--port", str(args.port),
         "--enable-lora", "--max-loras", str(args.max_loras),
-        "--max-cpu-loras", str(args.max_cpu_loras or 4 * args.max_loras),
+        "--max-cpu-loras", str(cpu_loras),
         "--max-lora-rank", str(rank), "--dtype", args.dtype, "--middleware", MIDDLEWARE,
     ]
     if gated:
@@ -173,6 +239,12 @@ def build_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         "LIFT_SERVE_CACHE": str(cache),
     })
     env[SERVICE_ENV] = service_config(args, model_dir, store.root, name).to_json()
+    env, note = preload.apply(env, args.preload)
+    print(f"lift serve: {note}", file=sys.stderr)
+    per = slot_bytes(config, rank, DTYPE_BYTES.get(args.dtype, FLOAT32_BYTES), gated)
+    print(f"lift serve: {args.max_loras} adapter slots × {_mb(per['total'])} = {_mb(args.max_loras * per['total'])} "
+          f"(LoRA rank {rank}{' + Gated Memory' if gated else ''}), up to {cpu_loras} adapters cached in host memory",
+          file=sys.stderr)
     if args.tenants:
         env["LIFT_TENANTS"] = str(Path(args.tenants).resolve())
     else:

@@ -188,3 +188,53 @@ def test_responses_name_an_adapter_as_the_tenant_does():
 
         assert asyncio.run(serve()) == "doc"
     assert models.model_name(lora) == "acme/doc@v1"
+
+
+@pytest.mark.parametrize("slot_of_token", [[0, -1, 2, 2, 1, -1, 0], [-1, -1, -1]])
+def test_row_parallel_shrink_then_expand_matches_plain(slot_of_token, path):
+    """o_proj / down_proj: vLLM calls add_shrink into a zeroed buffer, then add_expand from it."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(len(slot_of_token), IN, generator=g)
+    a = (torch.randn(SLOTS, 1, RANK, IN, generator=g),)
+    b = (torch.randn(SLOTS, 1, 24, RANK, generator=g),)
+    w = wrapper(LiftPunicaWrapperCPU, slot_of_token, sorted(set(slot_of_token)))
+    buffer = torch.zeros(1, len(slot_of_token), RANK)
+    w.add_shrink(buffer, x, a, 0.5)
+    y = torch.randn(len(slot_of_token), 24)
+    base = y.clone()
+    w.add_expand(y, buffer, b, (24,), offset_start=0)
+    want = torch.stack([0.5 * (x[t] @ a[0][s, 0].T) @ b[0][s, 0].T if s >= 0 else torch.zeros(24)
+                        for t, s in enumerate(slot_of_token)])
+    torch.testing.assert_close(y - base, want, rtol=1e-5, atol=1e-5)
+    if all(s < 0 for s in slot_of_token):
+        assert not w.lift_tokens_any and torch.equal(y, base) and not buffer.any()
+
+
+def test_no_lora_token_means_no_kernel_call(monkeypatch):
+    """A batch whose tokens have no LoRA (none, or only Gated Memory slots): every method
+    returns before any op or kernel, and the outputs are left bit for bit."""
+    from lift_engine import ops
+    from lift_engine.vllm_plugin import punica
+
+    calls = []
+    for name in ("lora_shrink", "lora_expand"):
+        monkeypatch.setattr(ops, name, lambda *a, _n=name, **k: calls.append(_n))
+    native = punica.native_kernels()
+    if native is not None:
+        for name in ("lora_delta_planned", "lora_shrink_planned", "lora_expand_planned", "token_plan"):
+            monkeypatch.setattr(native, name, lambda *a, _n=name, **k: calls.append(_n))
+    a, b = banks(2)
+    for slots, skip in (([-1, -1, -1], ()), ([0, 1, -1], (True, True, False))):
+        w = wrapper(LiftPunicaWrapperCPU, slots, slots)
+        if skip:
+            w.skip_slots(skip)
+        x, y = torch.randn(3, IN), torch.randn(3, sum(SLICES))
+        before = y.clone()
+        w.add_lora_linear(y, x, a, b, 1.0, SLICES)
+        buffer = torch.zeros(len(SLICES), 3, RANK)
+        w.add_shrink(buffer, x, a, 1.0)
+        w.add_expand(y, buffer, b, SLICES)
+        w.add_lora_embedding(y, torch.randn(3, RANK), torch.randn(SLOTS, 1, sum(SLICES), RANK))
+        w.add_lora_logits(y, x, a[0], torch.randn(SLOTS, 1, sum(SLICES), RANK), 1.0)
+        assert torch.equal(y, before) and not buffer.any()
+    assert calls == []

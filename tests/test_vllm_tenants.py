@@ -386,8 +386,11 @@ def test_serve_command_line_and_environment(world, tmp_path):
     tenants.write_text(json.dumps({"tenants": {"acme": {"api_keys": ["k"]}}}))
     argv, env = serve.build_command(serve_args(model=world["model"], store=store.root, tenants=tenants, port=8123))
     joined = " ".join(argv)
+    slots = serve.DEFAULT_MAX_LORAS
+    assert slots >= 32  # many tenants' adapters share a batch by default
     for piece in ["vllm.entrypoints.openai.api_server", f"--model {world['model'].resolve()}", "--enable-lora",
-                  "--max-loras 8", "--max-cpu-loras 32", "--max-lora-rank 16", "--dtype float32", "--port 8123",
+                  f"--max-loras {slots}", f"--max-cpu-loras {serve.DEFAULT_CPU_LORAS_PER_SLOT * slots}",
+                  "--max-lora-rank 16", "--dtype float32", "--port 8123",
                   "--middleware lift_engine.vllm_plugin.auth.TenantMiddleware", "LiftGatedMemoryLlamaForCausalLM"]:
         assert piece in joined, piece
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "1"
@@ -418,6 +421,8 @@ def test_serve_set_up_errors_are_one_line(world, tmp_path):
         serve.build_command(serve_args(model=tmp_path, store=tmp_path / "s"))
     with pytest.raises(LiftError, match="max-loras"):
         serve.build_command(serve_args(model=world["model"], store=tmp_path / "s", max_loras=0))
+    with pytest.raises(LiftError, match="max-cpu-loras"):
+        serve.build_command(serve_args(model=world["model"], store=tmp_path / "s", max_loras=8, max_cpu_loras=4))
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:

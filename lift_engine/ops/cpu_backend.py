@@ -103,7 +103,7 @@ def token_plan(adapter_idx: torch.Tensor, n_adapters: int) -> tuple[torch.Tensor
 
 
 #: This build of the extension has what lora_delta_planned needs (an older one may not).
-HAS_PLANNED_DELTA = all(hasattr(_C, f) for f in ("plan", "delta_fwd"))
+HAS_PLANNED_DELTA = all(hasattr(_C, f) for f in ("plan", "delta_fwd", "shrink_fwd", "expand_fwd"))
 
 
 def lora_delta_planned(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor,
@@ -114,6 +114,22 @@ def lora_delta_planned(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tens
     order, blocks = plan
     y, _ = _C.delta_fwd(x, lora_a, lora_b, scaling, order, blocks)
     return y
+
+
+def lora_shrink_planned(x: torch.Tensor, lora_a: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Forward only, fp32, with a prebuilt token_plan: h[t] = x[t] @ lora_a[n]ᵀ for the
+    adapter n of token t, 0 for tokens without one. x [T, in], lora_a [N, r, in] → [T, r]."""
+    order, blocks = plan
+    return _C.shrink_fwd(x, lora_a, order, blocks)
+
+
+def lora_expand_planned(h: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor,
+                        plan: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Forward only, fp32, with a prebuilt token_plan: y[t] = scaling[n] · h[t] @ lora_b[n]ᵀ
+    for the adapter n of token t, 0 for tokens without one. h [T, r], lora_b [N, out, r],
+    scaling [N] → [T, out]."""
+    order, blocks = plan
+    return _C.expand_fwd(h, lora_b, scaling, order, blocks)
 
 
 def _scaling_grads(d_b_raw: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor, need_ds: bool):

@@ -24,7 +24,10 @@ this class
 both outside the compiled region; the attention layers read the banks and the index
 buffer through the `lift_vllm::gated_memory_blend_` custom op (opaque to torch.compile,
 works in eager and compiled mode). Tokens with index -1 are left bit-for-bit unchanged,
-so LoRA requests and base-model requests are unaffected.
+so LoRA requests and base-model requests are unaffected. A batch in which no token has a
+Gated Memory adapter (known once per forward) skips the blend and the copy of q in every
+layer in eager mode, which is how vLLM runs LoRA on CPU; while torch.compile traces, the op
+is always in the graph and checks the index itself.
 
 Banks per layer: w1 [S, H, 2d, d], w2 [S, H, d, 2d], w3 [S, H, s, d], w4 [S, H, 1, s]
 with S = max_loras slots (H query heads of this tensor-parallel rank, d head dim).
@@ -76,10 +79,20 @@ def _(attn_out, q, w1, w2, w3, w4, token_idx, num_heads, head_dim) -> None:
 
 
 class _SlotState:
-    """Shared by all layers of one model: the per-token memory index buffer."""
+    """Shared by all layers of one model: the per-token memory index buffer, and whether
+    some token of the current batch has a Gated Memory adapter (set once per forward)."""
 
     def __init__(self, size: int, device: torch.device | None) -> None:
         self.token_idx = torch.full((size,), -1, dtype=torch.long, device=device)
+        self.active = False  # some token of this batch has a memory index ≥ 0
+        self.clean = True  # token_idx is all -1
+
+
+def _memory_needed(state: _SlotState) -> bool:
+    """Whether the layers must run the blend for this batch. Eager mode (vLLM's CPU LoRA path):
+    only when some token has a Gated Memory adapter. While torch.compile traces, always (the
+    custom op then checks the index itself at run time, so no branch is baked into the graph)."""
+    return state.active or torch.compiler.is_compiling()
 
 
 class LiftGatedMemoryLlamaAttention(LlamaAttention):
@@ -95,18 +108,21 @@ class LiftGatedMemoryLlamaAttention(LlamaAttention):
         self.register_buffer("gm_w3", torch.zeros(lift_slots, h, s, d, dtype=dtype), persistent=False)
         self.register_buffer("gm_w4", torch.zeros(lift_slots, h, 1, s, dtype=dtype), persistent=False)
         assert lift_state is not None
+        self.lift_state = lift_state
         self.register_buffer("gm_token_idx", lift_state.token_idx, persistent=False)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q_pre = q.clone()  # the CPU rotary embedding works in place
+        memory = _memory_needed(self.lift_state)
+        q_pre = q.clone() if memory else None  # the CPU rotary embedding works in place
         q, k = self.rotary_emb(positions, q, k)
         attn_output = self.attn(q, k, v)
-        torch.ops.lift_vllm.gated_memory_blend_(
-            attn_output, q_pre, self.gm_w1, self.gm_w2, self.gm_w3, self.gm_w4, self.gm_token_idx,
-            self.num_heads, self.head_dim,
-        )
+        if memory:  # a batch without Gated Memory tokens: no copy, no op, no scan
+            torch.ops.lift_vllm.gated_memory_blend_(
+                attn_output, q_pre, self.gm_w1, self.gm_w2, self.gm_w3, self.gm_w4, self.gm_token_idx,
+                self.num_heads, self.head_dim,
+            )
         output, _ = self.o_proj(attn_output)
         return output
 
@@ -190,7 +206,11 @@ class LiftGatedMemoryLlamaForCausalLM(LlamaForCausalLM):
         if wrapper is not None and hasattr(wrapper, "skip_slots"):
             # Slots holding a Gated Memory adapter have no LoRA weights: no LoRA math for their tokens.
             wrapper.skip_slots(tuple(self._lift_slot_is_gm[: self.lift_num_slots].tolist()))
-        buf.fill_(-1)
+        state = self._lift_state
+        state.active = False
+        if not state.clean:
+            buf.fill_(-1)
+            state.clean = True
         if not self._lift_any_gm or wrapper is None:
             return
         n = wrapper.indices_len[0] if wrapper.indices_len[0] is not None else 0
@@ -198,7 +218,9 @@ class LiftGatedMemoryLlamaForCausalLM(LlamaForCausalLM):
         if n:
             slots = wrapper._token_lora_indices[:n]
             is_gm = self._lift_slot_is_gm.to(slots.device)[slots]  # index -1 → the last ("no slot") entry
-            buf[:n].copy_(torch.where(is_gm, slots, torch.full_like(slots, -1)))
+            if bool(is_gm.any()):  # once per forward, not per layer
+                buf[:n].copy_(torch.where(is_gm, slots, torch.full_like(slots, -1)))
+                state.active, state.clean = True, False
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         num_tokens = (input_ids if input_ids is not None else inputs_embeds).shape[0]

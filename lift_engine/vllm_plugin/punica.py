@@ -18,6 +18,21 @@ buffer, expand adds `h Bᵀ` into its column slice), with -1 rows contributing z
 The plugin's register() makes vLLM's CPU platform choose this class (by name, so this
 module is imported only when vLLM builds its LoRA manager); set LIFT_VLLM_PUNICA=stock
 to keep vLLM's own.
+
+Cost per step, decided once per batch (update_metadata, which vLLM calls only when the
+batch's mapping or slot layout changes) and not per token per layer:
+
+- no token of the batch has a LoRA (base-model requests, or only Gated Memory adapters):
+  every method returns at once — no kernel, no gather, no per-token scan (the layers'
+  outputs are the base projections, bit for bit);
+- otherwise the tokens' adapter index is planned once per batch (the C++ kernels' token
+  plan: tokens sorted by adapter, -1 dropped, cut into blocks of one adapter) and every
+  LoRA layer runs one fused shrink+expand per slice over that plan (column-parallel
+  layers) or one planned shrink and one planned expand (row-parallel layers), whatever
+  the number of distinct adapters: no Python loop over adapters.
+
+vLLM runs its CPU LoRA path in eager mode (its CPU platform turns compilation off when
+LoRA is on), so these Python-level checks are evaluated on every call.
 """
 from __future__ import annotations
 
@@ -62,11 +77,12 @@ class LiftPunicaWrapperCPU(PunicaWrapperCPU):
 
     Per batch (on each mapping update) the per-token slot index is turned once into the
     index the LoRA math uses (slots holding no LoRA weights — Gated Memory adapters — are
-    treated as -1, see skip_slots) and, with the C++ kernels, into their token plan; each
-    LoRA layer slice is then one fused shrink+expand call (lora_linear_delta).
+    treated as -1, see skip_slots), with a flag for "no token has a LoRA", and, with the
+    C++ kernels, into their token plan (built on first use, shared by every layer).
     """
 
     _lift_idx: torch.Tensor | None = None  # the LoRA index of this batch's tokens
+    _lift_sampler: torch.Tensor | None = None  # the LoRA index of this batch's sampled rows
     _lift_tokens_any = True  # some token of the batch uses a LoRA (set per update)
     _lift_sampler_any = True
     _lift_skip: tuple[bool, ...] = ()  # slots without LoRA weights
@@ -74,8 +90,12 @@ class LiftPunicaWrapperCPU(PunicaWrapperCPU):
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
-        self._lift_sampler_any = bool((self.sampler_indices >= 0).any())
         self._lift_refresh()
+
+    @property
+    def lift_tokens_any(self) -> bool:
+        """Whether some token of the current batch gets LoRA math (False: every method is a no-op)."""
+        return self._lift_tokens_any
 
     def skip_slots(self, skip: tuple[bool, ...]) -> None:
         """Slots whose adapter has no LoRA weights (their tokens get no LoRA math at all)."""
@@ -85,12 +105,14 @@ class LiftPunicaWrapperCPU(PunicaWrapperCPU):
             self._lift_refresh()
 
     def _lift_refresh(self) -> None:
-        idx = self.token_lora_indices
+        idx, sampler = self.token_lora_indices, self.sampler_indices
         if any(self._lift_skip):
             table = torch.tensor(list(self._lift_skip) + [False], dtype=torch.bool, device=idx.device)
             idx = torch.where(table[idx], torch.full_like(idx, -1), idx)  # -1 reads the last entry (False)
-        self._lift_idx = idx
+            sampler = torch.where(table[sampler], torch.full_like(sampler, -1), sampler)
+        self._lift_idx, self._lift_sampler = idx, sampler
         self._lift_tokens_any = bool((idx >= 0).any())
+        self._lift_sampler_any = bool((sampler >= 0).any())
         self._lift_plans = {}
 
     def _token_idx(self, rows: int) -> torch.Tensor:
@@ -98,34 +120,46 @@ class LiftPunicaWrapperCPU(PunicaWrapperCPU):
         return _pad_idx(idx, rows)
 
     def _sampler_idx(self, rows: int) -> torch.Tensor:
-        return _pad_idx(self.sampler_indices, rows)
+        return _pad_idx(self._lift_sampler if self._lift_sampler is not None else self.sampler_indices, rows)
 
-    def _plan(self, native, n_adapters: int):
-        plans = self._lift_plans if self._lift_plans is not None else {}
-        if n_adapters not in plans:
-            idx = self._lift_idx if self._lift_idx is not None else self.token_lora_indices
-            plans[n_adapters] = native.token_plan(idx, n_adapters)
-            self._lift_plans = plans
-        return plans[n_adapters]
+    def _plan(self, native, n_adapters: int, rows: int):
+        """The C++ kernels' token plan of this batch for a bank of n_adapters and `rows` tokens (cached)."""
+        if self._lift_plans is None:
+            self._lift_plans = {}
+        key = (n_adapters, rows)
+        plan = self._lift_plans.get(key)
+        if plan is None:
+            plan = self._lift_plans[key] = native.token_plan(self._token_idx(rows), n_adapters)
+        return plan
+
+    @staticmethod
+    def _native_for(*tensors: torch.Tensor):
+        """The C++ kernels when they are built and take these tensors (fp32), else None."""
+        native = native_kernels()
+        if native is None or any(t.dtype != torch.float32 for t in tensors):
+            return None
+        return native
+
+    @staticmethod
+    def _bank(w: torch.Tensor) -> torch.Tensor:
+        """vLLM's stacked bank [N, 1, a, b] as [N, a, b]."""
+        return w.squeeze(1) if w.dim() == 4 else w
 
     def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs):
         if not self._lift_tokens_any:  # no request of this batch has a LoRA: nothing to add
             return None
-        native = native_kernels()
         x2 = x.view(-1, x.shape[-1])
         y2 = y.view(-1, y.shape[-1])
-        if native is None or x2.dtype != torch.float32 or y2.dtype != torch.float32 \
-                or lora_a_stacked[0].dtype != torch.float32:
+        native = self._native_for(x2, y2, lora_a_stacked[0], lora_b_stacked[0])
+        if native is None:
             return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
                                            buffer=buffer, **kwargs)
         n = lora_a_stacked[0].shape[0]
-        plan = self._plan(native, n)
+        plan = self._plan(native, n, x2.shape[0])
         scaling = torch.full((n,), float(scale), dtype=torch.float32)
         offset = 0
         for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices):
-            a = a.squeeze(1) if a.dim() == 4 else a
-            b = b.squeeze(1) if b.dim() == 4 else b
-            delta = native.lora_delta_planned(x2, a, b, scaling, plan)
+            delta = native.lora_delta_planned(x2, self._bank(a), self._bank(b), scaling, plan)
             cols = min(size, delta.shape[1])
             y2[:, offset: offset + cols] += delta[:, :cols]
             offset += size
@@ -157,22 +191,55 @@ class LiftPunicaWrapperCPU(PunicaWrapperCPU):
 
     # ------------------------------------------------------------ PunicaWrapperCPU API
     def add_shrink(self, y, x, lora_a_stacked, scale, **kwargs) -> None:
+        """y[i][t, :r] = scale · x[t] @ A_i[idx[t]]ᵀ per slice i (row-parallel layers: o_proj, down_proj).
+
+        With no LoRA token in the batch y is left as it is (vLLM hands a zeroed buffer, which
+        add_expand then leaves out too)."""
+        if not self._lift_tokens_any:
+            return
         x = x.view(-1, x.shape[-1])
+        native = self._native_for(x, lora_a_stacked[0])
+        if native is not None:
+            plan = self._plan(native, lora_a_stacked[0].shape[0], x.shape[0])
+            for slice_idx, w in enumerate(lora_a_stacked):
+                out = y[slice_idx]
+                out = out.view(-1, out.shape[-1])
+                h = native.lora_shrink_planned(x, self._bank(w), plan)
+                if scale != 1.0:
+                    h.mul_(scale)
+                out[:, : h.shape[1]] = h.to(out.dtype)
+            return
         idx = self._token_idx(x.shape[0])
         for slice_idx, w in enumerate(lora_a_stacked):
             out = y[slice_idx]
             self._shrink(out.view(-1, out.shape[-1]), x, w, idx, scale)
 
     def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start: int = 0, add_inputs=True, **kwargs) -> None:
+        """y[t, offset_i : offset_i + size_i] (+)= x[i][t] @ B_i[idx[t]]ᵀ per slice i; nothing
+        (y untouched) when no token of the batch has a LoRA."""
+        if not self._lift_tokens_any:
+            return
         y2 = y.view(-1, y.shape[-1])
         offset = offset_start
+        native = self._native_for(x[0], lora_b_stacked[0]) if add_inputs else None
         for slice_idx, w in enumerate(lora_b_stacked):
             h = x[slice_idx]
             h = h.view(-1, h.shape[-1])
-            self._expand(y2, h, w, self._token_idx(h.shape[0]), offset, output_slices[slice_idx], add_inputs)
-            offset += output_slices[slice_idx]
+            size = output_slices[slice_idx]
+            if native is not None:
+                bank = self._bank(w)
+                plan = self._plan(native, bank.shape[0], h.shape[0])
+                ones = torch.ones(bank.shape[0], dtype=torch.float32)
+                delta = native.lora_expand_planned(h, bank, ones, plan)
+                cols = min(size, delta.shape[1])
+                y2[:, offset: offset + cols] += delta[:, :cols].to(y2.dtype)
+            else:
+                self._expand(y2, h, w, self._token_idx(h.shape[0]), offset, size, add_inputs)
+            offset += size
 
     def add_lora_embedding(self, y, x, lora_b_stacked, add_inputs: bool = True, **kwargs) -> None:
+        if not self._lift_tokens_any:
+            return
         y2 = y.view(-1, y.shape[-1])
         x2 = x.view(-1, x.shape[-1])
         self._expand(y2, x2, lora_b_stacked, self._token_idx(x2.shape[0]), 0, y2.shape[1], add_inputs)
