@@ -1,4 +1,4 @@
-"""One name rule (lift_engine/names.py) for the CLI, the batch job, its queue and the store:
+"""One name rule (lift_engine/names.py) for the CLI, the batch job, the document service and the store:
 a document name the job takes is an adapter name the store takes, and the sanitiser of
 file stems and .jsonl names yields valid names from hostile input."""
 from __future__ import annotations
@@ -8,7 +8,8 @@ import json
 import pytest
 
 from lift_engine import names, store
-from lift_engine.batch import inputs, job, queue
+from lift_engine.batch import inputs, job
+from lift_engine.service import documents as service_documents
 from lift_engine.errors import InputError, LiftError
 from lift_engine.names import MAX_NAME_LENGTH, InvalidName, is_valid_name, sanitize_name, validate_name
 
@@ -30,7 +31,7 @@ def _accepts(check, name) -> bool:
 def test_every_user_of_a_name_uses_the_one_validator():
     assert store.validate_name is names.validate_name and store.is_valid_name is names.is_valid_name
     assert store.InvalidName is names.InvalidName and store.MAX_NAME_LENGTH == MAX_NAME_LENGTH == 64
-    assert job.validate_name is names.validate_name and queue.validate_name is names.validate_name
+    assert job.validate_name is names.validate_name and service_documents.validate_name is names.validate_name
     assert not hasattr(job, "NAME_RE") and not hasattr(inputs, "_safe")
 
 
