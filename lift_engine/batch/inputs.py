@@ -10,10 +10,10 @@ the one rule of the store and the job) and must be unique.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+from lift_engine.data.jsonl import iter_json_objects
 from lift_engine.errors import InputError
 from lift_engine.names import sanitize_name
 
@@ -50,25 +50,12 @@ def collect_documents(sources: list[str]) -> list[tuple[str, str, str]]:
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, str, str]]:
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{path}:{number}: expected a JSON object")
-            text = next((row[k] for k in _TEXT_KEYS if isinstance(row.get(k), str)), None)
-            if text is None or not text.strip():
-                raise InputError(f"{path}:{number}: no document text (keys {', '.join(_TEXT_KEYS)})")
-            raw = next((row[k] for k in _NAME_KEYS if row.get(k) not in (None, "")), None)
-            name = sanitize_name(raw) if raw is not None else sanitize_name(path.stem, suffix=f"-{number}")
-            out.append((name, text.replace("\r\n", "\n"), f"{os.fspath(path)}:{number}"))
-    if not out:
-        raise InputError(f"{path}: no documents")
+    for number, row in iter_json_objects(path):
+        text = next((row[k] for k in _TEXT_KEYS if isinstance(row.get(k), str)), None)
+        if text is None or not text.strip():
+            raise InputError(f"{path}:{number}: no document text (keys {', '.join(_TEXT_KEYS)})")
+        raw = next((row[k] for k in _NAME_KEYS if row.get(k) not in (None, "")), None)
+        name = sanitize_name(raw) if raw is not None else sanitize_name(path.stem, suffix=f"-{number}")
+        out.append((name, text.replace("\r\n", "\n"), f"{os.fspath(path)}:{number}"))
     return out

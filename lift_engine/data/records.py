@@ -19,6 +19,7 @@ import json
 import os
 from dataclasses import dataclass
 
+from lift_engine.data.jsonl import iter_json_objects
 from lift_engine.errors import InputError
 
 SUMMARY_QUESTION = "Write a summary of the document."
@@ -47,29 +48,9 @@ def read_records(path: str | os.PathLike) -> list[EvalRecord]:
     no records.
     """
     name = os.fspath(path)
-    if not os.path.exists(name):
-        raise InputError(f"{name}: no such file")
-    if os.path.isdir(name):
-        raise InputError(f"{name}: is a directory, not a jsonl file")
     records: list[EvalRecord] = []
-    try:
-        with open(name, "r", encoding="utf-8-sig") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{name}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-                if not isinstance(obj, dict):
-                    raise InputError(f"{name}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-                records.extend(_parse_object(obj, name, lineno))
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{name}: not valid UTF-8 ({exc.reason})") from None
-    except OSError as exc:
-        raise InputError(f"{name}: cannot read ({exc.strerror or exc})") from None
-    if not records:
-        raise InputError(f"{name}: no records (the file is empty)")
+    for lineno, obj in iter_json_objects(path):
+        records.extend(_parse_object(obj, name, lineno))
     return records
 
 

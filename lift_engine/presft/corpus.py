@@ -31,6 +31,7 @@ from lift_engine.batch.inputs import DOC_SUFFIXES
 from lift_engine.config import PreSftConfig
 from lift_engine.data.extractive import QAItem
 from lift_engine.data.records import EvalRecord, has_qa_layout, parse_record
+from lift_engine.data.jsonl import iter_json_objects
 from lift_engine.errors import InputError
 
 # Version of how a corpus becomes samples (this package): part of the corpus hash, so a
@@ -113,36 +114,17 @@ def _read_source(path: Path, collector: _Collector, top: bool) -> None:
 
 def _read_jsonl(path: Path, collector: _Collector) -> None:
     name = os.fspath(path)
-    count = 0
-    try:
-        with open(path, encoding="utf-8-sig") as fh:
-            for number, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{name}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                                     "a corpus file must hold one JSON object per line") from None
-                if not isinstance(obj, dict):
-                    raise InputError(f"{name}:{number}: expected a JSON object, got {type(obj).__name__}")
-                count += 1
-                label = next((str(obj[k]) for k in _NAME_KEYS if obj.get(k) not in (None, "")), f"{path.stem}-{number}")
-                if has_qa_layout(obj):
-                    records = parse_record(obj, name, number)
-                    collector.add(label, records[0].context, f"{name}:{number}", records)
-                    continue
-                text = next((obj[k] for k in _TEXT_KEYS if isinstance(obj.get(k), str)), None)
-                if text is None or not text.strip():
-                    raise InputError(f"{name}:{number}: no document text (keys {', '.join(_TEXT_KEYS)}) and no "
-                                     "LongBench/LooGLE layout")
-                collector.add(label, text.replace("\r\n", "\n"), f"{name}:{number}")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{name}: not valid UTF-8 ({exc.reason}); a corpus file must be JSON lines") from None
-    except OSError as exc:
-        raise InputError(f"{name}: cannot read ({exc.strerror or exc})") from None
-    if not count:
-        raise InputError(f"{name}: no records (the file is empty)")
+    for number, obj in iter_json_objects(path, hint="a corpus file must hold one JSON object per line"):
+        label = next((str(obj[k]) for k in _NAME_KEYS if obj.get(k) not in (None, "")), f"{path.stem}-{number}")
+        if has_qa_layout(obj):
+            records = parse_record(obj, name, number)
+            collector.add(label, records[0].context, f"{name}:{number}", records)
+            continue
+        text = next((obj[k] for k in _TEXT_KEYS if isinstance(obj.get(k), str)), None)
+        if text is None or not text.strip():
+            raise InputError(f"{name}:{number}: no document text (keys {', '.join(_TEXT_KEYS)}) and no "
+                             "LongBench/LooGLE layout")
+        collector.add(label, text.replace("\r\n", "\n"), f"{name}:{number}")
 
 
 def corpus_sha256(documents: list[CorpusDocument], presft: PreSftConfig) -> str:
