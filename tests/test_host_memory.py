@@ -54,4 +54,4 @@ def test_the_cli_keeps_freed_memory_for_training_commands_only(tmp_path, monkeyp
     assert calls == [1]
     assert cli.main(["ask", str(tmp_path / "no-adapter"), "-q", "a question?"]) != 0
     assert calls == [1]  # ask (and serve, whose engine is vLLM's process) leave malloc alone
-    assert {"tune", "tune-service", "eval", "demo"} == cli.TRAINING_COMMANDS
+    assert {"tune", "tune-service", "eval", "demo", "pre-sft"} == cli.TRAINING_COMMANDS
