@@ -37,6 +37,9 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill", action="store_true",
                    help="add context distillation: the base model reads each chunk and answers queries about it; "
                         "the adapter learns its answers' distributions without the chunk (docs/DESIGN.md §2.6)")
+    p.add_argument("--anchor-fraction", type=float, default=None, metavar="F",
+                   help="with --distill: the fraction (0-1) of the teacher's targets also trained with their chunk in "
+                        "view, so that the adapter keeps what the window shows (docs/DESIGN.md §2.6; default 0)")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=None,
                    help="dtype of the frozen base model while tuning (default: the preset's). bfloat16 keeps the "
                         "adapter and optimizer in fp32 and runs the base's GEMMs in bf16: faster on a CPU with AMX "
@@ -75,6 +78,12 @@ def _config(args) -> LiftConfig:
         cfg.train.seed = args.seed
     if getattr(args, "distill", False):
         cfg.distill.enabled = True
+    if getattr(args, "anchor_fraction", None) is not None:
+        if not cfg.distill.enabled:
+            raise InputError("--anchor-fraction needs --distill (anchors are distillation targets trained with their chunk in view)")
+        if not 0.0 <= args.anchor_fraction <= 1.0:
+            raise InputError(f"--anchor-fraction must be between 0 and 1, got {args.anchor_fraction}")
+        cfg.distill.anchor_fraction = args.anchor_fraction
     if getattr(args, "compute_dtype", None):
         cfg.train.compute_dtype = args.compute_dtype
     if getattr(args, "window", None) is not None:

@@ -173,3 +173,16 @@ def test_ask_answers_a_document_that_fits_the_window_in_context(capsys, tmp_path
     assert code == 0 and "answered with the adapter" in err
     code, _, err = run_main(capsys, *ask, "--window", 4)
     assert code == 0 and "answered with the adapter and the document cut to 4 tokens" in err
+
+
+def test_bad_anchor_fractions_are_one_line_errors_before_anything_is_written(tmp_path, capsys):
+    from lift_engine import cli as cli_module
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text("A document.")
+    for flags, needle in ((["--anchor-fraction", "0.5"], "needs --distill"),
+                          (["--distill", "--anchor-fraction", "1.5"], "between 0 and 1")):
+        assert cli_module.main(["tune", str(doc), "-o", str(tmp_path / "out")] + flags) != 0
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
