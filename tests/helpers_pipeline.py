@@ -1,8 +1,10 @@
 """A tiny random Llama with a real tokenizer, saved as a model directory the CLI can load."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -37,3 +39,14 @@ def make_tiny_model_dir(path: Path, seed: int = 0, kv_heads: int = 2) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def wait_until(predicate, timeout: float, what: str, every: float = 0.05):
+    """predicate()'s first truthy value, polled every `every` s; fails the test after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    pytest.fail(f"timed out waiting for {what}")

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers_pipeline import DOCUMENT, make_tiny_model_dir
+from helpers_pipeline import DOCUMENT, make_tiny_model_dir, wait_until
 from lift_engine.config import BatchConfig
 from lift_engine.service.config import ServiceConfig
 from lift_engine.service.documents import DocumentError, DocumentService
@@ -31,16 +30,6 @@ def service_config(store: Path, model_dir: Path, workers: int, **kw) -> ServiceC
     cfg.train.stage2_epochs = 3
     return ServiceConfig(store=str(store), base_model=str(model_dir), tune_workers=workers,
                          tune_config=cfg.to_dict(), tuning=BatchConfig(max_active=4), **kw)
-
-
-def wait_until(predicate, timeout: float, what: str, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def pid_alive(pid: int) -> bool:

@@ -12,12 +12,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers_pipeline import DOCUMENT, make_tiny_model_dir
+from helpers_pipeline import DOCUMENT, make_tiny_model_dir, wait_until
 from lift_engine.config import BatchConfig
 from lift_engine.cli import main
 from lift_engine.service.config import ServiceConfig
@@ -60,16 +59,6 @@ def drop(queue: Path, name: str, text: str) -> None:
     tmp = queue / "incoming" / f".{name}.tmp"
     tmp.write_text(text)
     os.rename(tmp, queue / "incoming" / name)
-
-
-def wait_until(predicate, timeout: float, what: str, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def test_queue_directory_feeds_the_pool_admits_while_running_and_files_results(ray_runtime, model_dir, tmp_path):
