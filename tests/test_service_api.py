@@ -24,6 +24,7 @@ from test_batch_job import tiny_config
 from test_vllm_tenants import FakeVLLM, call
 
 LONG = DOCUMENT * 2
+HUGE = DOCUMENT * 30  # just under the 20,000-byte limit: hundreds of steps, so DELETE lands mid-tuning on a quiet machine too
 SHORT = "Anouk Seldt closed the lab."
 KEYS = {"acme": "k-acme", "globex": "k-globex"}
 
@@ -225,7 +226,7 @@ def test_a_document_deleted_while_tuning_leaves_nothing_behind(server):
     status, queued = post_doc(app, "k-acme", LONG + " Gone at once.", name="gone-now")
     assert status == 202
     assert call(app, "DELETE", f"/v1/documents/{queued['id']}", key="k-acme")[0] == 200
-    status, doc = post_doc(app, "k-acme", LONG + " Gone.", name="gone")
+    status, doc = post_doc(app, "k-acme", HUGE + " Gone.", name="gone")
     assert status == 202
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
