@@ -119,8 +119,12 @@ def main() -> int:
     parser.add_argument("--model", default=None)
     parser.add_argument("--presft-model", default=None, metavar="DIR",
                         help="use this pre-SFT'd model instead of running pre-SFT (its lift_pre_sft.json is reported)")
+    parser.add_argument("--save-model", default=None, metavar="DIR",
+                        help="write the pre-SFT'd model here (kept; default: a temporary dir) for a later --presft-model")
     parser.add_argument("--name", default="pre_sft", help="results file name (bench/results/<name>.json)")
     args = parser.parse_args()
+    if args.save_model and args.presft_model:
+        parser.error("--save-model and --presft-model exclude each other")
     if args.heldout_synthetic and args.synthetic and args.heldout_seed == args.train_seed:
         parser.error("--heldout-seed must differ from --train-seed")
     methods = [m for m in args.methods.split(",") if m]
@@ -144,7 +148,8 @@ def main() -> int:
         else:
             tuned = load_base_model(args.model)  # becomes the pre-SFT'd model in place
             began = time.monotonic()
-            outcome = run_pre_sft(tuned, corpus, Path(tmp) / "presft-model", cfg, presft, BatchConfig(), log=log)
+            out_dir = Path(args.save_model) if args.save_model else Path(tmp) / "presft-model"
+            outcome = run_pre_sft(tuned, corpus, out_dir, cfg, presft, BatchConfig(), log=log)
             presft_seconds = round(time.monotonic() - began, 1)
             info = outcome.info
         log(f"pre-sft: {info['steps']} steps, loss {info['first_loss']} → {info['last_loss']}, {presft_seconds} s")
