@@ -122,6 +122,19 @@ def chat_load(url: str, served: str, tenant: str, args, requests: int | None = N
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
+def wait_for_documents(url: str, tenant: str, timeout: float = 600.0) -> None:
+    """Until the document service answers (503 while its Ray pool starts)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        r = httpx.get(f"{url}/v1/documents", headers={"Authorization": f"Bearer sk-{tenant}"}, timeout=60)
+        if r.status_code != 503 or time.monotonic() > deadline:
+            r.raise_for_status()
+            return
+        time.sleep(0.5)
+
+
 def upload_and_ask(url: str, tenant: str, text: str, name: str, max_wait: float) -> dict:
     """Upload, then ask by name with "wait" until the first answer; seconds from the upload.
     The document API is this project's (httpx); the completion is OpenAI's (the openai package)."""
@@ -164,7 +177,8 @@ def run_workers(args, spec: dict, work: Path, workers: int) -> dict:
     proc, log = start_server(args, spec, work, workers, port)
     served = spec["model"].name
     try:
-        chat_load(url, served, spec["tenants"][0], args, requests=args.concurrency)  # warm-up: a fresh engine's first batches are slow
+        wait_for_documents(url, spec["tenants"][0])  # the tuning pool is up: its start is not in "chat alone"
+        chat_load(url, served, spec["tenants"][0], args)  # warm-up round: a fresh engine's first batches are slow, the actors still load
         alone = chat_load(url, served, spec["tenants"][0], args)
         print(f"W={workers}: chat alone {alone['tokens_per_s']:.1f} tok/s", file=sys.stderr)
         jobs = [(spec["tenants"][i % len(spec["tenants"])], text, f"doc{i}") for i, text in enumerate(spec["texts"])]
