@@ -103,8 +103,8 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def chat_load(url: str, served: str, tenant: str, args, requests: int | None = None) -> dict:
-    """tokens/s of `requests` (default --chat-requests) chat completions, --concurrency at a time."""
+def chat_load(url: str, served: str, tenant: str, args) -> dict:
+    """tokens/s of --chat-requests chat completions, --concurrency at a time."""
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{url}/v1", api_key=f"sk-{tenant}", timeout=600, max_retries=0)
@@ -117,7 +117,7 @@ def chat_load(url: str, served: str, tenant: str, args, requests: int | None = N
 
     began = time.perf_counter()
     with ThreadPoolExecutor(args.concurrency) as pool:
-        tokens = sum(pool.map(one, range(requests or args.chat_requests)))
+        tokens = sum(pool.map(one, range(args.chat_requests)))
     seconds = time.perf_counter() - began
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
