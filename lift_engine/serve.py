@@ -136,6 +136,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tune-config", default=None, metavar="FILE",
                    help="a LiftConfig as JSON (LiftConfig.to_dict()), instead of --tune-preset/--tune-adapter")
     g.add_argument("--tune-max-active", type=int, default=8, help="documents one actor tunes together (default 8)")
+    g.add_argument("--tune-cpus", type=int, default=1,
+                   help="CPU cores each tuning actor reserves in Ray and computes on (its torch threads; default 1, "
+                        "which leaves the other cores to serving)")
     g.add_argument("--max-document-bytes", type=int, default=4 << 20, help="largest upload (default 4 MiB)")
     g.add_argument("--max-queued-documents", type=int, default=16,
                    help="documents a tenant may have waiting or tuning at once; more answer 429 (default 16)")
@@ -262,8 +265,8 @@ def service_config(args: argparse.Namespace, model_dir: Path, store_root: Path, 
 
     if args.tune_workers < 0:
         raise LiftError("--tune-workers must be 0 or more")
-    if args.tune_max_active < 1 or args.max_document_bytes < 1 or args.max_queued_documents < 1:
-        raise LiftError("--tune-max-active, --max-document-bytes and --max-queued-documents must be at least 1")
+    if min(args.tune_max_active, args.tune_cpus, args.max_document_bytes, args.max_queued_documents) < 1:
+        raise LiftError("--tune-max-active, --tune-cpus, --max-document-bytes and --max-queued-documents must be at least 1")
     if args.tune_config:
         try:
             tune = LiftConfig.from_dict(json.loads(Path(args.tune_config).read_text())).to_dict()
@@ -273,7 +276,7 @@ def service_config(args: argparse.Namespace, model_dir: Path, store_root: Path, 
         tune = make_config(args.tune_preset, args.tune_adapter).to_dict()
     return ServiceConfig(store=str(store_root), base_model=str(model_dir), tune_workers=args.tune_workers,
                          ray_address=args.ray_address, tune_config=tune,
-                         tuning=BatchConfig(max_active=args.tune_max_active),
+                         tuning=BatchConfig(max_active=args.tune_max_active), actor_cpus=args.tune_cpus,
                          max_document_bytes=args.max_document_bytes, max_queued_per_tenant=args.max_queued_documents,
                          served_names=[served_name])
 

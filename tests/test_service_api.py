@@ -205,9 +205,10 @@ def test_serve_passes_the_document_service_settings(tmp_path):
 
     model_dir = make_tiny_model_dir(tmp_path / "model")
     _, env = serve.build_command(serve_args(model=model_dir, store=tmp_path / "s", tune_workers=3,
-                                            ray_address="10.0.0.1:6379", tune_adapter="gated-memory"))
+                                            ray_address="10.0.0.1:6379", tune_adapter="gated-memory", tune_cpus=4))
     cfg = ServiceConfig.from_json(env[serve.SERVICE_ENV])
     assert (cfg.tune_workers, cfg.ray_address, cfg.lift_config().adapter) == (3, "10.0.0.1:6379", "gated-memory")
+    assert cfg.actor_cpus == 4
     assert cfg.served_names == [model_dir.name] and cfg.store == str((tmp_path / "s").absolute())
     bad = tmp_path / "bad.json"
     bad.write_text('{"nonsense": 1}')
@@ -215,6 +216,8 @@ def test_serve_passes_the_document_service_settings(tmp_path):
         serve.build_command(serve_args(model=model_dir, store=tmp_path / "s", tune_config=str(bad)))
     with pytest.raises(LiftError, match="tune-workers"):
         serve.build_command(serve_args(model=model_dir, store=tmp_path / "s", tune_workers=-1))
+    with pytest.raises(LiftError, match="tune-cpus"):
+        serve.build_command(serve_args(model=model_dir, store=tmp_path / "s", tune_cpus=0))
 
 
 def test_a_document_deleted_while_tuning_leaves_nothing_behind(server):

@@ -76,6 +76,9 @@ def test_pool_tunes_publishes_and_survives_sigkill_of_an_actor(ray_runtime, mode
         service.start()
         pids = service.pool.wait_actors(timeout=180)
         assert len(set(pids)) == 2
+        import ray  # each actor computes on the CPUs it reserved (ServiceConfig.actor_cpus, `lift serve --tune-cpus`)
+        handles = [ray.get_actor(f"{service.pool.name_prefix}-{a['index']}") for a in service.pool.actors()]
+        assert ray.get([h.threads.remote() for h in handles], timeout=120) == [1, 1]
         docs = [("acme", service.create("acme", (LONG + f" Copy {i}.").encode(), name=f"long{i}").id) for i in range(2)]
         docs += [("globex", service.create("globex", (LONG + " Other.").encode(), name="long0").id)]
         hybrid = service.create("globex", SHORT.encode(), name="memo")

@@ -57,12 +57,16 @@ class TuneWorker:
     """
 
     def __init__(self, base_model: str, cfg_dict: dict, work_dir: str, store: str, job_options: dict,
-                 device: str | None = None) -> None:
+                 device: str | None = None, threads: int | None = None) -> None:
+        import torch
+
         from lift_engine.batch.job import BatchTuneJob
         from lift_engine.config import LiftConfig
         from lift_engine.models.loading import load_base_model
         from lift_engine.store import AdapterStore
 
+        if threads:  # the CPUs it reserved in Ray (ServiceConfig.actor_cpus): its tuning computes on that many
+            torch.set_num_threads(threads)
         self.store = AdapterStore(store, create=True)
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -78,6 +82,12 @@ class TuneWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def threads(self) -> int:
+        """The torch threads its tuning computes on."""
+        import torch
+
+        return torch.get_num_threads()
 
     @staticmethod
     def node() -> str:
@@ -285,7 +295,7 @@ class TuningPool:
         cfg = self.cfg
         job_options = dataclasses.asdict(cfg.tuning)
         handle = self._cls.options(name=f"{self.name_prefix}-{self._next_index}", **self._options).remote(cfg.base_model, cfg.lift_config().to_dict(), str(cfg.work_dir), cfg.store, job_options,
-                                  cfg.device)
+                                  cfg.device, max(1, int(cfg.actor_cpus)))
         actor = _Actor(handle=handle, index=self._next_index)
         self._next_index += 1
         self._actors.append(actor)
