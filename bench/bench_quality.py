@@ -113,14 +113,18 @@ def window_split(records: list[EvalRecord], tokenizer, window: int) -> dict[str,
 
 
 def scores_by_split(predictions, *splits: dict[str, str]) -> dict:
-    """Containment and qa-F1 over all predictions and over each part of each split."""
+    """Containment and qa-F1 over all predictions and over each part of each split, and the
+    share of distinct answers (normalised): 1.0 when every question gets its own answer, low
+    when a few memorised spans answer many questions."""
     out = {}
     parts = [(part, split) for split in splits for part in sorted(set(split.values()))] + [("all", None)]
     for part, split in parts:
         rows = [p for p in predictions if split is None or split[p.id] == part]
         out[part] = {"questions": len(rows),
                      "contains_answer": round(sum(p.scores["contains_answer"] for p in rows) / max(1, len(rows)), 3),
-                     "qa_f1": round(sum(p.scores["qa_f1"] for p in rows) / max(1, len(rows)), 3)}
+                     "qa_f1": round(sum(p.scores["qa_f1"] for p in rows) / max(1, len(rows)), 3),
+                     "distinct_answers": round(len({metrics.normalize_answer(p.prediction) for p in rows})
+                                               / max(1, len(rows)), 3)}
     return out
 
 
@@ -211,11 +215,13 @@ def main() -> int:
     print(f"\n{args.set}: {len(records)} questions over {len(contexts)} documents "
           f"({', '.join(map(str, doc_tokens.values()))} tokens); {result['hardware']}\n")
     parts = ("choice", "held-out", "in-window", "outside", "all")
-    print("| method | " + " | ".join(f"contains answer: {p}" for p in parts) + " | qa-F1 all | s per 1k doc tokens |")
-    print("|---" * (len(parts) + 3) + "|")
+    print("| method | " + " | ".join(f"contains answer: {p}" for p in parts)
+          + " | qa-F1 all | distinct answers | s per 1k doc tokens |")
+    print("|---" * (len(parts) + 4) + "|")
     for name, s in result["results"].items():
         cells = [f"{s[p]['contains_answer']:.3f} ({s[p]['questions']})" if p in s else "" for p in parts]
-        print(f"| {name} | " + " | ".join(cells) + f" | {s['all']['qa_f1']:.3f} | {s.get('seconds_per_1k_document_tokens', '')} |")
+        print(f"| {name} | " + " | ".join(cells) + f" | {s['all']['qa_f1']:.3f} | {s['all'].get('distinct_answers', '')} "
+              f"| {s.get('seconds_per_1k_document_tokens', '')} |")
     return 0
 
 
