@@ -17,23 +17,23 @@ import statistics
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from lift_engine.adapters.gated_memory import GatedMemoryBank
 from lift_engine.adapters.io import load_adapters
-from lift_engine.config import GATE_SCALE
 from lift_engine.data.documents import tokenize_long
 from lift_engine.data.records import read_records
 from lift_engine.data.truncation import middle_truncate
 from lift_engine.fsutil import atomic_write_json
 from lift_engine.models.loading import load_base_model
+from lift_engine.ops.reference.gated_memory_blend import memory_and_gate
 from lift_engine.prompts import PromptBuilder
 
 
 def gate_values(bank: GatedMemoryBank, q: torch.Tensor, slot: int) -> torch.Tensor:
-    """q [T, H, d] → the slot's gate [T, H]."""
-    hidden = F.silu(torch.einsum("thd,hsd->ths", q.float(), bank.w3[slot].float()))
-    return torch.sigmoid(GATE_SCALE * (torch.einsum("ths,hos->tho", hidden, bank.w4[slot].float())[..., 0] - 1))
+    """q [T, H, d] → the slot's gate [T, H] (the reference epilogue's own formula)."""
+    weights = (bank.w1[slot], bank.w2[slot], bank.w3[slot], bank.w4[slot])
+    _, gate = memory_and_gate(q.float(), *(w.float() for w in weights))
+    return gate[..., 0]
 
 
 def main(argv: list[str] | None = None) -> int:
