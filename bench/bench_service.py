@@ -143,12 +143,8 @@ def upload_and_ask(url: str, tenant: str, text: str, name: str, max_wait: float)
 
     headers = {"Authorization": f"Bearer sk-{tenant}"}
     began = time.perf_counter()
-    for _ in range(600):  # 503 while the document service starts
-        r = httpx.post(f"{url}/v1/documents", json={"text": text, "name": name}, headers=headers, timeout=120)
-        if r.status_code != 503:
-            break
-        time.sleep(0.5)
-    r.raise_for_status()
+    r = httpx.post(f"{url}/v1/documents", json={"text": text, "name": name}, headers=headers, timeout=120)
+    r.raise_for_status()  # the service is up: run_workers waited for it (wait_for_documents)
     doc = r.json()
     deadline = began + max_wait
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=f"sk-{tenant}", max_retries=0)
