@@ -178,7 +178,10 @@ def test_delete_cancels_a_queued_and_a_tuning_document(ray_runtime, model_dir, t
     try:
         service.start()
         service.pool.wait_actors(timeout=180)
-        a, b, c = (service.create("acme", (LONG + f" Copy {n}.").encode(), name=n) for n in ("a", "b", "c"))
+        # A is long (hundreds of steps): on a quiet machine a ~40-step A and B finished between
+        # two polls of A's progress, before the test could see B queued
+        a, b, c = (service.create("acme", (text + f" Copy {n}.").encode(), name=n)
+                   for n, text in (("a", DOCUMENT * 30), ("b", LONG), ("c", LONG)))
         wait_until(lambda: 2 <= (service.pool.progress(a.id) or {}).get("step", 0), 240, "A to be mid-job")
         assert (work / f".{a.id}.lift-partial").is_dir()
         jobs = actor_progress(service)
