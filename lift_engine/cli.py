@@ -40,6 +40,10 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--anchor-fraction", type=float, default=None, metavar="F",
                    help="with --distill: the fraction (0-1) of the teacher's targets also trained with their chunk in "
                         "view, so that the adapter keeps what the window shows (docs/DESIGN.md §2.6; default 0)")
+    p.add_argument("--no-generated-queries", action="store_true",
+                   help="with --distill: the teacher answers only extractive and template queries, none written by "
+                        "the base model or --qa-endpoint (with --anchor-fraction 0.5, the recipe that answered best "
+                        "on real prose in bench/README.md, \"Quality\")")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=None,
                    help="dtype of the frozen base model while tuning (default: the preset's). bfloat16 keeps the "
                         "adapter and optimizer in fp32 and runs the base's GEMMs in bf16: faster on a CPU with AMX "
@@ -84,6 +88,10 @@ def _config(args) -> LiftConfig:
         if not 0.0 <= args.anchor_fraction <= 1.0:
             raise InputError(f"--anchor-fraction must be between 0 and 1, got {args.anchor_fraction}")
         cfg.distill.anchor_fraction = args.anchor_fraction
+    if getattr(args, "no_generated_queries", False):
+        if not cfg.distill.enabled:
+            raise InputError("--no-generated-queries needs --distill (the queries are the distillation teacher's)")
+        cfg.distill.generate_queries = False
     if getattr(args, "compute_dtype", None):
         cfg.train.compute_dtype = args.compute_dtype
     if getattr(args, "window", None) is not None:

@@ -175,14 +175,27 @@ def test_ask_answers_a_document_that_fits_the_window_in_context(capsys, tmp_path
     assert code == 0 and "answered with the adapter and the document cut to 4 tokens" in err
 
 
-def test_bad_anchor_fractions_are_one_line_errors_before_anything_is_written(tmp_path, capsys):
+def test_bad_distillation_flags_are_one_line_errors_before_anything_is_written(tmp_path, capsys):
     from lift_engine import cli as cli_module
 
     doc = tmp_path / "doc.txt"
     doc.write_text("A document.")
     for flags, needle in ((["--anchor-fraction", "0.5"], "needs --distill"),
-                          (["--distill", "--anchor-fraction", "1.5"], "between 0 and 1")):
+                          (["--distill", "--anchor-fraction", "1.5"], "between 0 and 1"),
+                          (["--no-generated-queries"], "needs --distill")):
         assert cli_module.main(["tune", str(doc), "-o", str(tmp_path / "out")] + flags) != 0
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_distill_without_generated_queries_reaches_the_config(capsys, tmp_path, model_dir):
+    """--distill --no-generated-queries --anchor-fraction 0.5: bench_quality's `lift-anchor` recipe."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOCUMENT[:300])
+    out = tmp_path / "adapter"
+    code, _, err = run_main(capsys, "tune", doc, "-o", out, "--model", model_dir, "--distill",
+                            "--no-generated-queries", "--anchor-fraction", "0.5")
+    assert code == 0, err
+    distill = json.loads((out / "lift_adapter.json").read_text())["lift_config"]["distill"]
+    assert distill["enabled"] and not distill["generate_queries"] and distill["anchor_fraction"] == 0.5
