@@ -21,6 +21,9 @@ DOCUMENT = (
     "Its annual report was printed in violet ink, a habit Marrow kept until 2004. "
     "The final director, Anouk Seldt, closed the lab on 3 March 2011.\n"
 )
+# Hundreds of tuning steps on the tiny model (under the service tests' 20,000-byte limit): long
+# enough that a DELETE or a poll lands mid-tuning even on a quiet machine.
+HUGE = DOCUMENT * 30
 
 
 def make_tiny_model_dir(path: Path, seed: int = 0, kv_heads: int = 2) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers_pipeline import DOCUMENT, make_tiny_model_dir
+from helpers_pipeline import DOCUMENT, HUGE, make_tiny_model_dir
 from lift_engine.config import BatchConfig
 from lift_engine.models.loading import load_base_model
 from lift_engine.prompts import PromptBuilder
@@ -24,7 +24,6 @@ from test_batch_job import tiny_config
 from test_vllm_tenants import FakeVLLM, call
 
 LONG = DOCUMENT * 2
-HUGE = DOCUMENT * 30  # just under the 20,000-byte limit: hundreds of steps, so DELETE lands mid-tuning on a quiet machine too
 SHORT = "Anouk Seldt closed the lab."
 KEYS = {"acme": "k-acme", "globex": "k-globex"}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers_pipeline import DOCUMENT, make_tiny_model_dir, wait_until
+from helpers_pipeline import DOCUMENT, HUGE, make_tiny_model_dir, wait_until
 from lift_engine.config import BatchConfig
 from lift_engine.service.config import ServiceConfig
 from lift_engine.service.documents import DocumentError, DocumentService
@@ -181,7 +181,7 @@ def test_delete_cancels_a_queued_and_a_tuning_document(ray_runtime, model_dir, t
         # A is long (hundreds of steps): on a quiet machine a ~40-step A and B finished between
         # two polls of A's progress, before the test could see B queued
         a, b, c = (service.create("acme", (text + f" Copy {n}.").encode(), name=n)
-                   for n, text in (("a", DOCUMENT * 30), ("b", LONG), ("c", LONG)))
+                   for n, text in (("a", HUGE), ("b", LONG), ("c", LONG)))
         wait_until(lambda: 2 <= (service.pool.progress(a.id) or {}).get("step", 0), 240, "A to be mid-job")
         assert (work / f".{a.id}.lift-partial").is_dir()
         jobs = actor_progress(service)
