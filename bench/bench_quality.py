@@ -72,7 +72,11 @@ def split_of(records: list[EvalRecord]) -> dict[str, str]:
 
 def oracle_records(records: list[EvalRecord], tokenizer) -> tuple[list[EvalRecord], int]:
     """Each record with its context cut to ~ORACLE_TOKENS tokens centred on the first
-    occurrence of an answer (case-insensitive); (records, how many answers were found)."""
+    occurrence of an answer (case-insensitive); (records, how many answers were found).
+
+    The passage is ORACLE_TOKENS // 2 tokens before the answer's first character and the
+    rest from there on (fewer before it near the document's start), so it always holds the
+    answer when one was found."""
     out, found = [], 0
     for r in records:
         low = r.context.lower()
@@ -80,10 +84,11 @@ def oracle_records(records: list[EvalRecord], tokenizer) -> tuple[list[EvalRecor
         if hits:
             found += 1
             at = min(hits)
-            piece = r.context[max(0, at - 4 * ORACLE_TOKENS) : at + 4 * ORACLE_TOKENS]
-            ids = tokenize_long(piece, tokenizer)
-            sep = tokenizer("\n...\n", add_special_tokens=False)["input_ids"]
-            piece = tokenizer.decode(middle_truncate(ids, ORACLE_TOKENS, sep))
+            # 8 characters per token is more than any tokenizer here needs: both sides are long enough
+            before = tokenize_long(r.context[max(0, at - 8 * ORACLE_TOKENS) : at], tokenizer)
+            before = before[len(before) - min(len(before), ORACLE_TOKENS // 2):]
+            after = tokenize_long(r.context[at : at + 8 * ORACLE_TOKENS], tokenizer)
+            piece = tokenizer.decode(before + after[: ORACLE_TOKENS - len(before)])
         else:
             piece = ""
         out.append(dataclasses.replace(r, context=piece or " "))
