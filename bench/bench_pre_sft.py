@@ -8,7 +8,8 @@
    seed; the run checks that no held-out text was in the corpus).
 3. Each held-out set is answered by truncated ICL, full ICL and LIFT (`--methods`), each on
    the raw base and on the pre-SFT'd base, through lift_engine.evaluate as `lift eval`
-   does; containment accuracy with the number of questions, the pre-SFT / raw ratio, and
+   does; containment accuracy with the number of questions (also over the questions whose
+   answer the truncated window shows, "in-window"), the pre-SFT / raw ratio, and
    for ICL the difference against its noise (two binomial standard errors of the
    difference: a pre-SFT that breaks in-context learning is not a win).
 
@@ -43,7 +44,7 @@ from lift_engine.presft.corpus import read_corpus
 from lift_engine.presft.run import run_pre_sft
 
 from bench.common import hardware
-from bench.bench_quality import scores_by_split, split_of
+from bench.bench_quality import scores_by_split, split_of, window_split
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = {"icl": "icl", "full-icl": "full-icl", "lift": "lift"}
@@ -87,6 +88,14 @@ def lift_config(args):
     if args.lift_stage2_epochs is not None:
         cfg.train.stage2_epochs = args.lift_stage2_epochs
     return cfg
+
+
+def in_window_cell(row: dict) -> str:
+    """"raw → pre-SFT" answers found among the questions whose answer the truncated window shows."""
+    parts = [row[base].get("in-window") for base in ("raw", "pre-sft")]
+    if not all(parts):
+        return "none in window"
+    return " → ".join(f"{round(p['contains_answer'] * p['questions'])}/{p['questions']}" for p in parts)
 
 
 def noise(p1: float, n1: int, p2: float, n2: int) -> float:
@@ -157,6 +166,7 @@ def main() -> int:
         results: dict = {}
         for set_name, records in sets.items():
             split = split_of(records)
+            in_window = window_split(records, raw.tokenizer, args.window)
             doc_tokens = {c: len(tokenize_long(c, raw.tokenizer)) for c in {r.context for r in records}}
             results[set_name] = {"documents": len(doc_tokens), "questions": len(records),
                                  "document_tokens": sorted(doc_tokens.values()), "methods": {}}
@@ -172,8 +182,10 @@ def main() -> int:
                     began = time.monotonic()
                     _, predictions = evaluate(run_records, base, cfg, METHODS[method], args.window, BatchConfig(),
                                               progress=False, log=log, force_lift=True)
-                    scores = scores_by_split(predictions, split)["all"]
-                    row[base_name] = {**scores, "seconds": round(time.monotonic() - began, 1),
+                    by_part = scores_by_split(predictions, split, in_window)
+                    scores = by_part["all"]
+                    row[base_name] = {**scores, "in-window": by_part.get("in-window"),
+                                      "seconds": round(time.monotonic() - began, 1),
                                       "predictions": [{"id": p.id, "prediction": p.prediction} for p in predictions]}
                     log(f"{set_name} {method} {base_name}: {scores}")
                 p_raw, p_sft = row["raw"]["contains_answer"], row["pre-sft"]["contains_answer"]
@@ -193,13 +205,14 @@ def main() -> int:
     atomic_write_json(out_path, result)
     print(f"\npre-SFT: {info.get('corpus', {}).get('documents')} documents, {info.get('steps')} steps, "
           f"{presft_seconds} s ({args.compute_dtype}); {result['hardware']}\n")
-    print("| set | method | raw: contains (n) | pre-SFT: contains (n) | pre-SFT / raw | difference ± 2 SE |")
-    print("|---|---|---|---|---|---|")
+    print("| set | method | raw: contains (n) | pre-SFT: contains (n) | pre-SFT / raw | difference ± 2 SE "
+          "| in window, raw → pre-SFT |")
+    print("|---|---|---|---|---|---|---|")
     for set_name, res in results.items():
         for method, row in res["methods"].items():
             print(f"| {set_name} | {method} | {row['raw']['contains_answer']:.3f} ({row['raw']['questions']}) | "
                   f"{row['pre-sft']['contains_answer']:.3f} ({row['pre-sft']['questions']}) | {row['ratio']} | "
-                  f"{row['difference']:+.3f} ± {row['noise_2se']:.3f} |")
+                  f"{row['difference']:+.3f} ± {row['noise_2se']:.3f} | {in_window_cell(row)} |")
     print(f"\nwritten to {out_path}")
     return 0
 
