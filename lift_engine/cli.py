@@ -29,7 +29,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", choices=ADAPTER_KINDS, default="lora", help="adapter kind (default: lora)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="size preset (default: cpu)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="recipe preset (default: cpu, sized for a small CPU; cpu-prose: the cpu preset plus context "
+                        "distillation with anchors, about 5x slower, better on real prose; paper: the paper's sizes)")
     p.add_argument("--qa-endpoint", default=None, metavar="URL",
                    help="OpenAI-compatible endpoint that writes auxiliary QA (default: the base model, when the preset uses a generator)")
     p.add_argument("--qa-model", default=None, metavar="NAME", help="model name at --qa-endpoint")
@@ -42,8 +44,8 @@ def _add_config(p: argparse.ArgumentParser) -> None:
                         "view, so that the adapter keeps what the window shows (docs/DESIGN.md §2.6; default 0)")
     p.add_argument("--no-generated-queries", action="store_true",
                    help="with --distill: the teacher answers only extractive and template queries, none written by "
-                        "the base model or --qa-endpoint (with --anchor-fraction 0.5, the recipe that answered best "
-                        "on real prose in bench/README.md, \"Quality\")")
+                        "the base model or --qa-endpoint (--preset cpu-prose sets --distill --no-generated-queries "
+                        "--anchor-fraction 0.5)")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=None,
                    help="dtype of the frozen base model while tuning (default: the preset's). bfloat16 keeps the "
                         "adapter and optimizer in fp32 and runs the base's GEMMs in bf16: faster on a CPU with AMX "

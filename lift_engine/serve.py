@@ -39,6 +39,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lift_engine.config import PRESETS
 from lift_engine.errors import LiftError, ModelError
 from lift_engine.vllm_plugin import preload
 
@@ -130,7 +131,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "0: no tuning, only documents that fit the window are accepted)")
     g.add_argument("--ray-address", default=None,
                    help="join this Ray cluster (e.g. 10.0.0.1:6379) instead of starting a local Ray runtime")
-    g.add_argument("--tune-preset", default="cpu", choices=("cpu", "paper"), help="LIFT preset for uploads (default cpu)")
+    g.add_argument("--tune-preset", default="cpu", choices=sorted(PRESETS),
+                   help="LIFT preset for uploads (default cpu; cpu-prose: slower, better on real prose)")
     g.add_argument("--tune-adapter", default="lora", choices=("lora", "gated-memory"),
                    help="adapter kind tuned for uploads (default lora)")
     g.add_argument("--tune-config", default=None, metavar="FILE",

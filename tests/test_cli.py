@@ -14,6 +14,7 @@ import pytest
 from helpers_pipeline import DOCUMENT, make_tiny_model_dir
 from lift_engine.checkpoint import CHECKPOINT_FILE, partial_dir_for
 from lift_engine.cli import main
+from lift_engine.config import make_config
 
 
 @pytest.fixture(scope="module")
@@ -189,13 +190,16 @@ def test_bad_distillation_flags_are_one_line_errors_before_anything_is_written(t
     assert not (tmp_path / "out").exists()
 
 
-def test_distill_without_generated_queries_reaches_the_config(capsys, tmp_path, model_dir):
-    """--distill --no-generated-queries --anchor-fraction 0.5: bench_quality's `lift-anchor` recipe."""
+@pytest.mark.parametrize("flags", [("--distill", "--no-generated-queries", "--anchor-fraction", "0.5"),
+                                   ("--preset", "cpu-prose")])
+def test_distill_without_generated_queries_reaches_the_config(capsys, tmp_path, model_dir, flags):
+    """The three flags, or --preset cpu-prose: bench_quality's `lift-anchor` recipe."""
     doc = tmp_path / "doc.txt"
     doc.write_text(DOCUMENT[:300])
     out = tmp_path / "adapter"
-    code, _, err = run_main(capsys, "tune", doc, "-o", out, "--model", model_dir, "--distill",
-                            "--no-generated-queries", "--anchor-fraction", "0.5")
+    code, _, err = run_main(capsys, "tune", doc, "-o", out, "--model", model_dir, *flags)
     assert code == 0, err
-    distill = json.loads((out / "lift_adapter.json").read_text())["lift_config"]["distill"]
+    written = json.loads((out / "lift_adapter.json").read_text())["lift_config"]
+    distill = written["distill"]
     assert distill["enabled"] and not distill["generate_queries"] and distill["anchor_fraction"] == 0.5
+    assert written["qa"] == make_config("cpu").to_dict()["qa"]  # otherwise the cpu preset's sizes
