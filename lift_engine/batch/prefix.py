@@ -19,6 +19,16 @@ pass and the result is the same loss and the same gradients as running every ful
 sample (`plain_token_loss`) — tested. Linear-layer FLOPs fall from Σ_i |x_i| to
 Σ_g P_g + Σ_i (|x_i| − P_g); attention still reads every key it did before.
 
+A sample that does not start with its document's context — an anchor sample, whose
+prompt is a 512-token chunk (samples.py) — would cut the document's common prefix down
+to the chat template's header and pad every suffix to its length. So a document's
+samples are first clustered (`prefix_passes`): a sample joins the first cluster for which
+sharing costs fewer tokens than running it apart — cost(cluster) = P + n · max suffix,
+the tokens its prefix and padded suffix passes compute —; the k-th largest cluster of
+every document goes through the k-th shared pass, and the samples that share with no
+other go through one plain pass. Each sample's token losses are still computed once,
+exactly as alone.
+
 Needs a cache-aware forward, so a step planned with gradient checkpointing (HF disables
 the cache under it) falls back to the plain computation of the same samples.
 """
@@ -54,10 +64,51 @@ def shared_prefix_length(group: list[Sample]) -> int:
     return max(0, n)
 
 
+def shared_pass_tokens(group: list[Sample]) -> int:
+    """Tokens a prefix pass and a padded suffix pass compute for `group`: P + n · max suffix."""
+    p = shared_prefix_length(group)
+    return p + len(group) * max(len(s.input_ids) - p for s in group)
+
+
+def prefix_passes(samples: list[Sample]) -> tuple[list[list[Sample]], list[Sample]]:
+    """(shared passes, alone): the step's samples clustered per document — a sample joins
+    the first cluster where `shared_pass_tokens` grows by less than the sample's own
+    length —, the k-th largest cluster of every document in shared pass k, and the
+    samples that share with no other. Every sample is in exactly one place."""
+    clusters: dict[int, list[list[Sample]]] = {}
+    for s in samples:
+        groups = clusters.setdefault(s.doc, [])
+        for group in groups:
+            if shared_pass_tokens(group + [s]) < shared_pass_tokens(group) + len(s.input_ids):
+                group.append(s)
+                break
+        else:
+            groups.append([s])
+    alone = [g[0] for groups in clusters.values() for g in groups if len(g) == 1]
+    shared = {doc: sorted((g for g in groups if len(g) > 1), key=len, reverse=True) for doc, groups in clusters.items()}
+    passes = []
+    for k in range(max((len(g) for g in shared.values()), default=0)):
+        passes.append([s for doc in sorted(shared) if k < len(shared[doc]) for s in shared[doc][k]])
+    return passes, alone
+
+
 def prefix_shared_token_loss(model, handle, samples: list[Sample], pad_id: int, chunk: int):
-    """Same contract as forward.plain_token_loss: (token_loss [T], token_docs [T], tokens computed)."""
+    """Same contract as forward.plain_token_loss: (token_loss [T], token_docs [T], tokens
+    computed). The token losses come per pass of `prefix_passes`, concatenated (the
+    caller sums them per document)."""
     if getattr(model, "is_gradient_checkpointing", False):
         return plain_token_loss(model, handle, samples, pad_id, chunk)
+    passes, alone = prefix_passes(samples)
+    results = [_shared_pass(model, handle, group, pad_id, chunk) for group in passes]
+    if alone:
+        results.append(plain_token_loss(model, handle, alone, pad_id, chunk))
+    if len(results) == 1:
+        return results[0]
+    return (torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results]), sum(r[2] for r in results))
+
+
+def _shared_pass(model, handle, samples: list[Sample], pad_id: int, chunk: int):
+    """One prefix pass and one suffix pass over samples that share a prefix per document."""
     slots = sorted({s.doc for s in samples})
     groups = {slot: [s for s in samples if s.doc == slot] for slot in slots}
     prefix_len = {slot: shared_prefix_length(g) for slot, g in groups.items()}
