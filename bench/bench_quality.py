@@ -9,10 +9,13 @@ accumulate in the JSON, so a long comparison can be run in parts):
                     in the prompt (the ceiling a perfect memory would reach with this model)
     lift-old        LIFT + truncated ICL, the cpu preset's recipe (segments + extractive QA)
     lift-distill    LIFT + truncated ICL, the cpu preset plus context distillation (the candidate)
-    lift-anchor     the cpu preset plus context distillation on extractive and template queries
-                    (no generated queries: the 135M generator is slow and writes poor ones)
-                    and anchor samples (distill.anchor_fraction = 0.5: the student also
-                    learns with the passage in view, to keep in-context answers)
+    lift-anchor     the cpu-prose preset: the cpu preset plus context distillation on
+                    extractive and template queries (no generated queries: the 135M generator
+                    is slow and writes poor ones) and anchor samples (distill.anchor_fraction
+                    = 0.5: the student also learns with the passage in view, to keep
+                    in-context answers)
+    lift-anchor-ctx the same with distill.teacher_context: the teacher (and the anchors) also
+                    read the document's head/tail context around the chunk (docs/DESIGN.md §2.6)
     … for LoRA and Gated Memory (`--adapters`)
 
 Questions are split in two by position within their document: "choice" (even) — the part
@@ -95,14 +98,6 @@ def oracle_records(records: list[EvalRecord], tokenizer) -> tuple[list[EvalRecor
     return out, found
 
 
-def with_anchors(cfg: LiftConfig, fraction: float = 0.5) -> LiftConfig:
-    """Distillation plus anchor samples (DistillConfig.anchor_fraction)."""
-    out = with_distillation(cfg)
-    out.distill.generate_queries = False
-    out.distill.anchor_fraction = fraction
-    return out
-
-
 def window_split(records: list[EvalRecord], tokenizer, window: int) -> dict[str, str]:
     """record id → "in-window" when an answer occurs (case-insensitive) in the context as
     middle-truncated to `window` tokens, else "outside"."""
@@ -180,7 +175,7 @@ def main() -> int:
                                        window_split(shown, base.tokenizer, row["window"])))
     for method in [m for m in args.methods.split(",") if m and not args.rescore]:
         for kind in (args.adapters.split(",") if method.startswith("lift") else ["lora"]):
-            cfg = make_config("cpu", kind)
+            cfg = make_config("cpu-prose" if method.startswith("lift-anchor") else "cpu", kind)
             cfg.train.compute_dtype = args.compute_dtype
             window = args.window or (1024 if args.set == "dev" else cfg.inference.window)
             cfg.inference.window = window
@@ -189,8 +184,9 @@ def main() -> int:
                 mode = "lift"
             elif method == "lift-distill":
                 cfg, mode = with_distillation(cfg), "lift"
-            elif method == "lift-anchor":
-                cfg, mode = with_anchors(cfg), "lift"
+            elif method in ("lift-anchor", "lift-anchor-ctx"):
+                cfg.distill.teacher_context = method == "lift-anchor-ctx"
+                mode = "lift"
             elif method == "full-icl":
                 limit = base.model.config.max_position_embeddings - cfg.inference.max_new_tokens - 256
                 run_records = [r for r in records if doc_tokens[r.context] <= limit]

@@ -157,6 +157,10 @@ class DistillConfig:
     # window shows the passage, the adapter learns to leave the base's in-context answer
     # alone (docs/DESIGN.md §2.6, "never worse than the window"). 0: none.
     anchor_fraction: float = 0.0
+    # The teacher (and an anchor's student) also reads the document's head/tail context
+    # around its chunk (ContextConfig.length tokens), as docs/DESIGN.md §2.6 specifies;
+    # False: the chunk alone, the recipe measured in bench/README.md "Quality".
+    teacher_context: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.anchor_fraction <= 1.0:
@@ -246,7 +250,7 @@ class LiftConfig:
 # the value every older adapter was tuned with, so that those keep their fingerprint.
 FINGERPRINT_DEFAULTS = {("train", "compute_dtype"): "float32", ("train", "segment_weight"): 1.0,
                         ("train", "qa_weight"): 1.0, ("train", "distill_weight"): 1.0,
-                        ("distill", "anchor_fraction"): 0.0}
+                        ("distill", "anchor_fraction"): 0.0, ("distill", "teacher_context"): False}
 
 # Fields that older manifests carry and that moved elsewhere (dropped when read back):
 # train.checkpoint_every is BatchConfig.checkpoint_every now.

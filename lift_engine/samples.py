@@ -8,7 +8,7 @@ Three kinds of sample, all placed behind a head/tail context of the document:
               (docs/DESIGN.md §2.6; the teacher read the query's chunk)        top-k at each answer token
     anchor:   question_prompt(chunk, query) + teacher's answer           the same KL, with the
               (distill.anchor_fraction of the targets; the student sees   passage in view
-              exactly the teacher's prompt)
+              exactly the teacher's prompt: `teacher_passage`)
 
 Each kind's per-token loss is scaled by its weight in the config (train.segment_weight,
 qa_weight, distill_weight); a kind of weight 0 is left out of the plan.
@@ -39,6 +39,29 @@ IGNORE_INDEX = -100
 # change is resumed or reused after it.
 RECIPE_VERSION = "recipe-1"
 HEAD_FRACTION_RANGE = (0.25, 0.75)
+
+
+def teacher_passage(doc_ids: list[int], chunk: Chunk, cfg: LiftConfig, sep_ids: list[int]) -> list[int]:
+    """The context the distillation teacher reads for a query about `chunk`, and an anchor
+    sample's student with it (docs/DESIGN.md §2.6): the chunk's tokens; with
+    cfg.distill.teacher_context, also the document's head and tail (context.length tokens,
+    half each) around it, in document order, `sep_ids` wherever tokens are skipped."""
+    ctx = cfg.context
+    if not (cfg.distill.teacher_context and ctx.enabled and ctx.length > 0):
+        return list(doc_ids[chunk.start : chunk.end])
+    n, head = len(doc_ids), ctx.length // 2
+    spans: list[tuple[int, int]] = []
+    for a, b in sorted([(0, min(head, n)), (chunk.start, chunk.end), (max(0, n - (ctx.length - head)), n)]):
+        if a >= b:
+            continue
+        if spans and a <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], b))
+        else:
+            spans.append((a, b))
+    out: list[int] = []
+    for i, (a, b) in enumerate(spans):
+        out += (list(sep_ids) if i else []) + list(doc_ids[a:b])
+    return out
 
 
 @dataclass
@@ -161,8 +184,7 @@ class DocumentSamples:
         elif ref.kind in ("distill", "anchor"):
             target = self.teacher_answers[ref.index]
             if ref.kind == "anchor":
-                chunk = self.chunks[target.chunk]
-                context = self.doc_ids[chunk.start : chunk.end]
+                context = teacher_passage(self.doc_ids, self.chunks[target.chunk], self.cfg, self.prompts.separator_ids)
             prompt = self.prompts.question_prompt(context, target.question)
             response, weight = list(target.answer_ids), train.distill_weight
             soft = (target.top_ids, target.top_logprobs)
@@ -181,7 +203,8 @@ class DocumentSamples:
 
     def approx_length(self, ref: SampleRef) -> int:
         """Approximate sequence length of a sample (context + template + response)."""
-        if ref.kind == "anchor":
-            return self.cfg.queries.chunk_tokens + 48 + self.loss_tokens(ref)
         context = self.cfg.context.length if self.cfg.context.enabled else 0
+        if ref.kind == "anchor":
+            around = context if self.cfg.distill.teacher_context else 0
+            return self.cfg.queries.chunk_tokens + around + 48 + self.loss_tokens(ref)
         return min(context, len(self.doc_ids)) + 48 + self.loss_tokens(ref)

@@ -121,6 +121,54 @@ def test_anchor_samples_show_the_student_the_teachers_own_prompt(model_dir):
         DistillConfig(anchor_fraction=1.5)
 
 
+def test_with_teacher_context_teacher_and_anchor_read_the_chunk_inside_the_head_and_tail(model_dir, tmp_path,
+                                                                                         monkeypatch):
+    """distill.teacher_context: the teacher reads head + "..." + chunk + "..." + tail (document
+    order, overlaps merged), and an anchor's student exactly that; off, the chunk alone."""
+    from lift_engine.batch import job as job_module
+
+    base = load_base_model(str(model_dir))
+    cfg = distill_config(anchor_fraction=1.0)
+    cfg.distill.teacher_context = True
+    cfg.context.length = 10
+    prompts = PromptBuilder(base.tokenizer)
+    sep = prompts.separator_ids
+    ids = base.tokenizer(DOCS["long"], add_special_tokens=False)["input_ids"]
+    chunks = document_chunks(ids, base.tokenizer, cfg.queries.chunk_tokens)
+    assert len(chunks) > 2
+    first, middle, last = chunks[0], chunks[1], chunks[-1]
+    head, tail = ids[:5], ids[-5:]
+    expected = {0: ids[: first.end] + sep + tail,  # the head lies inside the first chunk
+                1: head + sep + ids[middle.start : middle.end] + sep + tail,
+                last.index: head + sep + ids[last.start :]}
+    targets = [TeacherAnswer("Q?", [5, 6], torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 2), c) for c in expected]
+    samples = DocumentSamples(ids, [], cfg, prompts, teacher_answers=targets)
+    for ref in (r for r in samples.epoch_plan(2, 0) if r.kind == "anchor"):
+        passage = expected[targets[ref.index].chunk]
+        assert samples.build(ref).input_ids == prompts.question_prompt(passage, "Q?") + [5, 6]
+
+    seen = {}
+
+    def fake_teacher(model, handle, tokenizer, prompts, passages, queries, cfg):
+        seen["passages"] = passages
+        return [], 0
+
+    monkeypatch.setattr(job_module, "teacher_answers", fake_teacher)
+    for context, want in ((True, expected), (False, {c.index: ids[c.start : c.end] for c in chunks})):
+        cfg.distill.teacher_context = context
+        job = BatchTuneJob(base, cfg, tmp_path / f"out-{context}", max_active=1, status_file=None)
+        try:
+            job.teacher_targets("long", ids, [])
+        finally:
+            job.close()
+        assert all(seen["passages"][c] == passage for c, passage in want.items())
+    before = distill_config(anchor_fraction=1.0)
+    before.context.length = 10
+    assert cfg.fingerprint() == before.fingerprint()  # off: the key of before the field existed
+    cfg.distill.teacher_context = True
+    assert cfg.fingerprint() != before.fingerprint()
+
+
 def test_teacher_targets_come_from_the_base_model_reading_the_chunk(model_dir, tmp_path):
     """Targets are stored in the work dir; their top-1 token is the teacher's greedy answer
     token, and an adapter slot that is far from zero does not change them (adapter off)."""

@@ -70,7 +70,8 @@ from lift_engine.models.loading import model_device
 from lift_engine.names import validate_name
 from lift_engine.precision import compute_dtype, training_precision
 from lift_engine.prompts import PromptBuilder
-from lift_engine.samples import IGNORE_INDEX, RECIPE_VERSION, DocumentSamples, Sample, SampleRef, TeacherAnswer
+from lift_engine.samples import (IGNORE_INDEX, RECIPE_VERSION, DocumentSamples, Sample, SampleRef, TeacherAnswer,
+                                 teacher_passage)
 
 STATUS_FILE = ".lift-batch-status.json"
 # The engine's identity in every job key and adapter manifest: the optimizer path and the
@@ -426,8 +427,9 @@ class BatchTuneJob:
         for warning in query_set.warnings:
             self.log(f"{name}: warning: {warning}")
         queries = [(q.chunk, q.question) for q in query_set.queries]
+        passages = [teacher_passage(ids, c, cfg, self.prompts.separator_ids) for c in chunks]
         targets, empty = teacher_answers(self.model, self.handle, self.base.tokenizer, self.prompts,
-                                         [ids[c.start : c.end] for c in chunks], queries, cfg.distill)
+                                         passages, queries, cfg.distill)
         dropped = {reason: n for reason, n in {**query_set.dropped, "empty answer": empty}.items() if n}
         self.log(f"{name}: {len(targets)} distillation targets over {len(chunks)} chunks"
                  + (f" (dropped: {', '.join(f'{n} {r}' for r, n in dropped.items())})" if dropped else ""))

@@ -2,11 +2,13 @@
 
 The teacher is the frozen base model itself — the job's own model with adapter index -1
 on every row, so the same banks and no second copy of the model — reading one chunk of
-the document in its prompt. For each (chunk, query) it answers greedily, in batches
-(inference.greedy_answer_ids), then a teacher-forced pass over prompt + answer, without
-gradient, gives its next-token distribution at every answer position, cut to the top k:
+the document in its prompt (samples.teacher_passage: the chunk, and with
+distill.teacher_context the document's head/tail context around it). For each (chunk,
+query) it answers greedily, in batches (inference.greedy_answer_ids), then a
+teacher-forced pass over prompt + answer, without gradient, gives its next-token
+distribution at every answer position, cut to the top k:
 
-    prompt_i = question_prompt(chunk_ids[c_i], q_i)             teacher sees the chunk
+    prompt_i = question_prompt(passages[c_i], q_i)              teacher sees the passage
     a_i      = greedy answer (end of turn included)              [n_i]
     top_ids_i, top_logprobs_i = topk(log_softmax(logits at the n_i positions that
                                      predict a_i), k)            [n_i, k] each
@@ -34,34 +36,35 @@ from lift_engine.samples import IGNORE_INDEX, Sample, TeacherAnswer
 
 
 @torch.no_grad()
-def teacher_answers(model, handle, tokenizer, prompts: PromptBuilder, chunk_ids: list[list[int]],
+def teacher_answers(model, handle, tokenizer, prompts: PromptBuilder, passages: list[list[int]],
                     queries: list[tuple[int, str]], cfg: DistillConfig) -> tuple[list[TeacherAnswer], int]:
     """(targets, dropped): one TeacherAnswer per query whose answer is not empty, in query
-    order; dropped counts the empty answers. queries: (chunk index, question)."""
+    order; dropped counts the empty answers. queries: (chunk index, question); passages: the
+    context the teacher reads for each chunk."""
     if not queries:
         return [], 0
     was_training = model.training
     model.eval()
     try:
-        requests = [AnswerRequest(q, chunk_ids[c], None, None) for c, q in queries]
+        requests = [AnswerRequest(q, passages[c], None, None) for c, q in queries]
         answers = greedy_answer_ids(model, tokenizer, prompts, requests, handle=handle,
                                     max_new_tokens=cfg.max_answer_tokens, batch_size=cfg.teacher_batch)
         stops = set(stop_ids(tokenizer, prompts))
         kept = [(c, q, a) for (c, q), a in zip(queries, answers) if any(t not in stops for t in a)]
         targets = []
         for start in range(0, len(kept), cfg.teacher_batch):
-            targets += _distributions(model, handle, tokenizer, prompts, chunk_ids, kept[start : start + cfg.teacher_batch],
+            targets += _distributions(model, handle, tokenizer, prompts, passages, kept[start : start + cfg.teacher_batch],
                                       cfg.top_k)
     finally:
         model.train(was_training)
     return targets, len(queries) - len(kept)
 
 
-def _distributions(model, handle, tokenizer, prompts, chunk_ids, batch, top_k: int) -> list[TeacherAnswer]:
+def _distributions(model, handle, tokenizer, prompts, passages, batch, top_k: int) -> list[TeacherAnswer]:
     """The teacher-forced pass of one batch of (chunk, question, answer ids)."""
     samples = []
     for c, q, answer in batch:
-        prompt = prompts.question_prompt(chunk_ids[c], q)
+        prompt = prompts.question_prompt(passages[c], q)
         samples.append(Sample(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer, "distill"))
     ids, mask, labels, _ = collate(samples, pad_token_id(tokenizer), model_device(model))
     with handle.use(torch.full((len(samples),), -1, dtype=torch.long, device=ids.device)):
