@@ -2,7 +2,8 @@
 
 Every metric compares a prediction with one reference and returns a float in [0, 1].
 qa_f1, exact_match and contains_answer compare after `normalize_answer` (lower case,
-punctuation and the articles a/an/the removed, whitespace collapsed); rouge_l is Google's
+punctuation and the articles a/an/the removed, whitespace collapsed; contains_answer also
+drops Unicode punctuation such as curly quotes, which LongBench's ASCII set keeps); rouge_l is Google's
 `rouge-score` ROUGE-L with its own tokenizer. `score` takes the best over several
 references, `aggregate` averages.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import functools
 import re
 import string
+import unicodedata
 from collections import Counter
 
 _PUNCT = set(string.punctuation)
@@ -64,12 +66,18 @@ def exact_match(prediction: str, ground_truth: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(ground_truth))
 
 
+def _without_unicode_punctuation(s: str) -> str:
+    """`s` without the characters Unicode classes as punctuation (‘’ “” – — … and ASCII's)."""
+    return "".join(ch for ch in s if not unicodedata.category(ch).startswith("P"))
+
+
 def contains_answer(prediction: str, ground_truth: str) -> float:
     """1.0 when the normalised reference occurs in the normalised prediction (on word
-    boundaries), else 0.0. A reference that normalises to nothing counts only as an
+    boundaries; Unicode punctuation dropped too, so that a verbatim quote of a document's
+    ‘config-failed’ contains config-failed), else 0.0. A reference that normalises to nothing counts only as an
     exact match."""
-    ref = normalize_answer(ground_truth)
-    pred = normalize_answer(prediction)
+    ref = normalize_answer(_without_unicode_punctuation(ground_truth))
+    pred = normalize_answer(_without_unicode_punctuation(prediction))
     if not ref:
         return float(not pred)
     return float(f" {ref} " in f" {pred} ")

@@ -44,6 +44,7 @@ def test_exact_and_contains():
     assert exact_match("Eiffel Tower in Paris", "eiffel tower") == 0.0
     assert contains_answer("It is the Eiffel Tower, in Paris.", "Eiffel tower") == 1.0
     assert contains_answer("It happened in 2012.", "12") == 0.0  # whole words only
+    assert contains_answer("Packages in ‘config-failed’ or worse", "config-failed") == 1.0  # curly quotes
     assert contains_answer("the", "a") == 1.0  # both normalise to nothing
     assert contains_answer("something", "the") == 0.0
 
