@@ -99,7 +99,7 @@ def prefix_shared_token_loss(model, handle, samples: list[Sample], pad_id: int, 
     if getattr(model, "is_gradient_checkpointing", False):
         return plain_token_loss(model, handle, samples, pad_id, chunk)
     passes, alone = prefix_passes(samples)
-    results = [_shared_pass(model, handle, group, pad_id, chunk) for group in passes]
+    results = [shared_pass(model, handle, group, pad_id, chunk) for group in passes]
     if alone:
         results.append(plain_token_loss(model, handle, alone, pad_id, chunk))
     if len(results) == 1:
@@ -107,7 +107,7 @@ def prefix_shared_token_loss(model, handle, samples: list[Sample], pad_id: int, 
     return (torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results]), sum(r[2] for r in results))
 
 
-def _shared_pass(model, handle, samples: list[Sample], pad_id: int, chunk: int):
+def shared_pass(model, handle, samples: list[Sample], pad_id: int, chunk: int):
     """One prefix pass and one suffix pass over samples that share a prefix per document."""
     slots = sorted({s.doc for s in samples})
     groups = {slot: [s for s in samples if s.doc == slot] for slot in slots}
