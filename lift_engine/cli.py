@@ -31,7 +31,7 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", choices=ADAPTER_KINDS, default="lora", help="adapter kind (default: lora)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                    help="recipe preset (default: cpu, sized for a small CPU; cpu-prose: the cpu preset plus context "
-                        "distillation with anchors, about 5x slower, better on real prose; paper: the paper's sizes)")
+                        "distillation with anchors, several times slower, better on real prose; paper: the paper's sizes)")
     p.add_argument("--qa-endpoint", default=None, metavar="URL",
                    help="OpenAI-compatible endpoint that writes auxiliary QA (default: the base model, when the preset uses a generator)")
     p.add_argument("--qa-model", default=None, metavar="NAME", help="model name at --qa-endpoint")

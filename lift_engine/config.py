@@ -372,7 +372,8 @@ def cpu_prose_preset(adapter: AdapterKind = "lora") -> LiftConfig:
     template queries, half of the targets also trained as anchors (the passage in view):
     the recipe that answered best on the real-prose development set (bench/README.md,
     "Quality": LoRA 3/26 where the cpu preset answered 0/26), at about 5× the cpu preset's
-    tuning time (~520 s per 1k document tokens in fp32 on 2 AVX2 cores). No generated
+    tuning time (~520 s per 1k document tokens in fp32 on 2 AVX2 cores, measured before
+    batch/prefix.prefix_passes made its stage-2 steps ~1.4× faster). No generated
     queries: the 135M default model writes poor ones, slowly. On the templated synthetic
     documents the cpu preset is as good for a fifth of the cost, so it stays the default."""
     cfg = cpu_preset(adapter)
