@@ -207,6 +207,15 @@ def _validate_lora(path: Path, geometry: ModelGeometry, max_lora_rank: int | Non
 
 
 def _validate_gated_memory(path: Path, geometry: ModelGeometry) -> AdapterSummary:
+    read_gated_memory_tensors(path, geometry)
+    return AdapterSummary("gated-memory", 1)
+
+
+def read_gated_memory_tensors(path: Path, geometry: ModelGeometry) -> dict[str, torch.Tensor]:
+    """Validate the Gated Memory adapter at `path` for `geometry` and return its tensors, read once:
+    name "model.layers.{i}.self_attn.gated_memory.w{1..4}" → tensor of the shape the geometry needs.
+
+    Raises the same clear error as `validate_adapter` for anything malformed."""
     config = _read_json(path / GM_CONFIG_FILE, path)
     hidden = config.get("hidden")
     factor = hidden // geometry.head_dim if isinstance(hidden, int) and hidden % geometry.head_dim == 0 else 2
@@ -228,4 +237,4 @@ def _validate_gated_memory(path: Path, geometry: ModelGeometry) -> AdapterSummar
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise _fail(path, f"tensor {missing[0]} is missing")
-    return AdapterSummary("gated-memory", 1)
+    return tensors

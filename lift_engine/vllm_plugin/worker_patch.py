@@ -37,14 +37,13 @@ def load_gated_memory_weights(path: str, num_layers: int, num_heads: int, head_d
 
     num_heads: the model's total query heads; heads: the ones this tensor-parallel rank holds.
     """
-    from lift_engine.vllm_plugin.validate import ModelGeometry, _validate_gated_memory, _load_tensors
-    from lift_engine.store import GM_WEIGHTS_FILE
     from pathlib import Path
+
+    from lift_engine.vllm_plugin.validate import ModelGeometry, read_gated_memory_tensors
 
     geometry = ModelGeometry(num_layers=num_layers, hidden=num_heads * head_dim, intermediate=1,
                              num_heads=num_heads, num_kv_heads=num_heads, head_dim=head_dim)
-    _validate_gated_memory(Path(path), geometry)
-    tensors = _load_tensors(Path(path) / GM_WEIGHTS_FILE, Path(path))
+    tensors = read_gated_memory_tensors(Path(path), geometry)
     return [
         tuple(tensors[f"model.layers.{i}.self_attn.gated_memory.{w}"][heads or slice(None)].to(dtype).contiguous()
               for w in ("w1", "w2", "w3", "w4"))
