@@ -179,10 +179,13 @@ def test_delete_cancels_a_queued_and_a_tuning_document(ray_runtime, model_dir, t
         service.start()
         service.pool.wait_actors(timeout=180)
         # A is long (hundreds of steps): on a quiet machine a ~40-step A and B finished between
-        # two polls of A's progress, before the test could see B queued
-        a, b, c = (service.create("acme", (text + f" Copy {n}.").encode(), name=n)
-                   for n, text in (("a", HUGE), ("b", LONG), ("c", LONG)))
+        # two polls of A's progress, before the test could see B queued. B and C are created
+        # once A trains: created together, B's tune call could reach the actor first (its
+        # text is shorter), take the one slot and finish before A's second step.
+        a = service.create("acme", (HUGE + " Copy a.").encode(), name="a")
         wait_until(lambda: 2 <= (service.pool.progress(a.id) or {}).get("step", 0), 240, "A to be mid-job")
+        b, c = (service.create("acme", (LONG + f" Copy {n}.").encode(), name=n) for n in ("b", "c"))
+        wait_until(lambda: {b.id, c.id} <= set(actor_progress(service)), 60, "B and C to reach the actor", every=0.2)
         assert (work / f".{a.id}.lift-partial").is_dir()
         jobs = actor_progress(service)
         assert jobs[b.id]["status"] == "queued" and jobs[c.id]["status"] == "queued"
