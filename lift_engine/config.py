@@ -159,7 +159,8 @@ class DistillConfig:
     anchor_fraction: float = 0.0
     # The teacher (and an anchor's student) also reads the document's head/tail context
     # around its chunk (ContextConfig.length tokens), as docs/DESIGN.md §2.6 specifies;
-    # False: the chunk alone, the recipe measured in bench/README.md "Quality".
+    # False: the chunk alone. On the real-prose dev set (LoRA, anchors 0.5) True answered
+    # 2/26 against 3/26, within noise (bench/README.md "Quality"): off in every preset.
     teacher_context: bool = False
 
     def __post_init__(self) -> None:
@@ -373,9 +374,10 @@ def cpu_prose_preset(adapter: AdapterKind = "lora") -> LiftConfig:
     the recipe that answered best on the real-prose development set (bench/README.md,
     "Quality": LoRA 3/26 where the cpu preset answered 0/26), at about 5× the cpu preset's
     tuning time (~520 s per 1k document tokens in fp32 on 2 AVX2 cores, measured before
-    batch/prefix.prefix_passes made its stage-2 steps ~1.4× faster). No generated
-    queries: the 135M default model writes poor ones, slowly. On the templated synthetic
-    documents the cpu preset is as good for a fifth of the cost, so it stays the default."""
+    batch/prefix.prefix_passes made its stage-2 steps ~1.4× faster; about 4× estimated
+    after). No generated queries: the 135M default model writes poor ones, slowly. On the
+    templated synthetic documents the cpu preset is as good for a fraction of the cost, so
+    it stays the default."""
     cfg = cpu_preset(adapter)
     cfg.preset = "cpu-prose"
     cfg.distill = DistillConfig(enabled=True, generate_queries=False, anchor_fraction=0.5)
