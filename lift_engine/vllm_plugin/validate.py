@@ -215,7 +215,7 @@ def read_gated_memory_tensors(path: Path, geometry: ModelGeometry) -> dict[str, 
     """Validate the Gated Memory adapter at `path` for `geometry` and return its tensors, read once:
     name "model.layers.{i}.self_attn.gated_memory.w{1..4}" → tensor of the shape the geometry needs.
 
-    Raises the same clear error as `validate_adapter` for anything malformed."""
+    Raises the same clear AdapterError as `validate_adapter_dir` for anything malformed."""
     config = _read_json(path / GM_CONFIG_FILE, path)
     hidden = config.get("hidden")
     factor = hidden // geometry.head_dim if isinstance(hidden, int) and hidden % geometry.head_dim == 0 else 2
