@@ -372,10 +372,9 @@ def cpu_prose_preset(adapter: AdapterKind = "lora") -> LiftConfig:
     """The cpu preset plus context distillation (docs/DESIGN.md §2.6) on extractive and
     template queries, half of the targets also trained as anchors (the passage in view):
     the recipe that answered best on the real-prose development set (bench/README.md,
-    "Quality": LoRA 3/26 where the cpu preset answered 0/26), at about 5× the cpu preset's
-    tuning time (~520 s per 1k document tokens in fp32 on 2 AVX2 cores, measured before
-    batch/prefix.prefix_passes made its stage-2 steps ~1.4× faster; about 4× estimated
-    after). No generated queries: the 135M default model writes poor ones, slowly. On the
+    "Quality": LoRA 3/26 where the cpu preset answered 0/26), at 4.3× the cpu preset's
+    tuning time (443 against 104 s per 1k document tokens in fp32 on 2 AVX2 cores). No
+    generated queries: the 135M default model writes poor ones, slowly. On the
     templated synthetic documents the cpu preset is as good for a fraction of the cost, so
     it stays the default."""
     cfg = cpu_preset(adapter)
