@@ -3,8 +3,8 @@
 Every metric compares a prediction with one reference and returns a float in [0, 1].
 qa_f1, exact_match and contains_answer compare after `normalize_answer` (lower case,
 punctuation and the articles a/an/the removed, whitespace collapsed; contains_answer also
-drops Unicode punctuation such as curly quotes, which LongBench's ASCII set keeps); rouge_l is Google's
-`rouge-score` ROUGE-L with its own tokenizer. `score` takes the best over several
+drops Unicode punctuation such as curly quotes, which LongBench's ASCII set keeps); rouge_l
+is Google's `rouge-score` ROUGE-L with its own tokenizer. `score` takes the best over several
 references, `aggregate` averages.
 """
 from __future__ import annotations
@@ -74,8 +74,8 @@ def _without_unicode_punctuation(s: str) -> str:
 def contains_answer(prediction: str, ground_truth: str) -> float:
     """1.0 when the normalised reference occurs in the normalised prediction (on word
     boundaries; Unicode punctuation dropped too, so that a verbatim quote of a document's
-    ‘config-failed’ contains config-failed), else 0.0. A reference that normalises to nothing counts only as an
-    exact match."""
+    ‘config-failed’ contains config-failed), else 0.0. A reference that normalises to
+    nothing counts only as an exact match."""
     ref = normalize_answer(_without_unicode_punctuation(ground_truth))
     pred = normalize_answer(_without_unicode_punctuation(prediction))
     if not ref:

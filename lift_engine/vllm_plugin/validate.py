@@ -152,7 +152,8 @@ def validate_adapter_dir(
         return _validate_lora(path, geometry, max_lora_rank)
     if not allow_gated_memory:
         raise _fail(path, "Gated Memory adapters need the Gated Memory architecture (this server runs without it)")
-    return _validate_gated_memory(path, geometry)
+    read_gated_memory_tensors(path, geometry)
+    return AdapterSummary("gated-memory", 1)
 
 
 def _validate_lora(path: Path, geometry: ModelGeometry, max_lora_rank: int | None) -> AdapterSummary:
@@ -204,11 +205,6 @@ def _validate_lora(path: Path, geometry: ModelGeometry, max_lora_rank: int | Non
             missing = ({"A", "B"} - parts).pop()
             raise _fail(path, f"layer {layer} {target} has lora_{'B' if missing == 'B' else 'A'} missing")
     return AdapterSummary("lora", r, tuple(sorted({t for _, t in seen})))
-
-
-def _validate_gated_memory(path: Path, geometry: ModelGeometry) -> AdapterSummary:
-    read_gated_memory_tensors(path, geometry)
-    return AdapterSummary("gated-memory", 1)
 
 
 def read_gated_memory_tensors(path: Path, geometry: ModelGeometry) -> dict[str, torch.Tensor]:
