@@ -18,21 +18,30 @@ accumulate in the JSON, so a long comparison can be run in parts):
                     read the document's head/tail context around the chunk (docs/DESIGN.md §2.6)
     … for LoRA and Gated Memory (`--adapters`)
 
+Question sets (`--set`): `dev`, the real-prose development set (../shared/eval, 26
+questions on 2 documents); `dev-plus`, the same plus the questions this project added to
+the same two documents (bench/data/dev_questions_added.json, 74 more: with 26, one question
+moves a score by 4 points); `synthetic`, the invented-facts documents.
+
 Questions are split in two by position within their document: "choice" (even) — the part
-recipes were chosen on — and "held-out" (odd), reported apart; and again by whether an
+recipes were chosen on — and "held-out" (odd), reported apart; again by whether an
 answer is inside the truncated window ("in-window") or not ("outside"), the rows that say
-whether LIFT keeps what the window shows. Tuning time is reported per
-1k tokens of document. Adapters are cached like `lift eval`'s, so a rerun tunes nothing.
+whether LIFT keeps what the window shows; and, in `dev-plus`, into the "given" questions
+and the "added" ones. Tuning time is reported per 1k tokens of document. Adapters are
+cached like `lift eval`'s, so a rerun tunes nothing.
 
 Usage: .venv/bin/python -m bench.bench_quality --set dev [--methods icl,lift-distill] [--window 1024]
+       .venv/bin/python -m bench.bench_quality --set dev-plus --methods icl,oracle,lift-anchor --adapters lora
        .venv/bin/python -m bench.bench_quality --set synthetic --docs 2
-Writes bench/results/quality_dev.json (or quality_synthetic_<N>docs.json) and prints a markdown table.
+Writes bench/results/quality_dev.json (quality_dev_plus.json, quality_synthetic_<N>docs.json)
+and prints a markdown table.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -52,6 +61,7 @@ from bench.common import hardware
 
 RESULTS = Path(__file__).parent / "results"
 DEV_SET = Path(__file__).resolve().parents[1].parent / "shared" / "eval" / "real_prose_dev.jsonl"
+ADDED_QUESTIONS = Path(__file__).parent / "data" / "dev_questions_added.json"
 ORACLE_TOKENS = 500
 
 
@@ -73,17 +83,48 @@ def split_of(records: list[EvalRecord]) -> dict[str, str]:
     return out
 
 
+def added_records(records: list[EvalRecord], path: Path) -> list[EvalRecord]:
+    """The questions of `path` ({"questions": {dataset: [[question, [answers…]], …]}}) as
+    records on the documents of `records` whose source is that dataset, ids
+    "<dataset>-added-q<i>" (i: the position in the file's list). An entry with a third
+    element (why) is retired: skipped, so that a flawed question found later leaves the
+    other ids, and the predictions stored under them, as they were. Raises ValueError
+    naming the question when a dataset is not in `records`, none of a question's answers
+    occurs in its document, or one occurs in the question itself (echoing the question
+    would score)."""
+    documents = {r.source: r.context for r in records}
+    out = []
+    for dataset, questions in json.loads(Path(path).read_text())["questions"].items():
+        if dataset not in documents:
+            raise ValueError(f"{path}: no document of dataset {dataset!r} in the dev set ({sorted(documents)})")
+        for i, (question, answers, *retired) in enumerate(questions):
+            if retired:
+                continue
+            if not any(metrics.contains_answer(documents[dataset], a) for a in answers):
+                raise ValueError(f"{path}: no answer of {question!r} occurs in {dataset!r}")
+            if any(metrics.contains_answer(question, a) for a in answers):
+                raise ValueError(f"{path}: an answer of {question!r} occurs in the question")
+            out.append(EvalRecord(f"{dataset}-added-q{i}", documents[dataset], question, list(answers), dataset))
+    return out
+
+
+def answer_pattern(answer: str) -> re.Pattern:
+    """The answer's words in order, case-insensitive, across any run of spaces, line breaks
+    and the punctuation around them: "config-failed and installed" finds a document's
+    "‘config-failed’ and ‘installed’" and "package\ninstallation" finds "package installation"."""
+    return re.compile(r"\W*\s+\W*".join(re.escape(word) for word in answer.split()), re.IGNORECASE)
+
+
 def oracle_records(records: list[EvalRecord], tokenizer) -> tuple[list[EvalRecord], int]:
     """Each record with its context cut to ~ORACLE_TOKENS tokens centred on the first
-    occurrence of an answer (case-insensitive); (records, how many answers were found).
+    occurrence of an answer (answer_pattern); (records, how many answers were found).
 
     The passage is ORACLE_TOKENS // 2 tokens before the answer's first character and the
     rest from there on (fewer before it near the document's start), so it always holds the
     answer when one was found."""
     out, found = [], 0
     for r in records:
-        low = r.context.lower()
-        hits = [low.find(a.lower()) for a in r.answers if a and low.find(a.lower()) >= 0]
+        hits = [m.start() for m in (answer_pattern(a).search(r.context) for a in r.answers if a.strip()) if m]
         if hits:
             found += 1
             at = min(hits)
@@ -99,7 +140,7 @@ def oracle_records(records: list[EvalRecord], tokenizer) -> tuple[list[EvalRecor
 
 
 def window_split(records: list[EvalRecord], tokenizer, window: int) -> dict[str, str]:
-    """record id → "in-window" when an answer occurs (case-insensitive) in the context as
+    """record id → "in-window" when an answer occurs (answer_pattern) in the context as
     middle-truncated to `window` tokens, else "outside"."""
     sep = tokenizer("\n...\n", add_special_tokens=False)["input_ids"]
     shown: dict[str, str] = {}
@@ -107,8 +148,9 @@ def window_split(records: list[EvalRecord], tokenizer, window: int) -> dict[str,
     for r in records:
         if r.context not in shown:
             ids = tokenize_long(r.context, tokenizer)
-            shown[r.context] = tokenizer.decode(middle_truncate(ids, window, sep)).lower()
-        out[r.id] = "in-window" if any(a and a.lower() in shown[r.context] for a in r.answers) else "outside"
+            shown[r.context] = tokenizer.decode(middle_truncate(ids, window, sep))
+        out[r.id] = "in-window" if any(answer_pattern(a).search(shown[r.context]) for a in r.answers if a.strip()) \
+            else "outside"
     return out
 
 
@@ -130,8 +172,9 @@ def scores_by_split(predictions, *splits: dict[str, str]) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--set", choices=("dev", "synthetic"), default="dev")
+    parser.add_argument("--set", choices=("dev", "dev-plus", "synthetic"), default="dev")
     parser.add_argument("--file", default=str(DEV_SET), help="the dev set (LongBench jsonl)")
+    parser.add_argument("--added", default=str(ADDED_QUESTIONS), help="dev-plus: the added questions (JSON)")
     parser.add_argument("--docs", type=int, default=2, help="synthetic documents")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--window", type=int, default=None, help="default: 1024 (dev), the preset's (synthetic)")
@@ -145,17 +188,27 @@ def main() -> int:
     args = parser.parse_args()
     keep_freed_memory()
 
-    if args.set == "dev":
+    given = None
+    if args.set in ("dev", "dev-plus"):
         records = read_records(args.file)
+        if args.set == "dev-plus":
+            try:
+                added = added_records(records, Path(args.added))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise SystemExit(f"bench_quality: bad --added file: {e}") from None
+            given = {r.id: "given" for r in records} | {r.id: "added" for r in added}
+            records = records + added
     else:
         rows = make_dataset(args.docs, seed=args.seed)
         records = [EvalRecord(r["_id"], r["context"], r["input"], list(r["answers"]), "lift-synthetic") for r in rows]
     base = load_base_model(args.model)
     split = split_of(records)
+    extra_splits = (given,) if given else ()
     contexts = list(dict.fromkeys(r.context for r in records))
     doc_tokens = {c: len(tokenize_long(c, base.tokenizer)) for c in contexts}
     # one file per question set: rows of different sets never mix
-    out_path = RESULTS / ("quality_dev.json" if args.set == "dev" else f"quality_synthetic_{args.docs}docs.json")
+    out_path = RESULTS / (f"quality_{args.set.replace('-', '_')}.json" if args.set != "synthetic"
+                          else f"quality_synthetic_{args.docs}docs.json")
     result = json.loads(out_path.read_text()) if out_path.is_file() else {"results": {}}
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
 
@@ -168,16 +221,19 @@ def main() -> int:
     if args.rescore:
         by_id = {r.id: r for r in records}
         for row in result["results"].values():
+            # a question retired from the set since (see added_records) is no longer scored
+            row["predictions"] = [p for p in row["predictions"] if p["id"] in by_id]
             preds = [Prediction(p["id"], "", p["prediction"], p["answers"], metrics.score(p["prediction"], p["answers"]))
                      for p in row["predictions"]]
             shown = [by_id[p.id] for p in preds]
             row.update(scores_by_split(preds, {p.id: split[p.id] for p in preds},
-                                       window_split(shown, base.tokenizer, row["window"])))
+                                       window_split(shown, base.tokenizer, row["window"]),
+                                       *({p.id: g[p.id] for p in preds} for g in extra_splits)))
     for method in [m for m in args.methods.split(",") if m and not args.rescore]:
         for kind in (args.adapters.split(",") if method.startswith("lift") else ["lora"]):
             cfg = make_config("cpu-prose" if method.startswith("lift-anchor") else "cpu", kind)
             cfg.train.compute_dtype = args.compute_dtype
-            window = args.window or (1024 if args.set == "dev" else cfg.inference.window)
+            window = args.window or (1024 if args.set != "synthetic" else cfg.inference.window)
             cfg.inference.window = window
             name, mode, run_records, note = method, method, records, {}
             if method == "lift-old":
@@ -204,7 +260,8 @@ def main() -> int:
             seconds = time.monotonic() - began
             row = {"mode": mode, "adapter": kind if mode == "lift" else None, "window": window,
                    "seconds": round(seconds, 1), **note,
-                   **scores_by_split(predictions, split, window_split(records, base.tokenizer, window)),
+                   **scores_by_split(predictions, split, window_split(records, base.tokenizer, window),
+                                     *({p.id: g[p.id] for p in predictions} for g in extra_splits)),
                    "predictions": [{"id": p.id, "prediction": p.prediction, "answers": p.answers} for p in predictions]}
             if mode == "lift":
                 tuned_tokens = sum(doc_tokens[c] for c in {r.context for r in run_records})
@@ -215,7 +272,7 @@ def main() -> int:
     save(result)
     print(f"\n{args.set}: {len(records)} questions over {len(contexts)} documents "
           f"({', '.join(map(str, doc_tokens.values()))} tokens); {result['hardware']}\n")
-    parts = ("choice", "held-out", "in-window", "outside", "all")
+    parts = ("choice", "held-out", "in-window", "outside") + (("given", "added") if given else ()) + ("all",)
     print("| method | " + " | ".join(f"contains answer: {p}" for p in parts)
           + " | qa-F1 all | distinct answers | s per 1k doc tokens |")
     print("|---" * (len(parts) + 4) + "|")

@@ -1,8 +1,15 @@
-"""bench_quality's question sets: the oracle passage holds the answer, and the in-window split
-says whether the truncated window shows it. No model runs here."""
+"""bench_quality's question sets: the oracle passage holds the answer, the in-window split
+says whether the truncated window shows it, and added questions land on the right document.
+No model runs here."""
 from __future__ import annotations
 
-from bench.bench_quality import ORACLE_TOKENS, oracle_records, window_split
+import json
+import re
+
+import pytest
+
+from bench.bench_quality import ADDED_QUESTIONS, DEV_SET, ORACLE_TOKENS, added_records, oracle_records, window_split
+from lift_engine.data.records import read_records
 from lift_engine.data.documents import tokenize_long
 from lift_engine.data.records import EvalRecord
 from helpers_tokenizer import make_tokenizer
@@ -32,6 +39,14 @@ def test_the_oracle_passage_holds_the_answer_wherever_it_is():
     assert middle.index("QX-7731") > len(middle) // 4 and len(middle) - middle.index("QX-7731") > len(middle) // 4
 
 
+def test_an_answer_is_found_across_line_breaks_and_quotes():
+    tokenizer = make_tokenizer()
+    text = FILLER * 50 + "It lies between \u2018config-failed\u2019 and\n \u2018installed\u2019. " + FILLER * 50
+    record = EvalRecord("q", text, "Between which states?", ["config-failed and installed"], "test")
+    passages, found = oracle_records([record], tokenizer)
+    assert found == 1 and "config-failed" in passages[0].context and "installed" in passages[0].context
+
+
 def test_an_answer_absent_from_the_document_gets_an_empty_passage():
     tokenizer = make_tokenizer()
     record = EvalRecord("none", FILLER * 10, "What was its code?", ["ZZ-0000"], "test")
@@ -44,3 +59,43 @@ def test_window_split_sees_the_head_and_the_tail_not_the_middle():
     records = [_record(0.0), _record(0.5), _record(1.0)]
     split = window_split(records, tokenizer, 256)
     assert [split[r.id] for r in records] == ["in-window", "outside", "in-window"]
+
+
+def _added_file(tmp_path, questions: dict) -> object:
+    path = tmp_path / "added.json"
+    path.write_text(json.dumps({"questions": questions}))
+    return path
+
+
+def test_added_questions_go_to_their_dataset_s_document(tmp_path):
+    docs = [EvalRecord("a-q0", "Alpha was founded in 1901 by Ada.", "?", ["1901"], "alpha"),
+            EvalRecord("b-q0", "Beta runs on port 8080.", "?", ["8080"], "beta")]
+    path = _added_file(tmp_path, {"beta": [["Which port?", ["port 8080"]]],
+                                  "alpha": [["Who founded Alpha?", ["Ada"]],
+                                            ["Was it Ada?", ["Ada"], "retired: the answer is in the question"],
+                                            ["When?", ["in 1901", "1901"]]]})
+    added = added_records(docs, path)
+    assert [(r.id, r.context, r.answers) for r in added] == [
+        ("beta-added-q0", docs[1].context, ["port 8080"]),
+        ("alpha-added-q0", docs[0].context, ["Ada"]),
+        ("alpha-added-q2", docs[0].context, ["in 1901", "1901"])]  # a retired question keeps its position
+    assert {r.source for r in added} == {"alpha", "beta"}
+
+
+@pytest.mark.parametrize("questions, message", [
+    ({"gamma": [["?", ["x"]]]}, "no document of dataset 'gamma'"),
+    ({"alpha": [["Who?", ["Bob"]]]}, "no answer of 'Who?'"),
+    ({"alpha": [["Was Alpha founded by Ada?", ["Ada"]]]}, "an answer of 'Was Alpha founded by Ada?' occurs in the question"),
+])
+def test_an_added_question_that_does_not_fit_the_set_is_refused(tmp_path, questions, message):
+    docs = [EvalRecord("a-q0", "Alpha was founded in 1901 by Ada.", "?", ["1901"], "alpha")]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        added_records(docs, _added_file(tmp_path, questions))
+
+
+@pytest.mark.skipif(not DEV_SET.is_file(), reason="the shared dev set is not beside this checkout")
+def test_the_project_s_added_questions_fit_the_shared_dev_set():
+    given = read_records(DEV_SET)
+    added = added_records(given, ADDED_QUESTIONS)
+    assert len(added) >= len(given)
+    assert len({r.question for r in given + added}) == len(given) + len(added)  # no question asked twice
