@@ -372,9 +372,9 @@ def cpu_prose_preset(adapter: AdapterKind = "lora") -> LiftConfig:
     """The cpu preset plus context distillation (docs/DESIGN.md §2.6) on extractive and
     template queries, half of the targets also trained as anchors (the passage in view):
     the recipe that answered best on the real-prose development set (bench/README.md,
-    "Quality": LoRA 3/26 where the cpu preset answered 0/26), at 4.3× the cpu preset's
-    tuning time (443 against 104 s per 1k document tokens in fp32 on 2 AVX2 cores). No
-    generated queries: the 135M default model writes poor ones, slowly. On the
+    "Quality": LoRA 8/98 where the cpu preset and truncated ICL answered 5/98), at 2.6× the
+    cpu preset's tuning time there and 4.3× on a 3.9k-token synthetic document (fp32, 2
+    cores). No generated queries: the 135M default model writes poor ones, slowly. On the
     templated synthetic documents the cpu preset is as good for a fraction of the cost, so
     it stays the default."""
     cfg = cpu_preset(adapter)
