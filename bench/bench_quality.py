@@ -213,9 +213,11 @@ def main() -> int:
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
 
     def save(result: dict) -> None:
-        result.update({"hardware": hardware(), "model": base.model_id, "set": args.set, "questions": len(records),
+        result.update({"model": base.model_id, "set": args.set, "questions": len(records),
                        "documents": len(contexts), "document_tokens": list(doc_tokens.values()),
                        "compute_dtype": args.compute_dtype})
+        if not args.rescore or "hardware" not in result:  # a rescore measures nothing: the runs' machine stays
+            result["hardware"] = hardware()
         RESULTS.mkdir(exist_ok=True)
         atomic_write_json(out_path, result)
     if args.rescore:
@@ -259,7 +261,7 @@ def main() -> int:
                                             force_lift=True)
             seconds = time.monotonic() - began
             row = {"mode": mode, "adapter": kind if mode == "lift" else None, "window": window,
-                   "seconds": round(seconds, 1), **note,
+                   "seconds": round(seconds, 1), "hardware": hardware(), **note,
                    **scores_by_split(predictions, split, window_split(records, base.tokenizer, window),
                                      *({p.id: g[p.id] for p in predictions} for g in extra_splits)),
                    "predictions": [{"id": p.id, "prediction": p.prediction, "answers": p.answers} for p in predictions]}
