@@ -20,8 +20,8 @@ accumulate in the JSON, so a long comparison can be run in parts):
 
 Question sets (`--set`): `dev`, the real-prose development set (../shared/eval, 26
 questions on 2 documents); `dev-plus`, the same plus the questions this project added to
-the same two documents (bench/data/dev_questions_added.json, 74 more: with 26, one question
-moves a score by 4 points); `synthetic`, the invented-facts documents.
+the same two documents (bench/data/dev_questions_added.json, 72 more and 2 retired: with
+26, one question moves a score by 4 points); `synthetic`, the invented-facts documents.
 
 Questions are split in two by position within their document: "choice" (even) — the part
 recipes were chosen on — and "held-out" (odd), reported apart; again by whether an
@@ -149,8 +149,8 @@ def window_split(records: list[EvalRecord], tokenizer, window: int) -> dict[str,
         if r.context not in shown:
             ids = tokenize_long(r.context, tokenizer)
             shown[r.context] = tokenizer.decode(middle_truncate(ids, window, sep))
-        out[r.id] = "in-window" if any(answer_pattern(a).search(shown[r.context]) for a in r.answers if a.strip()) \
-            else "outside"
+        shows_answer = any(answer_pattern(a).search(shown[r.context]) for a in r.answers if a.strip())
+        out[r.id] = "in-window" if shows_answer else "outside"
     return out
 
 
@@ -223,10 +223,9 @@ def main() -> int:
     if args.rescore:
         by_id = {r.id: r for r in records}
         for row in result["results"].values():
-            # a question retired from the set since (see added_records) is no longer scored
-            row["predictions"] = [p for p in row["predictions"] if p["id"] in by_id]
+            # a question retired from the set since (see added_records) keeps its stored prediction, unscored
             preds = [Prediction(p["id"], "", p["prediction"], p["answers"], metrics.score(p["prediction"], p["answers"]))
-                     for p in row["predictions"]]
+                     for p in row["predictions"] if p["id"] in by_id]
             shown = [by_id[p.id] for p in preds]
             row.update(scores_by_split(preds, {p.id: split[p.id] for p in preds},
                                        window_split(shown, base.tokenizer, row["window"]),
