@@ -188,7 +188,7 @@ def main() -> int:
     args = parser.parse_args()
     keep_freed_memory()
 
-    given = None
+    extra_splits: tuple[dict[str, str], ...] = ()  # dev-plus: id → "given" / "added"
     if args.set in ("dev", "dev-plus"):
         records = read_records(args.file)
         if args.set == "dev-plus":
@@ -196,14 +196,13 @@ def main() -> int:
                 added = added_records(records, Path(args.added))
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise SystemExit(f"bench_quality: bad --added file: {e}") from None
-            given = {r.id: "given" for r in records} | {r.id: "added" for r in added}
+            extra_splits = ({r.id: "given" for r in records} | {r.id: "added" for r in added},)
             records = records + added
     else:
         rows = make_dataset(args.docs, seed=args.seed)
         records = [EvalRecord(r["_id"], r["context"], r["input"], list(r["answers"]), "lift-synthetic") for r in rows]
     base = load_base_model(args.model)
     split = split_of(records)
-    extra_splits = (given,) if given else ()
     contexts = list(dict.fromkeys(r.context for r in records))
     doc_tokens = {c: len(tokenize_long(c, base.tokenizer)) for c in contexts}
     # one file per question set: rows of different sets never mix
@@ -273,7 +272,7 @@ def main() -> int:
     save(result)
     print(f"\n{args.set}: {len(records)} questions over {len(contexts)} documents "
           f"({', '.join(map(str, doc_tokens.values()))} tokens); {result['hardware']}\n")
-    parts = ("choice", "held-out", "in-window", "outside") + (("given", "added") if given else ()) + ("all",)
+    parts = ("choice", "held-out", "in-window", "outside") + (("given", "added") if extra_splits else ()) + ("all",)
     print("| method | " + " | ".join(f"contains answer: {p}" for p in parts)
           + " | qa-F1 all | distinct answers | s per 1k doc tokens |")
     print("|---" * (len(parts) + 4) + "|")

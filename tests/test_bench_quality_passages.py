@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -61,7 +62,7 @@ def test_window_split_sees_the_head_and_the_tail_not_the_middle():
     assert [split[r.id] for r in records] == ["in-window", "outside", "in-window"]
 
 
-def _added_file(tmp_path, questions: dict) -> object:
+def _added_file(tmp_path: Path, questions: dict) -> Path:
     path = tmp_path / "added.json"
     path.write_text(json.dumps({"questions": questions}))
     return path
