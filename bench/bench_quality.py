@@ -52,7 +52,7 @@ from lift_engine.data.records import EvalRecord, read_records
 from lift_engine.data.synthetic import make_dataset
 from lift_engine.data.truncation import middle_truncate
 from lift_engine import metrics
-from lift_engine.evaluate import Prediction, evaluate
+from lift_engine.evaluate import MANIFEST, Prediction, cached_adapter_dirs, evaluate
 from lift_engine.fsutil import atomic_write_json
 from lift_engine.host_memory import keep_freed_memory
 from lift_engine.models.loading import load_base_model
@@ -182,6 +182,11 @@ def main() -> int:
     parser.add_argument("--adapters", default="lora,gated-memory")
     parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
                         help="the base model's dtype while tuning (bfloat16 pays only on CPUs with AMX and on GPUs)")
+    routing = parser.add_mutually_exclusive_group()
+    routing.add_argument("--no-routing", action="store_true",
+                         help="LIFT rows answer with the adapter only (default: the preset's confidence routing, "
+                              "docs/DESIGN.md §2.5 — LoRA routed, Gated Memory not; routed rows are named '… routed')")
+    routing.add_argument("--routing", action="store_true", help="LIFT rows use confidence routing for every adapter kind")
     parser.add_argument("--model", default=None)
     parser.add_argument("--rescore", action="store_true",
                         help="recompute every stored row's split scores from its stored predictions; tune and answer nothing")
@@ -233,6 +238,8 @@ def main() -> int:
         for kind in (args.adapters.split(",") if method.startswith("lift") else ["lora"]):
             cfg = make_config("cpu-prose" if method.startswith("lift-anchor") else "cpu", kind)
             cfg.train.compute_dtype = args.compute_dtype
+            if args.no_routing or args.routing:
+                cfg.inference.route_by_confidence = args.routing
             window = args.window or (1024 if args.set != "synthetic" else cfg.inference.window)
             cfg.inference.window = window
             name, mode, run_records, note = method, method, records, {}
@@ -251,9 +258,12 @@ def main() -> int:
                 run_records, found = oracle_records(records, base.tokenizer)
                 mode, note = "full-icl", {"answers_found_in_document": found}
             if mode == "lift":
-                name = f"{method} ({kind})"
+                name = f"{method} ({kind}, routed)" if cfg.inference.route_by_confidence else f"{method} ({kind})"
             if not run_records:
                 continue
+            # a row whose adapters were all tuned before times answering only: no tuning cost then
+            cached = mode == "lift" and all((d / MANIFEST).is_file() for d in cached_adapter_dirs(
+                list({r.context for r in run_records}), base, cfg, BatchConfig()))
             began = time.monotonic()
             summary, predictions = evaluate(run_records, base, cfg, mode, window, BatchConfig(), progress=False, log=log,
                                             force_lift=True)
@@ -262,10 +272,15 @@ def main() -> int:
                    "seconds": round(seconds, 1), "hardware": hardware(), **note,
                    **scores_by_split(predictions, split, window_split(records, base.tokenizer, window),
                                      *({p.id: g[p.id] for p in predictions} for g in extra_splits)),
-                   "predictions": [{"id": p.id, "prediction": p.prediction, "answers": p.answers} for p in predictions]}
+                   "predictions": [{"id": p.id, "prediction": p.prediction, "answers": p.answers}
+                                   | ({"from_adapter": p.from_adapter} if mode == "lift" else {}) for p in predictions]}
             if mode == "lift":
+                row["route_by_confidence"] = cfg.inference.route_by_confidence
+                row["answered_by_base_after_routing"] = summary["answered_by_base_after_routing"]
+                row["adapters_cached"] = cached
                 tuned_tokens = sum(doc_tokens[c] for c in {r.context for r in run_records})
-                row["seconds_per_1k_document_tokens"] = round(seconds / (tuned_tokens / 1000), 2)
+                if not cached:
+                    row["seconds_per_1k_document_tokens"] = round(seconds / (tuned_tokens / 1000), 2)
             result["results"][name] = row
             log(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'predictions'})}")
             save(result)  # after every row: a long comparison killed half-way keeps what it measured

@@ -75,6 +75,10 @@ def _add_batch_options(p: argparse.ArgumentParser) -> None:
                    help=f"optimizer steps between resumable checkpoints (default {defaults.checkpoint_every})")
 
 
+NO_ROUTING_HELP = ("answer with the adapter only (default for LoRA: the base model also answers from the window, "
+                   "and the answer both models find likelier is kept; docs/DESIGN.md §2.5)")
+
+
 def _config(args) -> LiftConfig:
     cfg = make_config(args.preset, args.adapter)
     if args.qa_endpoint:
@@ -100,6 +104,8 @@ def _config(args) -> LiftConfig:
         if args.window <= 0:
             raise InputError(f"--window must be a positive number of tokens, got {args.window}")
         cfg.inference.window = args.window
+    if getattr(args, "no_routing", False):
+        cfg.inference.route_by_confidence = False
     return cfg
 
 
@@ -146,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--force-lift", action="store_true",
                      help="use the adapter even when the --context document fits the window (default: such a "
                           "document is answered with all of it in the prompt and no adapter)")
+    ask.add_argument("--no-routing", action="store_true", help=NO_ROUTING_HELP)
     _add_model(ask)
     _add_device(ask)
 
@@ -158,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--force-lift", action="store_true",
                     help="lift mode: tune and use an adapter even for a context that fits the window "
                          "(default: such a context is answered with all of it in the prompt)")
+    ev.add_argument("--no-routing", action="store_true", help="lift mode: " + NO_ROUTING_HELP)
     _add_batch_options(ev)
     _add_config(ev)
     _add_model(ev)
@@ -364,7 +372,7 @@ def cmd_tune_service(args) -> int:
 def cmd_ask(args) -> int:
     from lift_engine.adapters.io import read_manifest
     from lift_engine.data.documents import read_document, tokenize_long
-    from lift_engine.inference import greedy_answer
+    from lift_engine.inference import AnswerRequest, decode_answers
     from lift_engine.pipeline import load_tuned
     from lift_engine.prompts import PromptBuilder
 
@@ -384,16 +392,21 @@ def cmd_ask(args) -> int:
     else:
         print("lift: answered with the adapter" + (f" and the document cut to {window} tokens" if doc_ids else ""),
               file=sys.stderr)
+    routing = not hybrid and doc_ids is not None and cfg.inference.route_by_confidence and not args.no_routing
     handle = None if hybrid else load_tuned(base, args.adapter_dir)
     try:
-        answer = greedy_answer(base.model, base.tokenizer, prompts, args.question, doc_ids=doc_ids,
-                               window=None if hybrid else window,
-                               max_new_tokens=args.max_new_tokens or cfg.inference.max_new_tokens, handle=handle,
-                               slot=None if hybrid else 0)
+        [answer] = decode_answers(base.model, base.tokenizer, prompts,
+                                  [AnswerRequest(args.question, doc_ids, None if hybrid else window,
+                                                 None if hybrid else 0)],
+                                  handle=handle, max_new_tokens=args.max_new_tokens or cfg.inference.max_new_tokens,
+                                  batch_size=1, route_by_confidence=routing)
     finally:
         if handle is not None:
             handle.remove()
-    print(answer)
+    if routing and not answer.from_adapter:
+        print("lift: confidence routing kept the base model's answer (likelier under both models than the "
+              "adapter's; --no-routing keeps the adapter's)", file=sys.stderr)
+    print(base.tokenizer.decode(answer.ids, skip_special_tokens=True).strip())
     return 0
 
 

@@ -175,6 +175,12 @@ class InferenceConfig:
     window: int = 4096  # W: context tokens kept (first W/2 and last W/2)
     max_new_tokens: int = 64
     use_chat_template: bool = True
+    # Decode each adapter question over a window also with the base alone and keep the answer
+    # both models find likelier (inference.decode_answers, docs/DESIGN.md §2.5): the adapter
+    # cannot overrule what the window shows with an answer the base finds unlikely there.
+    # About 3× the answering time; no effect on tuning. The presets turn it off for Gated
+    # Memory (measured no better there: default_routing).
+    route_by_confidence: bool = True
 
 
 @dataclass
@@ -199,7 +205,7 @@ class LiftConfig:
     def fingerprint(self) -> str:
         """Stable hash of every field that changes the tuned adapter (keys caches and resume).
 
-        Window and answer length do not change it: left out.
+        Window, answer length and confidence routing do not change it: left out.
         """
         data = self.to_dict()
         for (section, key), value in FINGERPRINT_DEFAULTS.items():
@@ -208,7 +214,7 @@ class LiftConfig:
         if not data["distill"]["enabled"]:  # the other distill fields and the queries change nothing then
             data.pop("distill")
             data.pop("queries")
-        for key in ("window", "max_new_tokens"):
+        for key in ("window", "max_new_tokens", "route_by_confidence"):
             data["inference"].pop(key)
         data["gated_memory"]["gate_scale"] = GATE_SCALE  # hashed as when it was a field: fingerprints unchanged
         blob = json.dumps(data, sort_keys=True, default=str).encode()
@@ -241,10 +247,20 @@ class LiftConfig:
                 for tup in ("targets", "betas", "kinds"):
                     if tup in value and isinstance(value[tup], list):
                         value[tup] = tuple(value[tup])
+                if key == "inference" and "route_by_confidence" not in value:  # a manifest from before the field
+                    value["route_by_confidence"] = default_routing(data.get("adapter", "lora"))
                 kwargs[key] = sub[key](**value)
             else:
                 kwargs[key] = value
         return cls(**kwargs)
+
+
+def default_routing(adapter: str) -> bool:
+    """Confidence routing (InferenceConfig.route_by_confidence) for an adapter kind: on for
+    LoRA, off for Gated Memory, as chosen on the real-prose questions (bench/README.md,
+    "Quality": routing kept LoRA's in-window answers, 7/24 and 6/24 against 3/24 and 3/24
+    without, and did not help Gated Memory, 3/24 against 4/24)."""
+    return adapter == "lora"
 
 
 # Fields added after adapters were published, left out of the fingerprint while they hold
@@ -372,7 +388,8 @@ def cpu_prose_preset(adapter: AdapterKind = "lora") -> LiftConfig:
     """The cpu preset plus context distillation (docs/DESIGN.md §2.6) on extractive and
     template queries, half of the targets also trained as anchors (the passage in view):
     the recipe that answered best on the real-prose development set (bench/README.md,
-    "Quality": LoRA 8/98 where the cpu preset and truncated ICL answered 5/98), at 2.6× the
+    "Quality": LoRA 8/98 where the cpu preset and truncated ICL answered 5/98; with
+    confidence routing 10/98 against the cpu preset's 7/98), at 2.6× the
     cpu preset's tuning time there and 4.3× on a 3.9k-token synthetic document (fp32, 2
     cores). No generated queries: the 135M default model writes poor ones, slowly. On the
     templated synthetic documents the cpu preset is as good for a fraction of the cost, so
@@ -391,4 +408,6 @@ def make_config(preset: str = "cpu", adapter: AdapterKind = "lora") -> LiftConfi
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     if adapter not in ADAPTER_KINDS:
         raise ValueError(f"unknown adapter {adapter!r}; choose one of {list(ADAPTER_KINDS)}")
-    return PRESETS[preset](adapter)
+    cfg = PRESETS[preset](adapter)
+    cfg.inference.route_by_confidence = default_routing(adapter)
+    return cfg

@@ -43,12 +43,13 @@ def demo_questions() -> list[dict]:
 
 def _answers(base, prompts, questions, doc_ids, window, cfg, handle, desc) -> list[str]:
     """One table column: every question decoded in batches (greedy_answers), slot 0 of
-    `handle` or the base model."""
+    `handle` (with the config's confidence routing) or the base model."""
     slot = 0 if handle is not None else None
     requests = [AnswerRequest(q["question"], doc_ids=doc_ids, window=window, slot=slot) for q in questions]
     with tqdm(total=len(questions), desc=desc, unit="q", dynamic_ncols=True) as bar:
         return greedy_answers(base.model, base.tokenizer, prompts, requests, handle=handle,
-                              max_new_tokens=cfg.inference.max_new_tokens, progress=bar.update)
+                              max_new_tokens=cfg.inference.max_new_tokens, progress=bar.update,
+                              route_by_confidence=handle is not None and cfg.inference.route_by_confidence)
 
 
 def run_demo(base: LoadedModel, cfg: LiftConfig, out_dir: Path | None = None, log=print) -> dict:

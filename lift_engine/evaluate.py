@@ -11,8 +11,11 @@ job (lift_engine.batch.job; at most `max_active` train at once, the next joins a
 finishes), with a progress bar per document and overall. Adapters are cached on disk under
 a key of (context, config, base model, engine recipe, prefix sharing), so a rerun tunes
 nothing and an adapter tuned before a recipe change is not reused after it. Questions are
-then answered in batches across adapters (inference.greedy_answers): up to `max_active`
-adapters share one bank, and rows of different documents share a batch.
+then answered in batches across adapters (inference.decode_answers): up to `max_active`
+adapters share one bank, and rows of different documents share a batch. With
+`inference.route_by_confidence` each adapter question is also decoded by the base alone,
+and the answer both models find likelier is kept (docs/DESIGN.md §2.5); the summary counts how many the base
+kept.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from lift_engine.data.documents import tokenize_long
 from lift_engine.data.records import EvalRecord
 from lift_engine.errors import LiftError
 from lift_engine.fsutil import atomic_write_bytes
-from lift_engine.inference import AnswerRequest, greedy_answers
+from lift_engine.inference import AnswerRequest, DecodedAnswer, decode_answers
 from lift_engine.models.loading import LoadedModel, model_device
 from lift_engine.prompts import PromptBuilder
 
@@ -58,6 +61,7 @@ class Prediction:
     prediction: str
     answers: list[str]
     scores: dict
+    from_adapter: bool = False  # the adapter's answer (False: the base's, in context or by confidence routing)
 
 
 def full_window(base: LoadedModel, max_new_tokens: int) -> int:
@@ -66,12 +70,18 @@ def full_window(base: LoadedModel, max_new_tokens: int) -> int:
     return max(16, positions - max_new_tokens - 256)
 
 
+def cached_adapter_dirs(contexts: list[str], base: LoadedModel, cfg: LiftConfig, settings: BatchConfig) -> list[Path]:
+    """Where each context's adapter is cached (tuned already when the dir holds MANIFEST)."""
+    prefix = settings.prefix_sharing_on(model_device(base.model).type)
+    return [cache_root() / "adapters" / adapter_cache_name(c, cfg, base, prefix) for c in contexts]
+
+
 def tune_contexts(contexts: list[str], base: LoadedModel, cfg: LiftConfig, settings: BatchConfig,
                   progress: bool = True, log=print) -> list[Path]:
     """The cached adapter dir of every context, tuning the missing ones in one batched job."""
-    prefix = settings.prefix_sharing_on(model_device(base.model).type)
+    dirs = cached_adapter_dirs(contexts, base, cfg, settings)
     root = cache_root() / "adapters"
-    names = [adapter_cache_name(c, cfg, base, prefix) for c in contexts]
+    names = [d.name for d in dirs]
     missing = {name: c for name, c in zip(names, contexts) if not (root / name / MANIFEST).is_file()}
     if missing:
         job = BatchTuneJob(base, cfg, root, settings, log=log, status_file=None,
@@ -89,7 +99,7 @@ def tune_contexts(contexts: list[str], base: LoadedModel, cfg: LiftConfig, setti
         if failed:
             name, error = next(iter(failed.items()))
             raise LiftError(f"tuning {len(failed)} context(s) failed, e.g. {name}: {error}")
-    return [root / name for name in names]
+    return dirs
 
 
 def evaluate(
@@ -120,7 +130,7 @@ def evaluate(
     # Each group shares one bank of adapters (max_active at a time); one group without adapters.
     groups = [tuned[i : i + settings.max_active] for i in range(0, len(tuned), settings.max_active)]
     groups.append([c for c in contexts if c not in adapter_dirs])
-    answers: dict[int, str] = {}
+    answers: dict[int, DecodedAnswer] = {}
     bar = tqdm(total=len(records), desc=f"answering ({mode})", unit="q", disable=not progress, dynamic_ncols=True)
     try:
         for group in groups:
@@ -135,21 +145,28 @@ def evaluate(
                                           None if records[i].context in in_context else window,
                                           slot_of[records[i].context] if with_adapters else None)
                             for i in indices]
-                decoded = greedy_answers(base.model, base.tokenizer, prompts, requests, handle=handle,
+                decoded = decode_answers(base.model, base.tokenizer, prompts, requests, handle=handle,
                                          max_new_tokens=cfg.inference.max_new_tokens, batch_size=answer_batch,
-                                         progress=bar.update)
+                                         progress=bar.update,
+                                         route_by_confidence=with_adapters and cfg.inference.route_by_confidence)
                 answers.update(zip(indices, decoded))
             finally:
                 if handle is not None:
                     handle.remove()
     finally:
         bar.close()
-    predictions = [Prediction(r.id, r.question, answers[i], r.answers, metrics.score(answers[i], r.answers))
-                   for i, r in enumerate(records)]
+    texts = {i: base.tokenizer.decode(a.ids, skip_special_tokens=True).strip() for i, a in answers.items()}
+    predictions = [Prediction(r.id, r.question, texts[i], r.answers, metrics.score(texts[i], r.answers),
+                              answers[i].from_adapter) for i, r in enumerate(records)]
+    routed = sum(1 for i, r in enumerate(records) if r.context in adapter_dirs and not answers[i].from_adapter)
+    if routed:
+        log(f"confidence routing: the base model's answer was kept for {routed} of "
+            f"{sum(1 for r in records if r.context in adapter_dirs)} adapter questions")
     summary = metrics.aggregate([p.scores for p in predictions])
     summary.update({"mode": mode, "window": window, "questions": len(predictions), "contexts": len(contexts),
                     "adapter": cfg.adapter if mode == "lift" else None,
-                    "contexts_answered_in_context": len(in_context)})
+                    "contexts_answered_in_context": len(in_context),
+                    "answered_by_base_after_routing": routed})
     return summary, predictions
 
 

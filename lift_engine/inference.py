@@ -7,6 +7,13 @@ with the document's adapter slot active (or none: plain in-context learning).
 Questions are decoded in batches across adapters (docs/DESIGN.md §4.9): each row of a batch
 carries its own adapter slot (-1: the base model) through the multi-adapter ops, so the
 questions of many documents, and ICL rows without an adapter, share one generation.
+
+Confidence routing (`route_by_confidence`, docs/DESIGN.md §2.5): a question asked with an
+adapter over a window of its document is also decoded by the base model alone over the
+same prompt, as one more row of the same batches, and the answer whose tokens its own
+model gave the higher mean log-probability is kept — where the window shows the answer the
+base copies it with confidence, and an adapter that would overrule it with a less sure
+answer loses to the base's reading.
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from lift_engine.data.truncation import middle_truncate
 from lift_engine.models.loading import model_device
@@ -52,6 +60,34 @@ class AnswerRequest:
     slot: int | None = None
 
 
+@dataclass
+class DecodedAnswer:
+    """One request's greedy answer.
+
+    ids: the generated token ids, up to and including the first stop token;
+    mean_logprob: their mean log-probability under the model that wrote them (each step's
+    chosen token, log-softmax over the vocabulary); from_adapter: False when the base
+    model wrote them (a request without a slot, or routed to the base).
+    """
+
+    ids: list[int]
+    mean_logprob: float
+    from_adapter: bool
+
+
+class ChosenTokenLogprobs(LogitsProcessor):
+    """Records, at each greedy step, every row's log-probability of the token greedy
+    decoding picks (the argmax); leaves the scores unchanged. steps: one [B] tensor per
+    generated token."""
+
+    def __init__(self) -> None:
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.steps.append(torch.log_softmax(scores.float(), dim=-1).max(dim=-1).values.cpu())
+        return scores
+
+
 @torch.no_grad()
 def greedy_answers(
     model: torch.nn.Module,
@@ -64,6 +100,7 @@ def greedy_answers(
     batch_size: int = 16,
     progress: Callable[[int], object] | None = None,
     max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    route_by_confidence: bool = False,
 ) -> list[str]:
     """Greedy answers to `requests`, decoded in batches that mix adapters; in request order.
 
@@ -72,7 +109,9 @@ def greedy_answers(
     number of answers finished after each batch (e.g. a tqdm bar's `update`).
     max_batch_tokens: a batch also ends before its padded prompt tokens (rows × longest)
     would pass this (a batch holds at least one row): long full-context prompts decode a
-    few at a time, so the prefill's activations stay bounded.
+    few at a time, so the prefill's activations stay bounded. route_by_confidence: decode
+    each adapter question over a document also without its adapter and keep the answer
+    its own model is surer of (decode_answers).
 
     Requests are sorted by prompt length (longest first, so a batch that does not fit
     fails at once) and cut into batches of `batch_size`. A batch of B prompts, longest L:
@@ -102,9 +141,10 @@ def greedy_answers(
     one-row causal kernel). Under RoPE the position offset left padding would cause
     cancels in q·k; the mask is what keeps padding out.
     """
-    tokens = greedy_answer_ids(model, tokenizer, prompts, requests, handle=handle, max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, progress=progress, max_batch_tokens=max_batch_tokens)
-    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in tokens]
+    decoded = decode_answers(model, tokenizer, prompts, requests, handle=handle, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, progress=progress, max_batch_tokens=max_batch_tokens,
+                             route_by_confidence=route_by_confidence)
+    return [tokenizer.decode(a.ids, skip_special_tokens=True).strip() for a in decoded]
 
 
 def answer_batches(order: list[int], lengths: list[int], batch_size: int, max_tokens: int) -> list[list[int]]:
@@ -135,6 +175,32 @@ def greedy_answer_ids(
 ) -> list[list[int]]:
     """greedy_answers' generated token ids per request, up to and including the first stop
     token (what a one-row generation returns after the prompt); arguments as there."""
+    return [a.ids for a in decode_answers(model, tokenizer, prompts, requests, handle=handle,
+                                          max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+                                          max_batch_tokens=max_batch_tokens)]
+
+
+@torch.no_grad()
+def decode_answers(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: PromptBuilder,
+    requests: Sequence[AnswerRequest],
+    *,
+    handle=None,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    progress: Callable[[int], object] | None = None,
+    max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    route_by_confidence: bool = False,
+) -> list[DecodedAnswer]:
+    """Every request's DecodedAnswer, in request order; arguments as greedy_answers'.
+
+    route_by_confidence: each request that has both an adapter slot and a document gets a
+    second row — the same prompt, slot -1 — decoded in the same batches; of the two
+    answers the one with the higher mean_logprob under its own model is kept (ties: the
+    adapter's). A request without a document has nothing for the base to read and is not
+    routed. progress counts requests, not rows."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     slots = [-1 if r.slot is None else int(r.slot) for r in requests]
@@ -145,12 +211,16 @@ def greedy_answer_ids(
     if any(s < -1 for s in slots):
         raise ValueError(f"adapter slot {min(slots)} is invalid (use None or -1 for the base model)")
     encoded = [prompts.question_prompt(context_for_window(r.doc_ids, r.window, prompts), r.question) for r in requests]
+    owner = list(range(len(requests)))  # row → its request; rows past len(requests) are the base's twins
+    if route_by_confidence:
+        twins = [i for i, r in enumerate(requests) if slots[i] >= 0 and r.doc_ids]
+        encoded, slots, owner = encoded + [encoded[i] for i in twins], slots + [-1] * len(twins), owner + twins
     device = model_device(model)
     stops = stop_ids(tokenizer, prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     fill = pad_id if pad_id is not None else (stops[0] if stops else 0)  # left padding's id: masked, any id does
-    order = sorted(range(len(requests)), key=lambda i: -len(encoded[i]))  # stable: ties keep request order
-    answers: list[list[int]] = [[] for _ in requests]
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # stable: ties keep request order
+    decoded: list[DecodedAnswer | None] = [None] * len(encoded)
     for rows in answer_batches(order, [len(e) for e in encoded], batch_size, max_batch_tokens):
         width = max(len(encoded[i]) for i in rows)
         input_ids = torch.full((len(rows), width), fill, dtype=torch.long)
@@ -161,6 +231,7 @@ def greedy_answer_ids(
             attention_mask[b, width - n :] = 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         indices = torch.tensor([slots[i] for i in rows], dtype=torch.long, device=device)
+        recorder = ChosenTokenLogprobs()
         with handle.use(indices) if handle is not None else contextlib.nullcontext():
             output = model.generate(
                 input_ids=input_ids,
@@ -169,16 +240,24 @@ def greedy_answer_ids(
                 do_sample=False,
                 pad_token_id=pad_id,
                 eos_token_id=stops,
+                logits_processor=LogitsProcessorList([recorder]),
             )
         new = output[:, width:].tolist()
+        logprobs = torch.stack(recorder.steps, dim=1)  # [rows, generated steps]
         for b, i in enumerate(rows):
             tokens = new[b]
             end = next((t for t, tok in enumerate(tokens) if tok in stops), None)
             if end is not None:
                 tokens = tokens[: end + 1]
-            answers[i] = tokens
+            mean = float(logprobs[b, : len(tokens)].mean()) if tokens else float("-inf")
+            decoded[i] = DecodedAnswer(tokens, mean, slots[i] >= 0)
         if progress is not None:
-            progress(len(rows))
+            progress(sum(1 for i in rows if i < len(requests)))
+    answers = decoded[: len(requests)]
+    for row in range(len(requests), len(encoded)):  # a base twin replaces its request's answer when surer
+        twin, i = decoded[row], owner[row]
+        if twin.mean_logprob > answers[i].mean_logprob:
+            answers[i] = twin
     return answers
 
 
@@ -192,15 +271,17 @@ def greedy_answer(
     max_new_tokens: int = 64,
     handle=None,
     slot: int | None = None,
+    route_by_confidence: bool = False,
 ) -> str:
     """Greedy answer to `question` (greedy_answers with one request).
 
     doc_ids: the tokenised document (None = no context); window: tokens of it kept.
     handle/slot: adapter bank and the slot to use; None = the base model alone.
+    route_by_confidence: as greedy_answers'.
     """
     request = AnswerRequest(question, doc_ids=doc_ids, window=window, slot=slot)
     return greedy_answers(model, tokenizer, prompts, [request], handle=handle, max_new_tokens=max_new_tokens,
-                          batch_size=1)[0]
+                          batch_size=1, route_by_confidence=route_by_confidence)[0]
 
 
 def stop_ids(tokenizer, prompts: PromptBuilder) -> list[int]:

@@ -18,6 +18,7 @@ from lift_engine.inference import (
     AnswerRequest,
     stop_ids,
     context_for_window,
+    decode_answers,
     greedy_answer,
     greedy_answer_ids,
     greedy_answers,
@@ -65,12 +66,13 @@ def _cfg(kind, r=4, alpha=8.0, targets=None):
     return cfg
 
 
-def _perturb(handle, seed):
-    """Random adapter weights big enough that adapter rows answer unlike base rows."""
+def _perturb(handle, seed, scale=0.3):
+    """Random adapter weights big enough that adapter rows answer unlike base rows (w4, the
+    gate's last layer, at 1.0; the rest at `scale`)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in handle.named_banks().items():
-            p.copy_(torch.randn(p.shape, generator=gen) * (1.0 if name.endswith("w4") else 0.3))
+            p.copy_(torch.randn(p.shape, generator=gen) * (1.0 if name.endswith("w4") else scale))
 
 
 def _requests(tokenizer, slots=(None, 0, 1, 2)) -> list[AnswerRequest]:
@@ -250,9 +252,11 @@ def test_demo_columns_are_decoded_inanswer_batches(monkeypatch):
     for column_handle, window in ((None, 64), (None, None), (handle, 64)):  # truncated ICL, full ICL, LIFT
         batches.clear()
         got = demo._answers(base, prompts, questions, doc_ids, window, cfg, column_handle, "column")
-        assert batches == [len(questions)]  # the whole column in one batch
+        # the whole column in one batch; LIFT's with the base's row beside each (confidence routing)
+        assert batches == [len(questions) * (2 if column_handle else 1)]
         want = [greedy_answer(base.model, tokenizer, prompts, q["question"], doc_ids=doc_ids, window=window,
-                              max_new_tokens=6, handle=column_handle, slot=0 if column_handle else None)
+                              max_new_tokens=6, handle=column_handle, slot=0 if column_handle else None,
+                              route_by_confidence=column_handle is not None)
                 for q in questions]
         assert got == want
 
@@ -264,3 +268,68 @@ def test_answer_batches_respect_the_token_budget():
     assert answer_batches([0, 1, 2, 3, 4, 5], lengths, batch_size=4, max_tokens=199) == [[0], [1, 2], [3, 4, 5]]
     assert answer_batches([0, 1, 2, 3, 4, 5], lengths, batch_size=2, max_tokens=10**6) == [[0, 1], [2, 3], [4, 5]]
     assert answer_batches([0], [5000], batch_size=16, max_tokens=100) == [[0]]  # a long prompt still decodes, alone
+
+
+def _teacher_forced_mean_logprob(model, prompts, request, ids, handle) -> float:
+    """Mean log-probability of `ids` after the request's prompt under its slot, from one
+    forward pass over prompt + ids (what decoding recorded step by step)."""
+    prompt = prompts.question_prompt(context_for_window(request.doc_ids, request.window, prompts), request.question)
+    full = torch.tensor([prompt + ids])
+    with torch.no_grad(), handle.use(torch.tensor([-1 if request.slot is None else request.slot])):
+        logprobs = model(input_ids=full).logits[0].float().log_softmax(-1)
+    picked = logprobs[len(prompt) - 1 : len(prompt) + len(ids) - 1].gather(-1, torch.tensor(ids)[:, None])
+    return float(picked.mean())
+
+
+@pytest.mark.parametrize("kind", ["lora", "gated-memory"])
+def test_route_by_confidence_keeps_the_surer_of_adapter_and_base(kind):
+    """Each adapter question over a document is also decoded by the base alone; the answer
+    with the higher mean log-probability under its own model is kept. Requests without a
+    document, or without a slot, are decoded as without routing."""
+    base = _loaded()
+    tokenizer, prompts = base.tokenizer, PromptBuilder(base.tokenizer, True)
+    handle = attach_adapters(base.model, kind, _cfg(kind), num_adapters=3)
+    _perturb(handle, seed=0, scale=0.1)  # at 0.3 the random LoRA is less sure than the base on every prompt
+    requests = _requests(tokenizer)
+    kwargs = dict(handle=handle, max_new_tokens=NEW_TOKENS, batch_size=6)
+    plain = decode_answers(base.model, tokenizer, prompts, requests, **kwargs)
+    by_base = decode_answers(base.model, tokenizer, prompts, [AnswerRequest(r.question, r.doc_ids, r.window, None)
+                                                              for r in requests], **kwargs)
+    done = []
+    routed = decode_answers(base.model, tokenizer, prompts, requests, route_by_confidence=True, progress=done.append,
+                            **kwargs)
+    assert sum(done) == len(requests)  # progress counts questions, not the base's extra rows
+    assert handle.context.indices is None
+
+    # the confidence recorded while decoding is the answer's teacher-forced mean log-probability
+    for request, answer in list(zip(requests, plain))[:6]:
+        want = _teacher_forced_mean_logprob(base.model, prompts, request, answer.ids, handle)
+        assert answer.mean_logprob == pytest.approx(want, abs=1e-4)
+
+    picked = {"adapter": 0, "base": 0}
+    for request, mine, theirs, got in zip(requests, plain, by_base, routed):
+        if request.slot is None or not request.doc_ids:
+            assert got.ids == mine.ids and got.from_adapter == (request.slot is not None)
+            continue
+        assert abs(mine.mean_logprob - theirs.mean_logprob) > 1e-3  # no near-tie: the choice below is determined
+        surer = theirs if theirs.mean_logprob > mine.mean_logprob else mine
+        assert got.ids == surer.ids and got.from_adapter == (surer is mine)
+        picked["adapter" if got.from_adapter else "base"] += 1
+    assert picked["adapter"] > 0 and picked["base"] > 0, picked  # both ways taken: the check means something
+    texts = greedy_answers(base.model, tokenizer, prompts, requests, route_by_confidence=True, **kwargs)
+    assert texts == [tokenizer.decode(a.ids, skip_special_tokens=True).strip() for a in routed]
+
+
+def test_routing_is_on_for_lora_presets_off_for_gated_memory_and_changes_no_adapter_key():
+    from lift_engine.config import LiftConfig
+
+    for preset in ("paper", "cpu", "cpu-prose"):
+        lora, gated = make_config(preset, "lora"), make_config(preset, "gated-memory")
+        assert lora.inference.route_by_confidence and not gated.inference.route_by_confidence
+        for cfg in (lora, gated):
+            legacy = cfg.to_dict()
+            del legacy["inference"]["route_by_confidence"]  # a manifest written before the field
+            assert LiftConfig.from_dict(legacy) == cfg
+            toggled = LiftConfig.from_dict(cfg.to_dict())
+            toggled.inference.route_by_confidence = not cfg.inference.route_by_confidence
+            assert toggled.fingerprint() == cfg.fingerprint()  # answering only: cached adapters stay valid

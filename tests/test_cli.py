@@ -172,8 +172,12 @@ def test_ask_answers_a_document_that_fits_the_window_in_context(capsys, tmp_path
     assert code == 0 and "answered in context, no adapter" in err
     code, _, err = run_main(capsys, *ask, "--window", 512, "--force-lift")
     assert code == 0 and "answered with the adapter" in err
-    code, _, err = run_main(capsys, *ask, "--window", 4)
+    code, routed, err = run_main(capsys, *ask, "--window", 4)
     assert code == 0 and "answered with the adapter and the document cut to 4 tokens" in err
+    kept_base = "confidence routing kept the base model's answer" in err
+    code, adapter_only, err = run_main(capsys, *ask, "--window", 4, "--no-routing")
+    assert code == 0 and "confidence routing" not in err
+    assert routed == adapter_only or kept_base  # the answer changes only when routing says the base's was kept
 
 
 def test_bad_distillation_flags_are_one_line_errors_before_anything_is_written(tmp_path, capsys):

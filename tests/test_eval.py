@@ -53,6 +53,11 @@ def test_eval_lift_writes_predictions_and_reuses_adapters(capsys, tmp_path, mode
     out2, err2 = capsys.readouterr()
     assert "tuning an adapter" not in err2
     assert json.loads(out2)["qa_f1"] == summary["qa_f1"]
+    assert 0 <= summary["answered_by_base_after_routing"] <= 3  # confidence routing, on by default
+    # Routing is answering only: the same cached adapters, nothing tuned, the adapters' own answers.
+    assert main(args + ["--no-routing"]) == 0
+    out3, err3 = capsys.readouterr()
+    assert "tuning an adapter" not in err3 and json.loads(out3)["answered_by_base_after_routing"] == 0
 
 
 def test_eval_icl_on_loogle_records(capsys, tmp_path, model_dir):
