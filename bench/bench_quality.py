@@ -16,7 +16,9 @@ accumulate in the JSON, so a long comparison can be run in parts):
                     in-context answers)
     lift-anchor-ctx the same with distill.teacher_context: the teacher (and the anchors) also
                     read the document's head/tail context around the chunk (docs/DESIGN.md §2.6)
-    … for LoRA and Gated Memory (`--adapters`)
+    … for LoRA and Gated Memory (`--adapters`); a LIFT row answers with the preset's
+    confidence routing (docs/DESIGN.md §2.5: LoRA routed, named "… routed"; Gated Memory
+    not), or as `--no-routing` / `--routing` say
 
 Question sets (`--set`): `dev`, the real-prose development set (../shared/eval, 26
 questions on 2 documents); `dev-plus`, the same plus the questions this project added to

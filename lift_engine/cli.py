@@ -76,7 +76,7 @@ def _add_batch_options(p: argparse.ArgumentParser) -> None:
 
 
 NO_ROUTING_HELP = ("answer with the adapter only (default for LoRA: the base model also answers from the window, "
-                   "and the answer both models find likelier is kept; docs/DESIGN.md §2.5)")
+                   "and the answer its own model is surer of is kept; docs/DESIGN.md §2.5)")
 
 
 def _config(args) -> LiftConfig:
@@ -404,8 +404,8 @@ def cmd_ask(args) -> int:
         if handle is not None:
             handle.remove()
     if routing and not answer.from_adapter:
-        print("lift: confidence routing kept the base model's answer (likelier under both models than the "
-              "adapter's; --no-routing keeps the adapter's)", file=sys.stderr)
+        print("lift: confidence routing kept the base model's answer (surer of it than the adapter of its own; "
+              "--no-routing keeps the adapter's)", file=sys.stderr)
     print(base.tokenizer.decode(answer.ids, skip_special_tokens=True).strip())
     return 0
 

@@ -176,10 +176,10 @@ class InferenceConfig:
     max_new_tokens: int = 64
     use_chat_template: bool = True
     # Decode each adapter question over a window also with the base alone and keep the answer
-    # both models find likelier (inference.decode_answers, docs/DESIGN.md §2.5): the adapter
-    # cannot overrule what the window shows with an answer the base finds unlikely there.
-    # About 3× the answering time; no effect on tuning. The presets turn it off for Gated
-    # Memory (measured no better there: default_routing).
+    # its own model is surer of (inference.decode_answers, docs/DESIGN.md §2.5): the adapter
+    # cannot overrule what the window shows with a less sure answer. About 2.5× the
+    # answering time; no effect on tuning. The presets turn it off for Gated Memory
+    # (estimated no better there: default_routing).
     route_by_confidence: bool = True
 
 
@@ -258,8 +258,8 @@ class LiftConfig:
 def default_routing(adapter: str) -> bool:
     """Confidence routing (InferenceConfig.route_by_confidence) for an adapter kind: on for
     LoRA, off for Gated Memory, as chosen on the real-prose questions (bench/README.md,
-    "Quality": routing kept LoRA's in-window answers, 7/24 and 6/24 against 3/24 and 3/24
-    without, and did not help Gated Memory, 3/24 against 4/24)."""
+    "Quality": with routing LoRA `cpu-prose` answered 5 of 24 in-window questions, as
+    truncated ICL, against 3 without; for Gated Memory it was estimated to change nothing)."""
     return adapter == "lora"
 
 
@@ -388,8 +388,8 @@ def cpu_prose_preset(adapter: AdapterKind = "lora") -> LiftConfig:
     """The cpu preset plus context distillation (docs/DESIGN.md §2.6) on extractive and
     template queries, half of the targets also trained as anchors (the passage in view):
     the recipe that answered best on the real-prose development set (bench/README.md,
-    "Quality": LoRA 8/98 where the cpu preset and truncated ICL answered 5/98; with
-    confidence routing 10/98 against the cpu preset's 7/98), at 2.6× the
+    "Quality": LoRA 8/98 where the cpu preset and truncated ICL answered 5/98; 9/98 with
+    confidence routing), at 2.6× the
     cpu preset's tuning time there and 4.3× on a 3.9k-token synthetic document (fp32, 2
     cores). No generated queries: the 135M default model writes poor ones, slowly. On the
     templated synthetic documents the cpu preset is as good for a fraction of the cost, so

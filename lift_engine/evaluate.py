@@ -14,7 +14,7 @@ nothing and an adapter tuned before a recipe change is not reused after it. Ques
 then answered in batches across adapters (inference.decode_answers): up to `max_active`
 adapters share one bank, and rows of different documents share a batch. With
 `inference.route_by_confidence` each adapter question is also decoded by the base alone,
-and the answer both models find likelier is kept (docs/DESIGN.md §2.5); the summary counts how many the base
+and the answer its own model is surer of is kept (docs/DESIGN.md §2.5); the summary counts how many the base
 kept.
 """
 from __future__ import annotations
