@@ -84,7 +84,7 @@ class ChosenTokenLogprobs(LogitsProcessor):
         self.steps: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.steps.append(torch.log_softmax(scores.float(), dim=-1).max(dim=-1).values.cpu())
+        self.steps.append(torch.log_softmax(scores.float(), dim=-1).max(dim=-1).values)  # stays on device: no sync
         return scores
 
 
@@ -243,7 +243,7 @@ def decode_answers(
                 logits_processor=LogitsProcessorList([recorder]),
             )
         new = output[:, width:].tolist()
-        logprobs = torch.stack(recorder.steps, dim=1)  # [rows, generated steps]
+        logprobs = torch.stack(recorder.steps, dim=1).cpu()  # [rows, generated steps]
         for b, i in enumerate(rows):
             tokens = new[b]
             end = next((t for t, tok in enumerate(tokens) if tok in stops), None)
