@@ -110,6 +110,24 @@ def added_records(records: list[EvalRecord], path: Path) -> list[EvalRecord]:
     return out
 
 
+def question_set(name: str, file: str | Path = DEV_SET, added: str | Path = ADDED_QUESTIONS, docs: int = 2,
+                 seed: int = 1234) -> tuple[list[EvalRecord], tuple[dict[str, str], ...]]:
+    """The records of `--set name` ("dev", "dev-plus", "synthetic": `docs` documents made
+    with `seed`) and its extra splits (dev-plus: id → "given" / "added"; none otherwise).
+    A bad added-questions file exits with a message."""
+    if name == "synthetic":
+        rows = make_dataset(docs, seed=seed)
+        return [EvalRecord(r["_id"], r["context"], r["input"], list(r["answers"]), "lift-synthetic") for r in rows], ()
+    records = read_records(file)
+    if name != "dev-plus":
+        return records, ()
+    try:
+        more = added_records(records, Path(added))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"bench_quality: bad --added file: {e}") from None
+    return records + more, ({r.id: "given" for r in records} | {r.id: "added" for r in more},)
+
+
 def answer_pattern(answer: str) -> re.Pattern:
     """The answer's words in order, case-insensitive, across any run of spaces, line breaks
     and the punctuation around them: "config-failed and installed" finds a document's
@@ -195,19 +213,7 @@ def main() -> int:
     args = parser.parse_args()
     keep_freed_memory()
 
-    extra_splits: tuple[dict[str, str], ...] = ()  # dev-plus: id → "given" / "added"
-    if args.set in ("dev", "dev-plus"):
-        records = read_records(args.file)
-        if args.set == "dev-plus":
-            try:
-                added = added_records(records, Path(args.added))
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise SystemExit(f"bench_quality: bad --added file: {e}") from None
-            extra_splits = ({r.id: "given" for r in records} | {r.id: "added" for r in added},)
-            records = records + added
-    else:
-        rows = make_dataset(args.docs, seed=args.seed)
-        records = [EvalRecord(r["_id"], r["context"], r["input"], list(r["answers"]), "lift-synthetic") for r in rows]
+    records, extra_splits = question_set(args.set, args.file, args.added, args.docs, args.seed)
     base = load_base_model(args.model)
     split = split_of(records)
     contexts = list(dict.fromkeys(r.context for r in records))
@@ -275,7 +281,8 @@ def main() -> int:
                    **scores_by_split(predictions, split, window_split(records, base.tokenizer, window),
                                      *({p.id: g[p.id] for p in predictions} for g in extra_splits)),
                    "predictions": [{"id": p.id, "prediction": p.prediction, "answers": p.answers}
-                                   | ({"from_adapter": p.from_adapter} if mode == "lift" else {}) for p in predictions]}
+                                   | ({"from_adapter": p.from_adapter} if mode == "lift" else {})
+                                   | ({"routing": p.routing} if p.routing else {}) for p in predictions]}
             if mode == "lift":
                 row["route_by_confidence"] = cfg.inference.route_by_confidence
                 row["answered_by_base_after_routing"] = summary["answered_by_base_after_routing"]

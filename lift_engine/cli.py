@@ -160,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("file", metavar="FILE.jsonl")
     ev.add_argument("--mode", choices=("icl", "lift", "full-icl"), default="lift")
     ev.add_argument("--window", type=int, default=None, metavar="TOKENS")
-    ev.add_argument("--predictions", default=None, metavar="OUT.jsonl")
+    ev.add_argument("--predictions", default=None, metavar="OUT.jsonl",
+                    help="write one JSON line per question: prediction, answers, scores and, where confidence "
+                         "routing chose, both candidates with their mean log-probs ('routing')")
     ev.add_argument("--limit", type=int, default=None, help="only the first N questions")
     ev.add_argument("--force-lift", action="store_true",
                     help="lift mode: tune and use an adapter even for a context that fits the window "

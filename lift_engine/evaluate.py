@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from tqdm.auto import tqdm
 
@@ -62,6 +64,9 @@ class Prediction:
     answers: list[str]
     scores: dict
     from_adapter: bool = False  # the adapter's answer (False: the base's, in context or by confidence routing)
+    # confidence routing: both candidates and their mean log-probs under their own model,
+    # {"adapter", "adapter_logprob", "base", "base_logprob"}; None for a question not routed
+    routing: dict | None = None
 
 
 def full_window(base: LoadedModel, max_new_tokens: int) -> int:
@@ -155,9 +160,11 @@ def evaluate(
                     handle.remove()
     finally:
         bar.close()
-    texts = {i: base.tokenizer.decode(a.ids, skip_special_tokens=True).strip() for i, a in answers.items()}
+    text = lambda a: base.tokenizer.decode(a.ids, skip_special_tokens=True).strip()  # noqa: E731
+    texts = {i: text(a) for i, a in answers.items()}
     predictions = [Prediction(r.id, r.question, texts[i], r.answers, metrics.score(texts[i], r.answers),
-                              answers[i].from_adapter) for i, r in enumerate(records)]
+                              answers[i].from_adapter, routing_candidates(answers[i], text))
+                   for i, r in enumerate(records)]
     routed = sum(1 for i, r in enumerate(records) if r.context in adapter_dirs and not answers[i].from_adapter)
     if routed:
         log(f"confidence routing: the base model's answer was kept for {routed} of "
@@ -170,11 +177,22 @@ def evaluate(
     return summary, predictions
 
 
+def routing_candidates(answer: DecodedAnswer, text: Callable[[DecodedAnswer], str]) -> dict | None:
+    """Both answers confidence routing chose between (Prediction.routing), or None if it did not route."""
+    if answer.passed_over is None:
+        return None
+    adapters, bases = (answer, answer.passed_over) if answer.from_adapter else (answer.passed_over, answer)
+    confidence = lambda a: round(a.mean_logprob, 4) if math.isfinite(a.mean_logprob) else None  # noqa: E731
+    return {"adapter": text(adapters), "adapter_logprob": confidence(adapters),
+            "base": text(bases), "base_logprob": confidence(bases)}
+
+
 def write_predictions(predictions: list[Prediction], path: str | Path) -> None:
-    """One JSON line per question: _id, question, prediction, answers (atomic write)."""
+    """One JSON line per question: _id, question, prediction, answers, scores, and with
+    confidence routing both candidates ("routing", Prediction.routing) (atomic write)."""
     lines = [
         json.dumps({"_id": p.id, "question": p.question, "prediction": p.prediction, "answers": p.answers,
-                    "scores": p.scores}, ensure_ascii=False)
+                    "scores": p.scores} | ({"routing": p.routing} if p.routing else {}), ensure_ascii=False)
         for p in predictions
     ]
     atomic_write_bytes(Path(path), ("\n".join(lines) + "\n").encode())

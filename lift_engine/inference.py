@@ -18,7 +18,7 @@ answer loses to the base's reading.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -67,12 +67,14 @@ class DecodedAnswer:
     ids: the generated token ids, up to and including the first stop token;
     mean_logprob: their mean log-probability under the model that wrote them (each step's
     chosen token, log-softmax over the vocabulary); from_adapter: False when the base
-    model wrote them (a request without a slot, or routed to the base).
+    model wrote them (a request without a slot, or routed to the base); passed_over: with
+    confidence routing, the other model's answer, the one not kept (None when not routed).
     """
 
     ids: list[int]
     mean_logprob: float
     from_adapter: bool
+    passed_over: DecodedAnswer | None = None
 
 
 class ChosenTokenLogprobs(LogitsProcessor):
@@ -256,8 +258,11 @@ def decode_answers(
     answers = decoded[: len(requests)]
     for row in range(len(requests), len(encoded)):  # a base twin replaces its request's answer when surer
         twin, i = decoded[row], owner[row]
-        if twin.mean_logprob > answers[i].mean_logprob:
-            answers[i] = twin
+        adapters = answers[i]
+        if twin.mean_logprob > adapters.mean_logprob:
+            answers[i] = replace(twin, passed_over=adapters)
+        else:
+            answers[i] = replace(adapters, passed_over=twin)
     return answers
 
 

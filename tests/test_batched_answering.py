@@ -310,10 +310,14 @@ def test_route_by_confidence_keeps_the_surer_of_adapter_and_base(kind):
     for request, mine, theirs, got in zip(requests, plain, by_base, routed):
         if request.slot is None or not request.doc_ids:
             assert got.ids == mine.ids and got.from_adapter == (request.slot is not None)
+            assert got.passed_over is None
             continue
         assert abs(mine.mean_logprob - theirs.mean_logprob) > 1e-3  # no near-tie: the choice below is determined
-        surer = theirs if theirs.mean_logprob > mine.mean_logprob else mine
+        surer, other = (theirs, mine) if theirs.mean_logprob > mine.mean_logprob else (mine, theirs)
         assert got.ids == surer.ids and got.from_adapter == (surer is mine)
+        # the answer not kept comes along: the other model's, with its own confidence
+        assert got.passed_over.ids == other.ids and got.passed_over.from_adapter == (other is mine)
+        assert got.passed_over.mean_logprob == pytest.approx(other.mean_logprob, abs=1e-4)
         picked["adapter" if got.from_adapter else "base"] += 1
     assert picked["adapter"] > 0 and picked["base"] > 0, picked  # both ways taken: the check means something
     texts = greedy_answers(base.model, tokenizer, prompts, requests, route_by_confidence=True, **kwargs)

@@ -100,3 +100,26 @@ def test_the_project_s_added_questions_fit_the_shared_dev_set():
     added = added_records(given, ADDED_QUESTIONS)
     assert len(added) >= len(given)
     assert len({r.question for r in given + added}) == len(given) + len(added)  # no question asked twice
+
+
+def test_question_set_dev_plus_marks_given_and_added_questions():
+    from bench.bench_quality import question_set
+    records, (origin,) = question_set("dev-plus", DEV_SET, ADDED_QUESTIONS)
+    given = read_records(DEV_SET)
+    assert [r.id for r in records[: len(given)]] == [r.id for r in given]
+    assert {origin[r.id] for r in records[: len(given)]} == {"given"}
+    assert {origin[r.id] for r in records[len(given):]} == {"added"} and len(records) > len(given)
+    assert question_set("dev", DEV_SET)[1] == ()
+
+
+def test_routing_rules_replay_the_engine_s_choice_at_margin_zero():
+    """margin 0 is inference.decode_answers' rule (base kept iff strictly surer); +inf never
+    keeps the base, -inf always does unless its answer had no real token."""
+    import math
+    from bench.routing_rules import keeps_base
+    surer_base = {"adapter": "a", "adapter_logprob": -1.2, "base": "b", "base_logprob": -0.4}
+    tie = {"adapter": "a", "adapter_logprob": -0.4, "base": "b", "base_logprob": -0.4}
+    empty_base = {"adapter": "a", "adapter_logprob": -3.0, "base": "", "base_logprob": None}
+    assert keeps_base(surer_base, 0.0) and not keeps_base(tie, 0.0) and not keeps_base(empty_base, 0.0)
+    assert keeps_base(surer_base, 0.5) and not keeps_base(surer_base, 1.0)  # the base must win by more than the margin
+    assert not keeps_base(surer_base, math.inf) and keeps_base(tie, -math.inf) and not keeps_base(empty_base, -math.inf)

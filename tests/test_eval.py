@@ -54,10 +54,16 @@ def test_eval_lift_writes_predictions_and_reuses_adapters(capsys, tmp_path, mode
     assert "tuning an adapter" not in err2
     assert json.loads(out2)["qa_f1"] == summary["qa_f1"]
     assert 0 <= summary["answered_by_base_after_routing"] <= 3  # confidence routing, on by default
+    for row in rows:  # both candidates routing chose between, the kept one being the prediction
+        routing = row["routing"]
+        assert set(routing) == {"adapter", "adapter_logprob", "base", "base_logprob"}
+        assert row["prediction"] in (routing["adapter"], routing["base"])
+        assert all(v is None or v <= 0 for v in (routing["adapter_logprob"], routing["base_logprob"]))
     # Routing is answering only: the same cached adapters, nothing tuned, the adapters' own answers.
     assert main(args + ["--no-routing"]) == 0
     out3, err3 = capsys.readouterr()
     assert "tuning an adapter" not in err3 and json.loads(out3)["answered_by_base_after_routing"] == 0
+    assert not any("routing" in json.loads(line) for line in preds.read_text().splitlines())
 
 
 def test_eval_icl_on_loogle_records(capsys, tmp_path, model_dir):
