@@ -259,7 +259,8 @@ def default_routing(adapter: str) -> bool:
     """Confidence routing (InferenceConfig.route_by_confidence) for an adapter kind: on for
     LoRA, off for Gated Memory, as chosen on the real-prose questions (bench/README.md,
     "Quality": with routing LoRA `cpu-prose` answered 5 of 24 in-window questions, as
-    truncated ICL, against 3 without; for Gated Memory it was estimated to change nothing)."""
+    truncated ICL, against 3 without; with the cpu preset's Gated Memory 4 of 98 against 5
+    without, while Gated Memory `cpu-prose` answers 5 of 24 in-window questions unrouted)."""
     return adapter == "lora"
 
 
@@ -389,9 +390,9 @@ def cpu_prose_preset(adapter: AdapterKind = "lora") -> LiftConfig:
     template queries, half of the targets also trained as anchors (the passage in view):
     the recipe that answered best on the real-prose development set (bench/README.md,
     "Quality": LoRA 8/98 where the cpu preset and truncated ICL answered 5/98; 9/98 with
-    confidence routing), at 2.6× the
-    cpu preset's tuning time there and 4.3× on a 3.9k-token synthetic document (fp32, 2
-    cores). No generated queries: the 135M default model writes poor ones, slowly. On the
+    confidence routing; Gated Memory 8/98), at 2.6–2.9× the cpu preset's tuning time there
+    and 2.8× on a 3.9k-token synthetic document (fp32, 2 cores, AVX-512). No generated
+    queries: the 135M default model writes poor ones, slowly. On the
     templated synthetic documents the cpu preset is as good for a fraction of the cost, so
     it stays the default."""
     cfg = cpu_preset(adapter)
