@@ -259,8 +259,9 @@ def default_routing(adapter: str) -> bool:
     """Confidence routing (InferenceConfig.route_by_confidence) for an adapter kind: on for
     LoRA, off for Gated Memory, as chosen on the real-prose questions (bench/README.md,
     "Quality": with routing LoRA `cpu-prose` answered 5 of 24 in-window questions, as
-    truncated ICL, against 3 without; with the cpu preset's Gated Memory 4 of 98 against 5
-    without, while Gated Memory `cpu-prose` answers 5 of 24 in-window questions unrouted)."""
+    truncated ICL, against 3 without; with Gated Memory it lost answers, 4 of 98 against 5
+    with the cpu preset and 6 against 8 with `cpu-prose`, which answers 5 of 24 in-window
+    questions unrouted)."""
     return adapter == "lora"
 
 
