@@ -179,7 +179,7 @@ class InferenceConfig:
     # its own model is surer of (inference.decode_answers, docs/DESIGN.md §2.5): the adapter
     # cannot overrule what the window shows with a less sure answer. About 2.5× the
     # answering time; no effect on tuning. The presets turn it off for Gated Memory
-    # (estimated no better there: default_routing).
+    # (it lost answers there: default_routing).
     route_by_confidence: bool = True
 
 

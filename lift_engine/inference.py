@@ -213,10 +213,9 @@ def decode_answers(
     if any(s < -1 for s in slots):
         raise ValueError(f"adapter slot {min(slots)} is invalid (use None or -1 for the base model)")
     encoded = [prompts.question_prompt(context_for_window(r.doc_ids, r.window, prompts), r.question) for r in requests]
-    owner = list(range(len(requests)))  # row → its request; rows past len(requests) are the base's twins
-    if route_by_confidence:
-        twins = [i for i, r in enumerate(requests) if slots[i] >= 0 and r.doc_ids]
-        encoded, slots, owner = encoded + [encoded[i] for i in twins], slots + [-1] * len(twins), owner + twins
+    # the requests that get a base twin: rows len(requests) + k decode twins[k]'s prompt with slot -1
+    twins = [i for i, r in enumerate(requests) if slots[i] >= 0 and r.doc_ids] if route_by_confidence else []
+    encoded, slots = encoded + [encoded[i] for i in twins], slots + [-1] * len(twins)
     device = model_device(model)
     stops = stop_ids(tokenizer, prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -256,8 +255,7 @@ def decode_answers(
         if progress is not None:
             progress(sum(1 for i in rows if i < len(requests)))
     answers = decoded[: len(requests)]
-    for row in range(len(requests), len(encoded)):  # a base twin replaces its request's answer when surer
-        twin, i = decoded[row], owner[row]
+    for i, twin in zip(twins, decoded[len(requests):]):  # a base twin replaces its request's answer when surer
         adapters = answers[i]
         if twin.mean_logprob > adapters.mean_logprob:
             answers[i] = replace(twin, passed_over=adapters)
